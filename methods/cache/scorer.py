@@ -1,0 +1,87 @@
+"""Eviction by score: the base that eviction methods are a few lines on top of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.base import CacheMethod, MethodConfigError, check_ratio
+
+
+@dataclass
+class ScorerMethod(CacheMethod):
+    """Keeps, per KV head, the ``kept_tokens`` highest-scoring tokens of the prompt.
+
+    The first ``sinks`` tokens and the last ``window`` tokens are always kept. The budget
+    is ``budget`` tokens when given, else ``round(ratio * prompt_length)``. The kept
+    tokens are gathered into new, smaller tensors (B, H_kv, kept, D), in their original
+    order; positions are unaffected (the LM adapter passes true positions when decoding).
+    A subclass implements :meth:`score`.
+    """
+
+    ratio: float | None = 0.2
+    budget: int | None = None
+    sinks: int = 0
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is None:
+            check_ratio("ratio", self.ratio)
+        elif self.budget < 1:
+            raise MethodConfigError(
+                f"method.budget={self.budget!r} must be a positive token count "
+                "(or null, to use method.ratio)"
+            )
+        for name in ("sinks", "window"):
+            if getattr(self, name) < 0:
+                raise MethodConfigError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+        if self.budget is not None and self.sinks + self.window > self.budget:
+            raise MethodConfigError(
+                f"method.sinks + method.window = {self.sinks + self.window} exceed "
+                f"method.budget={self.budget}: lower the window or raise the budget"
+            )
+
+    def kept_tokens(self, seq_len: int) -> int:
+        """How many of ``seq_len`` prompt tokens each head keeps."""
+        if self.budget is not None:
+            return min(self.budget, seq_len)
+        return min(seq_len, max(1, round(self.ratio * seq_len)))
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """Scores (B, H_kv, S): higher is kept. keys/values (B, H_kv, S, D)."""
+        raise NotImplementedError
+
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = keys.shape[-2]
+        n_kept = self.kept_tokens(seq_len)
+        if n_kept >= seq_len:
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, kwargs).float().clone()
+        scores[..., : self.sinks] = torch.inf
+        if self.window:
+            scores[..., -self.window :] = torch.inf
+        indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        return gather_tokens(keys, indices), gather_tokens(values, indices)
+
+
+def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """states (B, H, S, D), indices (B, H, n) -> (B, H, n, D), a new contiguous tensor."""
+    expanded = indices.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1])
+    return states.gather(2, expanded).contiguous()

@@ -1,0 +1,1 @@
+"""Model methods: change attention weights and shapes once, before evaluation."""

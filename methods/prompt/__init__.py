@@ -1,0 +1,1 @@
+"""Prompt methods: shorten the request text before it is tokenised."""
