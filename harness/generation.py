@@ -33,6 +33,7 @@ class Generation:
     kv_bytes_prefill: int
     kv_bytes_final: int
     cached_tokens_final: int
+    last_logits: torch.Tensor  # (vocab,) the logits the last token was chosen from
 
 
 @contextmanager
@@ -74,7 +75,9 @@ def greedy_generate(
     eos = set(eos_token_ids)
     with cache_methods_applied(model, cache_methods):
         start = synchronized_clock(device)
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(
+            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+        ).logits
         prefill_end = synchronized_clock(device)
         kv_prefill = stored_kv_bytes(cache)
         tokens: list[int] = []
@@ -103,6 +106,7 @@ def greedy_generate(
         kv_bytes_prefill=kv_prefill,
         kv_bytes_final=stored_kv_bytes(cache),
         cached_tokens_final=cache.get_seq_length(),
+        last_logits=logits[0, -1].float(),
     )
 
 
@@ -143,7 +147,11 @@ def score_continuation(
             prefill_end = synchronized_clock(device)
         else:
             ids = torch.tensor([context_ids], device=device)
-            steps = [model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]]
+            steps = [
+                model(
+                    input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+                ).logits[0, -1]
+            ]
             prefill_end = synchronized_clock(device)
             for offset, token in enumerate(continuation_ids[:-1]):
                 out = model(

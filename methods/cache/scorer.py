@@ -61,6 +61,16 @@ class ScorerMethod(CacheMethod):
         """Scores (B, H_kv, S): higher is kept. keys/values (B, H_kv, S, D)."""
         raise NotImplementedError
 
+    def layer_budget(self, module: nn.Module, seq_len: int) -> int:
+        """Tokens each KV head of ``module``'s layer keeps of a ``seq_len``-token prompt.
+        Default: :meth:`kept_tokens`, the same in every layer (pyramids override it)."""
+        return self.kept_tokens(seq_len)
+
+    def recent_tokens(self, n_kept: int) -> int:
+        """How many of the last tokens are always kept: ``window``, capped by the budget
+        (with ``ratio``, a short prompt's budget may be smaller than the window)."""
+        return min(self.window, max(0, n_kept - self.sinks))
+
     def compress(
         self,
         module: nn.Module,
@@ -70,15 +80,22 @@ class ScorerMethod(CacheMethod):
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len = keys.shape[-2]
-        n_kept = self.kept_tokens(seq_len)
+        n_kept = self.layer_budget(module, seq_len)
         if n_kept >= seq_len:
             return keys, values
-        scores = self.score(module, hidden_states, keys, values, kwargs).float().clone()
-        scores[..., : self.sinks] = torch.inf
-        if self.window:
-            scores[..., -self.window :] = torch.inf
-        indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        scores = self.score(module, hidden_states, keys, values, kwargs)
+        indices = top_indices(scores, n_kept, self.sinks, self.recent_tokens(n_kept))
         return gather_tokens(keys, indices), gather_tokens(values, indices)
+
+
+def top_indices(scores: torch.Tensor, n_kept: int, sinks: int, recent: int) -> torch.Tensor:
+    """The ``n_kept`` best of scores (B, H, S) per head, always including the first ``sinks``
+    and the last ``recent`` tokens: indices (B, H, n_kept), in increasing order."""
+    scores = scores.float().clone()
+    scores[..., :sinks] = torch.inf
+    if recent:
+        scores[..., -recent:] = torch.inf
+    return scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
 
 
 def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""kvbench's runner: models, the lm-eval adapter, measurements, records and reports."""

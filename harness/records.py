@@ -1,0 +1,125 @@
+"""Run records: one folder per run under the results directory, written atomically.
+
+Layout::
+
+    results/<model>__<task>__<method>__<hash>/
+        record.json    # the record below
+        config.yaml    # the resolved config that produced it
+
+The folder's name ends with a stable hash of the resolved config (``run.*`` bookkeeping
+fields and Hydra's own settings excluded), so the same config always maps to the same
+folder. The folder appears only once the record is complete: it is written into a
+staging folder and renamed into place, so a killed run leaves nothing that looks finished.
+
+``record.json`` (schema version 1)::
+
+    schema_version  1
+    run_id          the folder name
+    config          resolved config (model, method, task, run)
+    model           {name, num_layers, num_kv_heads, head_dim, dtype, device, attn_implementation}
+    method          {name, kinds, params}
+    task            {name, lm_eval_tasks, limit, primary_metric}
+    metrics         lm-eval's results, per lm-eval task / group
+    score           {metric, value}: the task's primary metric
+    measurements    per-request values aggregated: {field: {n, mean, p50, p95, min, max, total}}
+                    plus totals: kv_ratio, decode_tok_per_s, prefill_tok_per_s
+    samples         per-sample outputs with lm-eval's per-sample metrics and the request's
+                    own measurements
+    provenance      git commit, package versions, device, threads, seed, times
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SCHEMA_VERSION = 1
+RECORD_FILE = "record.json"
+CONFIG_FILE = "config.yaml"
+# run.* fields that change where or whether a run is written, not what it computes
+BOOKKEEPING_FIELDS = ("results_dir", "overwrite", "report")
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """Stable hash of the resolved config, bookkeeping fields excluded."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    run = {k: v for k, v in (data.get("run") or {}).items() if k not in BOOKKEEPING_FIELDS}
+    data["run"] = run
+    canonical = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(text)).strip("-") or "x"
+
+
+def run_id(cfg: DictConfig) -> str:
+    """``<model>__<task>__<method>__<hash>``: readable, and unique per config."""
+    parts = [cfg.model.name, cfg.task.name, cfg.method.name]
+    return "__".join(_slug(p) for p in parts) + "__" + config_hash(cfg)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run.results_dir) / run_id(cfg)
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / RECORD_FILE).is_file()
+
+
+def write_record(folder: Path, record: dict[str, Any], cfg: DictConfig, overwrite: bool) -> Path:
+    """Write ``record.json`` and ``config.yaml`` into ``folder`` atomically.
+
+    An existing finished run is replaced only with ``overwrite``; otherwise the record
+    already there wins (another worker finished the same config first) and is kept.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{folder.name}-", dir=folder.parent))
+    try:
+        with open(staging / RECORD_FILE, "w") as f:
+            json.dump(record, f, indent=1, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        OmegaConf.save(cfg, staging / CONFIG_FILE, resolve=True)
+        if folder.exists():
+            if is_finished(folder) and not overwrite:
+                return folder
+            trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+            folder.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_record(folder_or_file: Path) -> dict[str, Any]:
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / RECORD_FILE
+    with open(path) as f:
+        return json.load(f)
+
+
+def find_records(root: Path) -> list[Path]:
+    """Every finished record file under ``root`` (staging and trash folders excluded)."""
+    return sorted(p for p in Path(root).rglob(RECORD_FILE) if not p.parent.name.startswith("."))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | tuple):
+        return list(value)
+    return str(value)

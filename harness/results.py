@@ -1,0 +1,89 @@
+"""Turn lm-eval's output and the adapter's per-request measurements into a record."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from harness.measure import summarize
+
+MEASURED_FIELDS = (
+    "prompt_tokens_original",
+    "prompt_tokens",
+    "truncated_tokens",
+    "prompt_method_s",
+    "prefill_s",
+    "decode_s",
+    "decode_steps",
+    "generated_tokens",
+    "kv_bytes_prefill",
+    "kv_bytes_final",
+    "kv_full_bytes_prefill",
+    "kv_full_bytes_final",
+    "peak_memory_bytes",
+)
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-field summaries (n, mean, p50, p95, min, max, total) and run-level ratios.
+
+    ``kv_ratio`` is stored KV bytes over full-cache KV bytes after prefill, summed over
+    requests (``kv_ratio_final``: at the end of generation, generated tokens included).
+    """
+    out: dict[str, Any] = {"requests": len(rows)}
+    for field in MEASURED_FIELDS:
+        out[field] = summarize(row[field] for row in rows)
+
+    def total(field: str) -> float:
+        return out[field].get("total", 0.0)
+
+    out["kv_ratio"] = _ratio(total("kv_bytes_prefill"), total("kv_full_bytes_prefill"))
+    out["kv_ratio_final"] = _ratio(total("kv_bytes_final"), total("kv_full_bytes_final"))
+    out["prompt_ratio"] = _ratio(total("prompt_tokens"), total("prompt_tokens_original"))
+    out["prefill_tok_per_s"] = _ratio(total("prompt_tokens"), total("prefill_s"))
+    out["decode_tok_per_s"] = _ratio(total("decode_steps"), total("decode_s"))
+    return out
+
+
+def samples(lm_eval_samples: dict[str, list[dict]], rows: list[dict]) -> list[dict[str, Any]]:
+    """One entry per evaluated document: output, target, per-sample metrics, and the
+    measurements of its request(s) (documents are matched by task and doc_id)."""
+    by_doc: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_doc[(row["task"], row["doc_id"])].append(row)
+    out = []
+    for task, entries in (lm_eval_samples or {}).items():
+        for entry in entries:
+            metrics = entry.get("metrics") or []
+            doc_id = int(entry["doc_id"])
+            resps = entry.get("resps") or []
+            out.append(
+                {
+                    "task": task,
+                    "doc_id": doc_id,
+                    "filter": entry.get("filter"),
+                    "target": entry.get("target"),
+                    "output": resps[0][0] if resps and resps[0] else None,
+                    "filtered_output": (entry.get("filtered_resps") or [None])[0],
+                    "metrics": {m: entry.get(m) for m in metrics},
+                    "prompt_hash": entry.get("prompt_hash"),
+                    "requests": [
+                        {k: v for k, v in r.items() if k not in ("task", "doc_id")}
+                        for r in by_doc.get((task, doc_id), [])
+                    ],
+                }
+            )
+    return out
+
+
+def primary_score(results: dict[str, Any], task_names: list[str], metric: str) -> float | None:
+    """The task's primary metric from lm-eval's ``results`` (a group's aggregate if any)."""
+    for name in task_names:
+        value = (results.get(name) or {}).get(metric)
+        if isinstance(value, int | float):
+            return float(value)
+    return None

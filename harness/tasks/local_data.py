@@ -1,0 +1,133 @@
+"""Loaders for kvbench's offline task data (``data/`` at the repository root).
+
+lm-eval calls these through ``custom_dataset: !function local_data.<fn>`` in the task YAMLs
+next to this file, as ``fn(**metadata, **dataset_kwargs)``; each returns a
+``datasets.DatasetDict`` with the splits the YAML names. The ``metadata`` keys (``version``,
+``config_source``, anything a caller passes to ``TaskManager(metadata=...)``) are ignored.
+
+The data folder is ``$KVBENCH_DATA`` if set, else ``<repo>/data``; it never depends on the
+current working directory. lm-eval loads this file by path (not as ``harness.tasks.local_data``),
+so it imports nothing from kvbench.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+DATA_ENV = "KVBENCH_DATA"
+
+BBH_SUBTASKS: tuple[str, ...] = (
+    "boolean_expressions",
+    "causal_judgement",
+    "date_understanding",
+    "disambiguation_qa",
+    "dyck_languages",
+    "formal_fallacies",
+    "geometric_shapes",
+    "hyperbaton",
+    "logical_deduction_five_objects",
+    "logical_deduction_seven_objects",
+    "logical_deduction_three_objects",
+    "movie_recommendation",
+    "multistep_arithmetic_two",
+    "navigate",
+    "object_counting",
+    "penguins_in_a_table",
+    "reasoning_about_colored_objects",
+    "ruin_names",
+    "salient_translation_error_detection",
+    "snarks",
+    "sports_understanding",
+    "temporal_sequences",
+    "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects",
+    "tracking_shuffled_objects_three_objects",
+    "web_of_lies",
+    "word_sorting",
+)
+
+LONGBENCH_TASKS: tuple[str, ...] = ("qasper", "multi_news")
+
+
+def data_dir() -> Path:
+    """The offline data folder: ``$KVBENCH_DATA`` or ``<repo>/data``."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parents[2] / "data"
+
+
+def data_file(relative: str) -> Path:
+    """The path of ``relative`` inside the data folder; FileNotFoundError if it is missing."""
+    path = data_dir() / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"kvbench offline data file {path} is missing: copy the benchmark data into "
+            f"{data_dir()} (see data/README.md), or set ${DATA_ENV} to the folder that holds "
+            f"{relative}, or use task.source=hub to load lm-eval's stock task from the hub"
+        )
+    return path
+
+
+def required_files(task: str, subtask: str | None = None) -> list[str]:
+    """The data files (relative to :func:`data_dir`) a kvbench task needs.
+
+    ``task`` is a TaskSpec name (gsm8k, bbh, longbench_qasper, longbench_multi_news);
+    ``subtask`` narrows bbh to one of :data:`BBH_SUBTASKS`. Unknown names raise KeyError.
+    """
+    if task == "gsm8k":
+        return ["gsm8k/test.jsonl", "gsm8k/train.jsonl"]
+    if task == "bbh":
+        names = [subtask] if subtask else list(BBH_SUBTASKS)
+        return [f"bbh/tasks/{name}.json" for name in names]
+    if task.startswith("longbench_") and task.removeprefix("longbench_") in LONGBENCH_TASKS:
+        return [f"longbench/{task.removeprefix('longbench_')}.jsonl"]
+    raise KeyError(f"no offline data for task {task!r}")
+
+
+def read_jsonl(relative: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file in the data folder."""
+    with data_file(relative).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def gsm8k(**_metadata: Any) -> datasets.DatasetDict:
+    """GSM8K: ``test`` (1,319, evaluated) and ``train`` (7,473, the few-shot pool)."""
+    return datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_list(read_jsonl("gsm8k/test.jsonl")),
+            "train": datasets.Dataset.from_list(read_jsonl("gsm8k/train.jsonl")),
+        }
+    )
+
+
+def bbh(bbh_task: str, **_metadata: Any) -> datasets.DatasetDict:
+    """One BIG-Bench Hard subtask as a ``test`` split of ``{"input", "target"}`` records.
+
+    The few-shot examples are not data: they sit in the task YAML (``fewshot_config.samples``).
+    """
+    if bbh_task not in BBH_SUBTASKS:
+        raise ValueError(f"unknown BBH subtask {bbh_task!r}; valid: {', '.join(BBH_SUBTASKS)}")
+    with data_file(f"bbh/tasks/{bbh_task}.json").open(encoding="utf-8") as fh:
+        examples = json.load(fh)["examples"]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(examples)})
+
+
+def longbench(longbench_task: str, **_metadata: Any) -> datasets.DatasetDict:
+    """A LongBench (v1) task as a ``test`` split.
+
+    The local records name the question ``input``; lm-eval's LongBench YAMLs (and its hub
+    copy) name it ``question``, so it is renamed here. All other fields are kept as they are.
+    """
+    if longbench_task not in LONGBENCH_TASKS:
+        raise ValueError(
+            f"unknown LongBench task {longbench_task!r}; offline: {', '.join(LONGBENCH_TASKS)}"
+        )
+    records = read_jsonl(f"longbench/{longbench_task}.jsonl")
+    rows = [{("question" if k == "input" else k): v for k, v in r.items()} for r in records]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

@@ -1,0 +1,205 @@
+"""What to evaluate: one benchmark (an lm-eval task or group) and how its prompts are handled.
+
+A :class:`TaskSpec` is built by Hydra from ``conf/task/<name>.yaml``
+(``_target_: harness.taskspec.TaskSpec``) and validates itself in ``__post_init__``, before any
+model loads. The runner passes :meth:`TaskSpec.task_names` and :meth:`TaskSpec.task_manager` to
+``lm_eval.simple_evaluate`` together with ``limit`` and ``num_fewshot``; the LM adapter uses
+``truncation`` to fit a prompt into the model window and :meth:`TaskSpec.split_prompt` to tell a
+prompt method which part of a request it may shorten.
+
+``source=local`` runs kvbench's own task YAMLs (``harness/tasks``, named ``kvbench_*``) over the
+offline copies in ``data/``; they render the same prompts and compute the same metrics as
+lm-eval's stock tasks. ``source=hub`` runs lm-eval's stock tasks, which download their data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from harness.tasks import TASKS_DIR, local_data
+from methods.base import PromptParts
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+
+SOURCES = ("local", "hub")
+TRUNCATIONS = ("left", "middle")
+# The most few-shot examples a task has: BBH ships 3 CoT examples per subtask, LongBench none.
+MAX_FEWSHOT = {"bbh": 3, "longbench_qasper": 0, "longbench_multi_news": 0}
+
+
+class TaskConfigError(ValueError):
+    """A task's configuration is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class TaskSpec:
+    """One benchmark and how to run it.
+
+    Attributes:
+        name: gsm8k | bbh | longbench_qasper | longbench_multi_news (labels records; with
+            ``source=local`` it also selects the offline data files).
+        local_tasks: lm-eval task/group names in ``harness/tasks`` (``source=local``).
+        hub_tasks: lm-eval stock task/group names (``source=hub``, needs network).
+        primary_metric: the key of the headline number in lm-eval's results for each name in
+            :meth:`task_names`, e.g. ``"exact_match,strict-match"``.
+        source: ``local`` (offline data) or ``hub`` (lm-eval's stock tasks).
+        subtask: bbh only: run one of the 27 subtasks instead of the whole group; the task
+            name is ``<group>_<subtask>``.
+        limit: samples per lm-eval task (for a group, per subtask); None runs all.
+        num_fewshot: few-shot examples; None keeps the task's default.
+        truncation: how the adapter fits a too-long prompt into the model window: ``left``
+            drops the start, ``middle`` drops the middle (LongBench's way).
+        protect_from: regex; the last match in a prompt starts the part no prompt method may
+            change (the final question). None protects the whole prompt.
+    """
+
+    name: str
+    local_tasks: list[str]
+    hub_tasks: list[str]
+    primary_metric: str
+    source: str = "local"
+    subtask: str | None = None
+    limit: int | None = None
+    num_fewshot: int | None = None
+    truncation: str = "left"
+    protect_from: str | None = None
+
+    def __post_init__(self) -> None:
+        self.local_tasks = _as_list(self.local_tasks)
+        self.hub_tasks = _as_list(self.hub_tasks)
+        if self.source not in SOURCES:
+            raise TaskConfigError(
+                f"task.source={self.source!r} is not one of {SOURCES}: use task.source=local "
+                "(offline data in data/) or task.source=hub (lm-eval's stock tasks, needs network)"
+            )
+        if "," not in (self.primary_metric or ""):
+            raise TaskConfigError(
+                f"task.primary_metric={self.primary_metric!r} is not a key of lm-eval's results "
+                '("<metric>,<filter>"): pass e.g. task.primary_metric="exact_match,strict-match" '
+                'or task.primary_metric="score,none"'
+            )
+        if not (self.local_tasks if self.source == "local" else self.hub_tasks):
+            raise TaskConfigError(
+                f"task.{self.source}_tasks is empty: list the lm-eval task names to run "
+                f"with task.source={self.source}"
+            )
+        self._check_limit_and_fewshot()
+        if self.truncation not in TRUNCATIONS:
+            raise TaskConfigError(
+                f"task.truncation={self.truncation!r} is not one of {TRUNCATIONS}: use "
+                "task.truncation=left (drop the start) or task.truncation=middle (LongBench)"
+            )
+        self._check_subtask()
+        if self.source == "local":
+            self._check_local_data()
+        if self.protect_from is not None:
+            self._check_protect_from()
+
+    def _check_protect_from(self) -> None:
+        try:
+            pattern = re.compile(self.protect_from)
+        except re.error as err:
+            raise TaskConfigError(
+                f"task.protect_from={self.protect_from!r} is not a valid regex ({err}): "
+                "escape special characters, e.g. task.protect_from='\\(A\\)'"
+            ) from err
+        if pattern.fullmatch("") is not None:
+            raise TaskConfigError(
+                f"task.protect_from={self.protect_from!r} matches the empty string, so it "
+                "could protect nothing: give the text that starts the final question, e.g. "
+                "task.protect_from='Q: ', or task.protect_from=null to protect the whole prompt"
+            )
+
+    def _check_limit_and_fewshot(self) -> None:
+        if self.limit is not None and int(self.limit) <= 0:
+            raise TaskConfigError(
+                f"task.limit={self.limit} must be a positive number of samples per task: "
+                "pass e.g. task.limit=20, or task.limit=null to run every sample"
+            )
+        if self.num_fewshot is not None:
+            if int(self.num_fewshot) < 0:
+                raise TaskConfigError(
+                    f"task.num_fewshot={self.num_fewshot} is negative: pass a count >= 0, "
+                    "or task.num_fewshot=null for the task's default"
+                )
+            most = MAX_FEWSHOT.get(self.name)
+            if most is not None and int(self.num_fewshot) > most:
+                raise TaskConfigError(
+                    f"task.num_fewshot={self.num_fewshot}, but {self.name} has only {most} "
+                    f"few-shot examples: pass task.num_fewshot between 0 and {most}, or null"
+                )
+
+    def _check_subtask(self) -> None:
+        if self.subtask is None:
+            return
+        if self.name != "bbh":
+            raise TaskConfigError(
+                f"task.subtask={self.subtask!r} is set, but only bbh has subtasks: "
+                "remove it (task.subtask=null)"
+            )
+        if self.subtask not in local_data.BBH_SUBTASKS:
+            raise TaskConfigError(
+                f"task.subtask={self.subtask!r} is not a BBH subtask: pass one of "
+                f"{', '.join(local_data.BBH_SUBTASKS)}, or task.subtask=null for all 27"
+            )
+
+    def _check_local_data(self) -> None:
+        try:
+            files = local_data.required_files(self.name, self.subtask)
+        except KeyError:
+            raise TaskConfigError(
+                f"task.name={self.name!r} has no offline data (kvbench has gsm8k, bbh, "
+                "longbench_qasper, longbench_multi_news): use task.source=hub for lm-eval's "
+                "stock tasks"
+            ) from None
+        for relative in files:
+            try:
+                local_data.data_file(relative)
+            except FileNotFoundError as err:
+                raise TaskConfigError(f"task.source=local: {err}") from None
+
+    def task_names(self) -> list[str]:
+        """The names to pass to ``lm_eval.simple_evaluate(tasks=...)``.
+
+        With a bbh ``subtask`` each group name ``g`` becomes ``g_<subtask>``.
+        """
+        names = self.local_tasks if self.source == "local" else self.hub_tasks
+        if self.subtask is not None:
+            return [f"{name}_{self.subtask}" for name in names]
+        return list(names)
+
+    def task_manager(self) -> TaskManager:
+        """The lm-eval TaskManager that knows :meth:`task_names`.
+
+        ``local``: only kvbench's ``harness/tasks`` (lm-eval's ~15k stock YAMLs are not
+        indexed, which saves ~10 s); ``hub``: lm-eval's stock tasks.
+        """
+        from lm_eval.tasks import TaskManager
+
+        if self.source == "local":
+            return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+        return TaskManager()
+
+    def split_prompt(self, prompt: str) -> PromptParts:
+        """Split a rendered prompt at the start of the last ``protect_from`` match.
+
+        ``compressible`` is everything before it (description, few-shot examples, long
+        context), ``protected`` the match onwards (final question, answer cue). If
+        ``protect_from`` is None or does not match, the whole prompt is protected: a prompt
+        method then leaves it unchanged rather than risk cutting the question.
+        """
+        matches = list(re.finditer(self.protect_from, prompt)) if self.protect_from else []
+        start = matches[-1].start() if matches else 0
+        return PromptParts(compressible=prompt[:start], protected=prompt[start:])
+
+
+def _as_list(value: object) -> list[str]:
+    """A plain list of names from a list, a Hydra ListConfig, a single string or None."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]  # type: ignore[attr-defined]

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random-weight models built from the repo's own model configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from harness.models import ModelSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model_spec(name: str, **overrides) -> ModelSpec:
+    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    cfg = OmegaConf.merge(cfg, overrides)
+    return instantiate(cfg, _convert_="all")
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa():
+    torch.manual_seed(0)
+    return model_spec("tiny_llama_gqa").load()
+
+
+@pytest.fixture(scope="session")
+def tiny_mha():
+    return model_spec("tiny_llama_mha").load()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (dequantised once into $KVBENCH_CACHE)."""
+    return model_spec("smollm2_135m", threads=None).load()

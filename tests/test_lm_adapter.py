@@ -1,0 +1,134 @@
+"""The adapter changes measurement, not results: the same outputs, scores and
+log-likelihoods as lm-eval's own `hf` backend on the same model, task and slice."""
+
+from __future__ import annotations
+
+import json
+
+import lm_eval
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from harness.lm import KVBenchLM, truncate
+from harness.measure import KVLayout
+from harness.taskspec import TaskSpec
+from methods.cache.streamingllm import StreamingLLM
+
+BOOLEAN_MC = {
+    "task": "kvbench_test_boolean_mc",
+    "dataset_path": "json",
+    "output_type": "multiple_choice",
+    "test_split": "train",
+    "doc_to_text": "Q: {{input}}\nA:",
+    "doc_to_choice": ["True", "False"],
+    "doc_to_target": "{{['True', 'False'].index(target)}}",
+    "metric_list": [{"metric": "acc"}],
+}
+
+
+def gsm8k_task() -> TaskSpec:
+    return TaskSpec(
+        name="gsm8k",
+        local_tasks=["kvbench_gsm8k"],
+        hub_tasks=["gsm8k"],
+        primary_metric="exact_match,strict-match",
+    )
+
+
+def evaluate(lm, task: TaskSpec, limit: int, max_gen_toks: int) -> dict:
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=task.task_names(),
+        task_manager=task.task_manager(),
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        gen_kwargs={"max_gen_toks": max_gen_toks},
+    )
+
+
+def adapter(model, tokenizer, **kwargs) -> KVBenchLM:
+    return KVBenchLM(
+        model,
+        tokenizer,
+        max_length=2048,
+        kv_layout=KVLayout.from_config(model.config, torch.float32),
+        **kwargs,
+    )
+
+
+def outputs(result: dict, task: str) -> list:
+    return [
+        (s["doc_id"], s["resps"])
+        for s in sorted(result["samples"][task], key=lambda s: s["doc_id"])
+    ]
+
+
+def assert_same_as_hf(model, tokenizer, limit: int, max_gen_toks: int) -> None:
+    task = gsm8k_task()
+    ours = evaluate(adapter(model, tokenizer), task, limit, max_gen_toks)
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=2048)
+    theirs = evaluate(hf, task, limit, max_gen_toks)
+    assert outputs(ours, "kvbench_gsm8k") == outputs(theirs, "kvbench_gsm8k")
+    assert ours["results"]["kvbench_gsm8k"] == theirs["results"]["kvbench_gsm8k"]
+
+
+def test_generate_until_matches_hf_backend_on_tiny_model(tiny_gqa):
+    model, tokenizer = tiny_gqa
+    assert_same_as_hf(model, tokenizer, limit=3, max_gen_toks=24)
+
+
+def test_loglikelihood_matches_hf_backend(tiny_mha, tmp_path):
+    model, tokenizer = tiny_mha
+    data = tmp_path / "bool.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"input": q, "target": t})
+            for q, t in [
+                ("True and False is", "False"),
+                ("not False is", "True"),
+                ("True or False is", "True"),
+            ]
+        )
+    )
+    config = {**BOOLEAN_MC, "dataset_kwargs": {"data_files": {"train": str(data)}}}
+    ours = lm_eval.simple_evaluate(
+        model=adapter(model, tokenizer), tasks=[config], log_samples=True, bootstrap_iters=0
+    )
+    hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=2048)
+    theirs = lm_eval.simple_evaluate(model=hf, tasks=[config], log_samples=True, bootstrap_iters=0)
+    name = BOOLEAN_MC["task"]
+    ours_ll = [r for s in ours["samples"][name] for r in s["resps"]]
+    theirs_ll = [r for s in theirs["samples"][name] for r in s["resps"]]
+    for (a,), (b,) in zip(ours_ll, theirs_ll, strict=True):
+        assert a[0] == pytest.approx(b[0], abs=1e-3) and a[1] == b[1]
+    assert ours["results"][name]["acc,none"] == theirs["results"][name]["acc,none"]
+
+
+def test_adapter_measures_every_request(tiny_gqa):
+    model, tokenizer = tiny_gqa
+    lm = adapter(model, tokenizer, cache_methods=[StreamingLLM(ratio=0.25)])
+    evaluate(lm, gsm8k_task(), limit=2, max_gen_toks=8)
+    rows = lm.measurement_rows()
+    assert [r["doc_id"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["task"] == "kvbench_gsm8k" and r["request_type"] == "generate_until"
+        assert r["prefill_s"] > 0 and r["decode_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["kv_bytes_prefill"] / r["kv_full_bytes_prefill"] == pytest.approx(0.25, abs=2e-3)
+        assert r["kv_bytes_final"] > r["kv_bytes_prefill"]
+        assert 1 <= r["generated_tokens"] <= 8
+
+
+def test_middle_truncation_keeps_both_ends():
+    ids = list(range(10))
+    assert truncate(ids, 6, "middle") == [0, 1, 2, 7, 8, 9]
+    assert truncate(ids, 5, "middle") == [0, 1, 7, 8, 9]
+    assert truncate(ids, 4, "left") == [6, 7, 8, 9]
+    assert truncate(ids, 20, "middle") == ids
+
+
+@pytest.mark.integration
+def test_generate_until_matches_hf_backend_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    assert_same_as_hf(model, tokenizer, limit=2, max_gen_toks=48)

@@ -1,0 +1,242 @@
+"""kvbench-report on synthetic records: the table, the skipped records, the files, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from harness.records import SCHEMA_VERSION, write_record
+from harness.report import format_params, load_records, main, summary_markdown, write_report
+
+MODEL, TASK = "tiny_llama", "gsm8k"
+
+
+def stat(mean: float | None) -> dict[str, Any]:
+    """A per-field summary as ``harness.results.aggregate`` writes it (n = 2 requests)."""
+    if mean is None:
+        return {}
+    return {
+        "n": 2,
+        "mean": mean,
+        "p50": mean,
+        "p95": mean,
+        "min": mean,
+        "max": mean,
+        "total": 2 * mean,
+    }
+
+
+def make_record(
+    run_id: str,
+    method: str,
+    params: dict,
+    score: float,
+    kv_ratio: float | None,
+    outputs: list[str],
+    peak: float | None = 3 * 2**20,
+    decode: float | None = 40.0,
+) -> dict[str, Any]:
+    full = 1_000_000.0
+    stored = None if kv_ratio is None else kv_ratio * full
+    fields = {
+        "prompt_tokens_original": 500.0,
+        "prompt_tokens": 500.0,
+        "truncated_tokens": 0.0,
+        "prompt_method_s": 0.0,
+        "prefill_s": 0.25,
+        "decode_s": 0.5,
+        "decode_steps": 20.0,
+        "generated_tokens": 20.0,
+        "kv_bytes_prefill": stored,
+        "kv_bytes_final": stored,
+        "kv_full_bytes_prefill": full,
+        "kv_full_bytes_final": full,
+        "peak_memory_bytes": peak,
+    }
+    measurements = {k: stat(v) for k, v in fields.items()}
+    measurements.update(
+        requests=2,
+        kv_ratio=kv_ratio,
+        kv_ratio_final=kv_ratio,
+        prompt_ratio=1.0,
+        prefill_tok_per_s=2000.0,
+        decode_tok_per_s=decode,
+    )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "config": {"model": {"name": MODEL}, "method": {"name": method}, "task": {"name": TASK}},
+        "model": {
+            "name": MODEL,
+            "num_layers": 2,
+            "num_kv_heads": 2,
+            "head_dim": 16,
+            "dtype": "float32",
+            "device": "cpu",
+            "attn_implementation": "eager",
+            "max_length": 2048,
+        },
+        "method": {"name": method, "kinds": ["cache"], "params": params},
+        "task": {
+            "name": TASK,
+            "lm_eval_tasks": ["kvbench_gsm8k"],
+            "limit": 5,
+            "primary_metric": "exact_match",
+        },
+        "metrics": {"kvbench_gsm8k": {"exact_match": score}},
+        "score": {"metric": "exact_match", "value": score},
+        "measurements": measurements,
+        "samples": [
+            {
+                "task": "kvbench_gsm8k",
+                "doc_id": i,
+                "filter": "strict-match",
+                "target": "1",
+                "output": out,
+                "filtered_output": out,
+                "metrics": {"exact_match": 0.0},
+                "prompt_hash": "h",
+                "requests": [],
+            }
+            for i, out in enumerate(outputs)
+        ],
+        "provenance": {
+            "git_commit": "abc123",
+            "git_dirty": False,
+            "packages": {},
+            "python": "3.12",
+            "platform": "linux",
+            "device": "cpu: test",
+            "threads": 1,
+            "seed": 0,
+            "started_at": "2025-01-01T00:00:00+00:00",
+            "finished_at": "2025-01-01T00:01:00+00:00",
+            "wall_s": 60.0,
+        },
+    }
+
+
+def dump(root: Path, record: Any, run_id: str) -> Path:
+    folder = root / run_id
+    folder.mkdir(parents=True)
+    path = folder / "record.json"
+    path.write_text(record if isinstance(record, str) else json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    full = make_record("full_run", "full", {"ratio": 1.0}, 0.5, 1.0, ["1", "2"])
+    cfg = OmegaConf.create({"model": {"name": MODEL}, "run": {"results_dir": str(root)}})
+    write_record(root / "full_run", full, cfg, overwrite=False)
+    stream = {"ratio": 0.2, "budget": None, "sinks": 4, "window": 0}
+    dump(root, make_record("s02", "streamingllm", stream, 0.25, 0.21, ["1", "3"]), "s02")
+    dump(
+        root,
+        make_record("s04", "streamingllm", {**stream, "ratio": 0.4}, 0.5, 0.41, ["1", "2"]),
+        "s04",
+    )
+    composed = {"llmlingua": {"rate": 0.5, "model": None}, "snapkv": {"ratio": 0.3, "window": 8}}
+    dump(
+        root,
+        make_record(
+            "combo", "llmlingua+snapkv", composed, 0.0, None, ["9", "9"], peak=None, decode=None
+        ),
+        "combo",
+    )
+    dump(root, "{not json", "corrupt")
+    old = make_record("old", "full", {}, 1.0, 1.0, [])
+    dump(root, {**old, "schema_version": 0}, "old")
+    no_task = make_record("no_task", "full", {}, 1.0, 1.0, [])
+    del no_task["task"]
+    dump(root, no_task, "no_task")
+    return root
+
+
+def test_format_params_flattens_and_keeps_scalars() -> None:
+    assert format_params({"ratio": 0.2, "budget": None, "sinks": 4}) == "ratio=0.2, sinks=4"
+    nested = {"snapkv": {"ratio": 0.2, "pool": [1, 2]}, "dac": {"rate": 0.5}}
+    assert format_params(nested) == "snapkv.ratio=0.2, dac.rate=0.5"
+
+
+def test_load_records_rows_values_and_skipped(results: Path) -> None:
+    table, skipped = load_records(results)
+    assert list(table["run_id"]) == ["full_run", "combo", "s02", "s04"]  # model, task, method
+    row = table.set_index("run_id")
+    assert row.at["s02", "kv_ratio"] == pytest.approx(0.21)
+    assert row.at["s02", "kv_bytes_stored"] == pytest.approx(210_000)
+    assert row.at["s02", "kv_bytes_full"] == pytest.approx(1_000_000)
+    assert row.at["s02", "prefill_ms"] == pytest.approx(250.0)
+    assert row.at["s02", "peak_mem_mb"] == pytest.approx(3.0)
+    assert row.at["s02", "decode_tok_s"] == pytest.approx(40.0)
+    assert row.at["s02", "method_params"] == "ratio=0.2, sinks=4, window=0"
+    assert row.at["s04", "ratio"] == pytest.approx(0.4)
+    assert row.at["full_run", "ratio"] == 1.0
+    assert (
+        row.at["combo", "method_params"] == "llmlingua.rate=0.5, snapkv.ratio=0.3, snapkv.window=8"
+    )
+    assert row.at["combo", "ratio"] == pytest.approx(0.3)
+    assert row.at["s02", "n_samples"] == 2 and row.at["s02", "limit"] == 5
+    assert row.at["s02", "wall_s"] == 60.0 and row.at["s02", "git_commit"] == "abc123"
+    # absent measurements stay NaN
+    for col in ("kv_ratio", "kv_bytes_stored", "peak_mem_mb", "decode_tok_s"):
+        assert math.isnan(row.at["combo", col])
+    # fidelity against the full-cache run
+    assert row.at["s02", "score_delta"] == pytest.approx(-0.25)
+    assert row.at["s02", "output_agreement"] == pytest.approx(0.5)
+    assert row.at["s04", "output_agreement"] == pytest.approx(1.0)
+    reasons = {path.parent.name: reason for path, reason in skipped}
+    assert set(reasons) == {"corrupt", "old", "no_task"}
+    assert "unreadable" in reasons["corrupt"]
+    assert "schema_version 0" in reasons["old"]
+    assert "task.name" in reasons["no_task"]
+
+
+def test_write_report_files(results: Path, tmp_path: Path) -> None:
+    table, _ = load_records(results)
+    out = tmp_path / "report"
+    paths = write_report(table, out)
+    assert {"csv", "parquet", "md"} <= set(paths)
+    assert len(pd.read_csv(paths["csv"])) == 4
+    back = pd.read_parquet(paths["parquet"])
+    assert back["kv_ratio"].iloc[2] == pytest.approx(0.21)
+    assert "streamingllm" in paths["md"].read_text()
+    for kind in ("score_vs_kv_ratio", "latency", "memory"):
+        png = out / f"{kind}__{MODEL}__{TASK}.png"
+        assert paths[png.stem] == png and png.stat().st_size > 0
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_summary_markdown(results: Path) -> None:
+    table, _ = load_records(results)
+    text = summary_markdown(table)
+    assert text.splitlines()[0].startswith("| model")
+    assert "ratio=0.2, sinks=4" in text and "–" in text  # NaN shown as a dash
+    assert summary_markdown(table.iloc[0:0]) == "(no finished runs)"
+
+
+def test_main_prints_table(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(results)]) == 0
+    captured = capsys.readouterr()
+    assert "| model" in captured.out and "streamingllm" in captured.out
+    assert str(results / "report" / "report.csv") in captured.out
+    assert "skipped" in captured.err
+    assert (results / "report" / "report.parquet").is_file()
+    # the report folder itself holds no record: a second run reads the same 4 runs
+    assert len(load_records(results)[0]) == 4
+
+
+def test_main_empty_or_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path)]) == 1
+    assert "no finished record" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 1
+    assert "not a directory" in capsys.readouterr().err
