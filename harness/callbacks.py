@@ -34,7 +34,7 @@ class ReportCallback(Callback):
         if table.empty:
             log.warning("report: no finished record under %s", root)
             return
-        paths = write_report(table, root / "report")
+        paths = write_report(table, root.resolve() / "report")
         print(summary_markdown(table))
         print(f"\nrecords: {root.resolve()}/<run>/record.json")
         for kind, path in paths.items():

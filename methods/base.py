@@ -117,17 +117,13 @@ class CacheMethod(Method):
         handles = []
         try:
             for module in attention_modules(model):
-                handles.append(
-                    module.register_forward_hook(self._forward_hook, with_kwargs=True)
-                )
+                handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _forward_hook(
-        self, module: nn.Module, args: tuple, kwargs: dict, output: Any
-    ) -> Any:
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         cache = kwargs.get("past_key_values")
         if cache is None:
             return output
@@ -142,6 +138,8 @@ class CacheMethod(Method):
             keys, values = self.compress_decode(
                 module, hidden_states, layer.keys, layer.values, kwargs
             )
+        # `compress` may have installed its own cache layer (a compressed form): re-fetch it
+        layer = cache.layers[module.layer_idx]
         layer.keys, layer.values = keys, values
         return output
 
@@ -159,7 +157,9 @@ class CacheMethod(Method):
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """After prefill. hidden_states (B, S, hidden); keys/values (B, H_kv, S, D).
-        Returns the tensors to store, (B, H_kv, S', D) with S' <= S."""
+        Returns the tensors to store, (B, H_kv, S', D) with S' <= S. It may replace
+        ``kwargs["past_key_values"].layers[module.layer_idx]`` by its own cache layer class;
+        the returned tensors are then set as that new layer's ``keys``/``values``."""
         return keys, values
 
     def compress_decode(

@@ -1,0 +1,149 @@
+"""Attention probabilities recomputed from a layer's own projections, for scoring methods.
+
+The attention implementation the model runs (sdpa, flash) never materialises the
+probabilities, so the scorers recompute only the rows they need: the queries come from the
+layer's ``q_proj`` (and ``q_norm`` where the model has one, e.g. Gemma-3, Qwen-3), RoPE from
+the ``position_embeddings`` (cos, sin) the model passed to the layer, the keys from the
+cache. Probabilities are computed in float32 with the layer's own ``scaling`` (Gemma-3's
+``query_pre_attn_scalar``), soft-capping and sliding window where the layer has them.
+
+GQA is handled without copying keys: the ``G = H_q / H_kv`` query heads of a group are
+stacked against their shared KV head, and results are returned per group, (B, H_kv, G, ...).
+RoPE is the rotate-half form of Llama, Mistral, Qwen and Gemma (the full head dim rotated).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import MethodConfigError
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., N, D) rotated by cos/sin broadcastable to it."""
+    return x * cos + rotate_half(x) * sin
+
+
+def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`apply_rope` (also where cos/sin carry an attention scaling factor)."""
+    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+
+
+def query_states(
+    module: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Post-RoPE queries (B, H_q, q, D) of hidden_states (B, q, hidden); cos/sin (B, q, D)."""
+    if not hasattr(module, "q_proj"):
+        raise MethodConfigError(
+            f"{type(module).__name__} has no `q_proj`: the attention-scoring cache methods need "
+            "a Llama-style attention module (separate q/k/v projections)"
+        )
+    batch, q_len, _ = hidden_states.shape
+    queries = module.q_proj(hidden_states).view(batch, q_len, -1, module.head_dim).transpose(1, 2)
+    if hasattr(module, "q_norm"):
+        queries = module.q_norm(queries)
+    if cos.shape[-1] != queries.shape[-1]:
+        raise MethodConfigError(
+            f"{type(module).__name__} applies RoPE to {cos.shape[-1]} of {queries.shape[-1]} "
+            "dims (partial rotary): not supported by the attention-scoring cache methods"
+        )
+    return apply_rope(queries, cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+def attention_probs(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    keys: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    first_query: int,
+) -> torch.Tensor:
+    """Causal attention probabilities of q queries over S keys, (B, H_kv, G, q, S), float32.
+
+    hidden_states (B, q, hidden) and position_embeddings (cos, sin), each (B, q, D), belong to
+    the queries at key indices ``first_query .. first_query + q - 1``; keys (B, H_kv, S, D) are
+    post-RoPE (as cached). Key j is visible to query i when j <= i (and i - j < window on a
+    sliding-window layer, as long as key indices are positions, i.e. before eviction).
+    """
+    cos, sin = position_embeddings
+    queries = query_states(module, hidden_states, cos, sin)
+    batch, kv_heads, seq_len, head_dim = keys.shape
+    q_len = hidden_states.shape[1]
+    groups = queries.shape[1] // kv_heads
+    queries = queries.reshape(batch, kv_heads, groups * q_len, head_dim).float()
+    logits = queries @ keys.float().transpose(-1, -2) * module.scaling
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.view(batch, kv_heads, groups, q_len, seq_len)
+    q_idx = torch.arange(first_query, first_query + q_len, device=keys.device).unsqueeze(1)
+    k_idx = torch.arange(seq_len, device=keys.device).unsqueeze(0)
+    hidden = k_idx > q_idx
+    window = getattr(module, "sliding_window", None)
+    if window:
+        hidden |= q_idx - k_idx >= window
+    return logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+
+
+def window_attention(
+    module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict, window: int
+) -> torch.Tensor:
+    """Attention of the prompt's last ``window`` queries over all its S keys (prefill):
+    (B, H_kv, G, window, S). hidden_states (B, S, hidden), keys (B, H_kv, S, D)."""
+    cos, sin = kwargs["position_embeddings"]
+    seq_len = keys.shape[-2]
+    return attention_probs(
+        module,
+        hidden_states[:, -window:],
+        keys,
+        (cos[:, -window:], sin[:, -window:]),
+        first_query=seq_len - window,
+    )
+
+
+def accumulated_attention(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    keys: torch.Tensor,
+    kwargs: dict,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Attention each key receives, summed over the q queries of hidden_states (B, q, hidden)
+    and over the query heads of its group: (B, H_kv, S), float32. The queries are the last q
+    of the S keys (all of the prompt at prefill, the new tokens when decoding); they are
+    processed ``chunk_size`` at a time, so memory stays O(chunk_size * S * H_q)."""
+    cos, sin = kwargs["position_embeddings"]
+    seq_len, q_len = keys.shape[-2], hidden_states.shape[1]
+    total = keys.new_zeros(keys.shape[:-1], dtype=torch.float32)
+    for start in range(0, q_len, chunk_size):
+        end = min(start + chunk_size, q_len)
+        probs = attention_probs(
+            module,
+            hidden_states[:, start:end],
+            keys,
+            (cos[:, start:end], sin[:, start:end]),
+            first_query=seq_len - q_len + start,
+        )
+        total += probs.sum(dim=(2, 3))
+    return total
+
+
+def pool(scores: torch.Tensor, kernel_size: int, mode: str) -> torch.Tensor:
+    """Smooth scores (..., S) along the tokens with a stride-1, same-length 1-D pooling
+    (SnapKV's clustering step); ``mode`` is ``max``, ``avg`` or ``none``."""
+    if mode == "none" or kernel_size <= 1 or scores.shape[-1] == 0:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    pad = kernel_size // 2
+    if mode == "max":
+        flat = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+    else:
+        flat = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad)
+    return flat.reshape(shape)

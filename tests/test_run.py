@@ -1,0 +1,112 @@
+"""End to end through Hydra on the tiny model: a record per run, skipped on re-run, the
+report over the results folder, the demo sweep's composition."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from harness import records
+from harness.generation import greedy_generate
+from harness.report import main as report_main
+from harness.run import CONF_DIR, execute
+
+TINY = ["model=tiny_llama_gqa", "task=gsm8k", "task.limit=2", "run.max_gen_toks=12"]
+
+
+def composed(tmp_path, *overrides: str, name: str = "config"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            config_name=name,
+            overrides=[f"run.results_dir={tmp_path}", "run.report=false", *overrides],
+            return_hydra_config=False,
+        )
+
+
+def test_run_writes_a_complete_record_and_skips_a_rerun(tmp_path):
+    cfg = composed(tmp_path, *TINY, "method=streamingllm", "method.ratio=0.25")
+    folder = execute(cfg)
+    record = records.read_record(folder)
+    assert record["schema_version"] == records.SCHEMA_VERSION
+    assert record["method"] == {
+        "name": "streamingllm",
+        "kinds": ["cache"],
+        "params": {"ratio": 0.25, "budget": None, "sinks": 4, "window": 0},
+    }
+    assert record["task"]["lm_eval_tasks"] == ["kvbench_gsm8k"]
+    assert record["score"]["metric"] == "exact_match,strict-match"
+    assert (
+        record["score"]["value"] == record["metrics"]["kvbench_gsm8k"]["exact_match,strict-match"]
+    )
+    m = record["measurements"]
+    assert m["requests"] == 2
+    assert m["kv_ratio"] == pytest.approx(0.25, abs=2e-3)
+    assert m["prefill_s"]["total"] > 0 and m["decode_s"]["total"] > 0
+    assert m["kv_bytes_prefill"]["min"] > 0
+    assert {s["doc_id"] for s in record["samples"]} == {0, 1}
+    assert all(s["requests"] for s in record["samples"])
+    prov = record["provenance"]
+    assert prov["git_commit"] and prov["packages"]["lm_eval"] and prov["seed"] == 1234
+
+    stamp = (folder / records.RECORD_FILE).stat().st_mtime_ns
+    assert execute(cfg) == folder
+    assert (folder / records.RECORD_FILE).stat().st_mtime_ns == stamp
+
+    cfg.run.overwrite = True
+    assert execute(cfg) == folder
+    assert (folder / records.RECORD_FILE).stat().st_mtime_ns != stamp
+
+
+def test_full_cache_stores_exactly_the_formula(tmp_path):
+    cfg = composed(tmp_path, *TINY, "method=full")
+    record = records.read_record(execute(cfg))
+    # tiny_llama_gqa: 4 layers x 2 KV heads x head_dim 16 x 4 bytes, keys and values
+    for sample in record["samples"]:
+        (request,) = sample["requests"]
+        tokens = request["prompt_tokens"]
+        assert request["kv_bytes_prefill"] == 2 * 4 * 2 * 16 * tokens * 4
+        assert request["kv_bytes_prefill"] == request["kv_full_bytes_prefill"]
+        assert request["kv_bytes_final"] == request["kv_full_bytes_final"]
+    assert record["measurements"]["kv_ratio"] == 1.0
+
+
+def test_cli_multirun_report_and_demo_config(tmp_path, capsys):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    cli = [sys.executable, "-m", "harness.run", "-m", *TINY, "method=full,streamingllm"]
+    done = subprocess.run(
+        [*cli, f"run.results_dir={tmp_path}"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "streamingllm" in done.stdout and "report.md" in done.stdout
+    assert len(records.find_records(tmp_path)) == 2
+    assert (tmp_path / "report" / "report.csv").is_file()
+    assert report_main([str(tmp_path)]) == 0
+    assert "tiny_llama_gqa" in capsys.readouterr().out
+
+
+def test_demo_sweep_is_multirun_over_methods_and_tasks():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["sweep=demo"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params.method == "full,streamingllm"
+    assert params.task == "longbench_qasper,gsm8k"
+
+
+@pytest.mark.integration
+def test_smollm2_full_cache_bytes_equal_the_formula(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")
+    gen = greedy_generate(model, ids.input_ids, max_new_tokens=3)
+    tokens = ids.input_ids.shape[1]
+    # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, float32
+    assert gen.kv_bytes_prefill == 2 * 30 * 3 * 64 * tokens * 4
+    assert gen.kv_bytes_final == 2 * 30 * 3 * 64 * (tokens + 2) * 4
+    assert json.dumps(gen.tokens)  # generated real tokens
+    assert torch.isfinite(gen.last_logits).all()
