@@ -25,17 +25,19 @@ class ReportCallback(Callback):
     def _report(self, config: DictConfig) -> None:
         if not config.run.get("report", True):
             return
-        from harness.report import load_records, summary_markdown, write_report
+        from harness.report import load_report, summary_markdown, write_report
 
         root = Path(config.run.results_dir)
-        table, skipped = load_records(root)
-        for path, reason in skipped:
+        report = load_report(root)
+        for path, reason in report.skipped:
             log.warning("report: skipped %s (%s)", path, reason)
-        if table.empty:
+        if report.runs.empty:
             log.warning("report: no finished record under %s", root)
             return
-        paths = write_report(table, root.resolve() / "report")
-        print(summary_markdown(table))
+        paths = write_report(
+            report.runs, root.resolve() / "report", report.requests, report.skipped
+        )
+        print(summary_markdown(report.runs))
         print(f"\nrecords: {root.resolve()}/<run>/record.json")
         for kind, path in paths.items():
             print(f"{kind}: {path}")

@@ -50,6 +50,16 @@ class RequestMeasurement:
     kv_full_bytes_prefill: int
     kv_full_bytes_final: int
     peak_memory_bytes: int
+    # with prompt methods only (None otherwise): the compressible part (demonstrations,
+    # context) in the target model's tokens before/after them, the rate of it they were
+    # asked to remove, the rate removed (in target tokens), the rate removed in the
+    # methods' own (compressor) tokens, and the compressor's forward passes
+    compressible_tokens_original: int | None = None
+    compressible_tokens: int | None = None
+    prompt_rate_requested: float | None = None
+    prompt_rate_achieved: float | None = None
+    compressor_rate_achieved: float | None = None
+    compressor_passes: int | None = None
 
 
 @dataclass
@@ -146,11 +156,13 @@ class KVBenchLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     # --- prompt methods ---------------------------------------------------------------------
-    def _apply_prompt_methods(self, context: str) -> tuple[str, float]:
+    def _apply_prompt_methods(self, context: str) -> tuple[str, float, dict[str, Any]]:
+        """(text, seconds, prompt fields of :class:`RequestMeasurement`)."""
         if not self.prompt_methods or not context.strip():
-            return context, 0.0
+            return context, 0.0, {}
         start = synchronized_clock(self.device)
-        parts = self.split_prompt(context)
+        parts = original = self.split_prompt(context)
+        kept_share, done_share, passes = 1.0, 1.0, 0
         for method in self.prompt_methods:
             text = method.compress(parts)
             if not text.endswith(parts.protected):
@@ -158,7 +170,25 @@ class KVBenchLM(TemplateLM):
                     f"prompt method {method.name!r} changed the protected end of the prompt"
                 )
             parts = PromptParts(text[: len(text) - len(parts.protected)], parts.protected)
-        return parts.text, synchronized_clock(self.device) - start
+            stats = method.last_stats() or {}
+            kept_share *= 1.0 - stats.get("requested_rate", 0.0)
+            done_share *= 1.0 - stats.get("achieved_rate", 0.0)
+            passes += int(stats.get("compressor_passes", 0))
+        seconds = synchronized_clock(self.device) - start
+        before = len(self.tok_encode(original.compressible, add_special_tokens=False))
+        after = len(self.tok_encode(parts.compressible, add_special_tokens=False))
+        return (
+            parts.text,
+            seconds,
+            {
+                "compressible_tokens_original": before,
+                "compressible_tokens": after,
+                "prompt_rate_requested": 1.0 - kept_share,
+                "prompt_rate_achieved": 1.0 - after / before if before else 0.0,
+                "compressor_rate_achieved": 1.0 - done_share,
+                "compressor_passes": passes,
+            },
+        )
 
     def _measure(self, request: Any, request_type: str, **values: Any) -> None:
         self.measurements.append(
@@ -194,9 +224,13 @@ class KVBenchLM(TemplateLM):
                 f"max_gen_toks={max_gen_toks} leaves no room for the prompt in "
                 f"model.max_length={self.max_length}: raise model.max_length"
             )
-        original_ids = truncate(self.tok_encode(context), max_context, self.truncation)
-        text, prompt_method_s = self._apply_prompt_methods(context)
-        encoded = self.tok_encode(text) if text is not context else original_ids
+        full_ids = self.tok_encode(context)
+        original_ids = truncate(full_ids, max_context, self.truncation)
+        # prompt methods shorten what the model would see: a prompt too long for the window
+        # is truncated first (LongBench's middle cut), so their rate is of the tokens sent
+        seen = context if len(original_ids) == len(full_ids) else self.tok_decode(original_ids)
+        text, prompt_method_s, prompt_fields = self._apply_prompt_methods(seen)
+        encoded = self.tok_encode(text) if text is not seen else original_ids
         ids = truncate(encoded, max_context, self.truncation)
 
         def should_stop(tokens: list[int]) -> bool:
@@ -229,6 +263,7 @@ class KVBenchLM(TemplateLM):
             kv_full_bytes_prefill=self.kv_layout.full_bytes(reference),
             kv_full_bytes_final=self.kv_layout.full_bytes(reference + gen.decode_steps),
             peak_memory_bytes=self.peak_memory.peak_bytes(),
+            **prompt_fields,
         )
         generated = self.tok_decode(gen.tokens)
         return postprocess_generated_text(generation=generated, stop=until, think_end_token=None)
@@ -236,11 +271,13 @@ class KVBenchLM(TemplateLM):
     # --- log-likelihood ---------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple]:
         rewritten, self._ll_sources, self._ll_prompt_s = [], list(requests), []
+        self._ll_prompt_fields = []
         for request in requests:
             context, continuation = request.args
-            text, seconds = self._apply_prompt_methods(context)
+            text, seconds, fields = self._apply_prompt_methods(context)
             rewritten.append(_Args((text, continuation)))
             self._ll_prompt_s.append(seconds)
+            self._ll_prompt_fields.append(fields)
         return super().loglikelihood(rewritten, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(
@@ -248,6 +285,7 @@ class KVBenchLM(TemplateLM):
     ) -> list[tuple[float, bool]]:
         sources = getattr(self, "_ll_sources", None) or [None] * len(requests)
         prompt_s = getattr(self, "_ll_prompt_s", None) or [0.0] * len(requests)
+        prompt_fields = getattr(self, "_ll_prompt_fields", None) or [{}] * len(requests)
         results = []
         for i, (_, context_enc, continuation_enc) in enumerate(
             tqdm(requests, desc="kvbench loglikelihood", disable=disable_tqdm)
@@ -275,9 +313,10 @@ class KVBenchLM(TemplateLM):
                 kv_full_bytes_prefill=full,
                 kv_full_bytes_final=full,
                 peak_memory_bytes=self.peak_memory.peak_bytes(),
+                **(prompt_fields[i] if i < len(prompt_fields) else {}),
             )
             results.append((scored.logprob, scored.is_greedy))
-        self._ll_sources, self._ll_prompt_s = None, None
+        self._ll_sources, self._ll_prompt_s, self._ll_prompt_fields = None, None, None
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:

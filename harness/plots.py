@@ -1,9 +1,14 @@
-"""The report's plots, one PNG per (model, task) and kind, from the table ``load_records`` builds.
+"""The report's plots, one PNG per (model, task) and kind, from the table ``load_report`` builds.
 
 * ``score_vs_kv_ratio__<model>__<task>.png``: the task score against the measured fraction
-  of the KV cache kept, one series per method (the accuracy / memory trade-off);
+  of the KV cache kept, one line per method, with the runs' Pareto front (the accuracy /
+  memory trade-off);
+* ``fidelity_vs_kv_ratio__<model>__<task>.png``: the same for the token F1 of the outputs
+  against the full-cache run's (:mod:`harness.fidelity`);
 * ``latency__<model>__<task>.png``: mean prefill time and decode throughput per run;
-* ``memory__<model>__<task>.png``: KV bytes stored vs a full cache, and peak memory, per run.
+* ``memory__<model>__<task>.png``: KV bytes stored vs a full cache, and peak memory, per run;
+* per request, against context length: :mod:`harness.plots_context`;
+* SpindleKV's per-layer budgets and KV-Latent's head dim: :mod:`harness.plots_methods`.
 
 Figures are built with :class:`matplotlib.figure.Figure` (rendered by Agg on save), so
 nothing here touches pyplot's global state or the backend a notebook has chosen.
@@ -11,8 +16,10 @@ nothing here touches pyplot's global state or the backend a notebook has chosen.
 
 from __future__ import annotations
 
+import logging
 import math
-import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,40 +27,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-MB = 2**20
-FULL_METHOD = "full"
+from harness.plot_common import FULL_METHOD, MB, method_colors, no_data, run_labels, slug
+from harness.plots_context import CONTEXT_TITLES, has_context, plot_context
+from harness.plots_methods import METHOD_PLOTS, METHOD_TITLES
 
-
-def _slug(text: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(text)).strip("-") or "x"
-
-
-def _colors(methods: list[str]) -> dict[str, Any]:
-    """One colour per method, the same in every figure of a report."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    return {m: cmap(i % cmap.N) for i, m in enumerate(sorted(methods))}
-
-
-def run_labels(group: pd.DataFrame) -> list[str]:
-    """``"streamingllm r=0.2"`` / ``"streamingllm budget=256"`` per row; rows that would
-    share a label get their full parameter string instead."""
-    labels = []
-    for row in group.itertuples():
-        if not math.isnan(row.budget):
-            labels.append(f"{row.method} budget={row.budget:g}")
-        elif not math.isnan(row.ratio) and row.method != FULL_METHOD:
-            labels.append(f"{row.method} r={row.ratio:g}")
-        else:
-            labels.append(str(row.method))
-    for i, row in enumerate(group.itertuples()):
-        if labels.count(labels[i]) > 1 and row.method_params:
-            labels[i] = f"{row.method} ({row.method_params})"
-    for i, label in enumerate(list(labels)):
-        if labels.count(label) > 1:
-            labels[i] = f"{label} #{labels[:i].count(label) + 1}"
-    return labels
+log = logging.getLogger("kvbench")
 
 
 def _annotate(ax: Any, bars: Any, values: list[float], ys: list[float]) -> None:
@@ -66,55 +44,62 @@ def _annotate(ax: Any, bars: Any, values: list[float], ys: list[float]) -> None:
             ax.text(0, y, " n/a", va="center", ha="left", fontsize=8, color="gray")
 
 
-def _no_data(ax: Any, what: str) -> None:
-    ax.text(
-        0.5,
-        0.5,
-        f"no {what} recorded",
-        ha="center",
-        va="center",
-        transform=ax.transAxes,
-        color="gray",
-    )
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The runs no other run beats on both axes (less KV kept and a higher ``y``), by ``x``."""
+    front, best = [], -math.inf
+    for _, row in points.sort_values([x, y], ascending=[True, False]).iterrows():
+        if row[y] > best:
+            front.append(row)
+            best = row[y]
+    return pd.DataFrame(front)
 
 
-def plot_score_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
-    """Score against measured KV ratio, one line (sorted by ratio) per method."""
+def plot_vs_kv_ratio(
+    group: pd.DataFrame, colors: dict[str, Any], column: str, ylabel: str, what: str
+) -> Figure:
+    """``column`` against the measured KV ratio, one line (sorted by ratio) per method, the
+    Pareto front of all runs dotted, the full-cache value dashed."""
     model, task = group["model"].iloc[0], group["task"].iloc[0]
-    metric = group["metric"].dropna().iloc[0] if group["metric"].notna().any() else "score"
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    plotted = group.dropna(subset=["kv_ratio", "score"])
+    plotted = group.dropna(subset=["kv_ratio", column])
     for method, rows in plotted.groupby("method", sort=True):
         rows = rows.sort_values("kv_ratio")
         full = method == FULL_METHOD
         ax.plot(
             rows["kv_ratio"],
-            rows["score"],
+            rows[column],
             marker="*" if full else "o",
             markersize=14 if full else 7,
             linestyle="-" if len(rows) > 1 else "none",
             color=colors[method],
             label=method,
         )
-    full_scores = group.loc[group["method"] == FULL_METHOD, "score"].dropna()
-    if len(full_scores):
-        ax.axhline(
-            full_scores.iloc[-1],
-            color="gray",
-            linestyle="--",
+    if len(plotted) > 1:
+        front = pareto_front(plotted, "kv_ratio", column)
+        ax.step(
+            front["kv_ratio"],
+            front[column],
+            where="post",
+            color="black",
+            linestyle=":",
             linewidth=1,
-            label="full-cache score",
+            label="Pareto front",
+        )
+    full_values = group.loc[group["method"] == FULL_METHOD, column].dropna()
+    if len(full_values):
+        ax.axhline(
+            full_values.iloc[-1], color="gray", linestyle="--", linewidth=1, label="full cache"
         )
     if plotted.empty:
-        _no_data(ax, "score with a measured KV ratio")
+        no_data(ax, f"{what} with a measured KV ratio")
     labels = run_labels(group)
     missing = [
         lab for lab, idx in zip(labels, group.index, strict=True) if idx not in plotted.index
     ]
-    if missing:
+    if missing and not plotted.empty:
         ax.annotate(
-            f"not shown (no score or KV ratio): {', '.join(missing)}",
+            f"not shown (no {what} or KV ratio): {', '.join(missing)}",
             (0, 0),
             xytext=(4, 4),
             xycoords="axes fraction",
@@ -124,12 +109,25 @@ def plot_score_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figur
         )
     ax.set_xlim(0, 1.05)
     ax.set_xlabel("KV cache kept (stored / full-cache bytes after prefill, measured)")
-    ax.set_ylabel(f"{metric} (task score)")
-    ax.set_title(f"{model} · {task}: {metric} vs KV cache kept")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{model} · {task}: {what} vs KV cache kept")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(title="method", loc="best")
+        ax.legend(title="method", loc="best", fontsize=8)
     return fig
+
+
+def plot_score_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
+    """Task score against the measured KV ratio (the accuracy / memory trade-off)."""
+    metric = group["metric"].dropna().iloc[0] if group["metric"].notna().any() else "score"
+    return plot_vs_kv_ratio(group, colors, "score", f"{metric} (task score)", str(metric))
+
+
+def plot_fidelity_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
+    """Token F1 of each run's outputs against the full-cache run's, vs the measured KV ratio."""
+    return plot_vs_kv_ratio(
+        group, colors, "token_f1", "token F1 vs full-cache outputs (0-1)", "output fidelity"
+    )
 
 
 def _barh(
@@ -141,7 +139,7 @@ def _barh(
     ax.margins(x=0.15)
     ax.grid(True, axis="x", alpha=0.3)
     if all(math.isnan(v) for v in values):
-        _no_data(ax, what)
+        no_data(ax, what)
 
 
 def _height(n: int) -> float:
@@ -211,7 +209,7 @@ def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
     left.set_xlabel("KV cache per request after prefill, mean (MB)")
     left.set_title("KV cache: stored (method colour) vs full cache (grey)")
     if all(math.isnan(v) for v in stored + full):
-        _no_data(left, "KV bytes")
+        no_data(left, "KV bytes")
     peak = group["peak_mem_mb"].tolist()
     bars = right.barh(y, peak, color=[colors[m] for m in group["method"]])
     _annotate(right, bars, peak, y)
@@ -220,7 +218,7 @@ def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
     right.set_xlabel("peak memory over the run (MB)")
     right.set_title("peak memory")
     if all(math.isnan(v) for v in peak):
-        _no_data(right, "peak memory")
+        no_data(right, "peak memory")
     fig.suptitle(f"{model} · {task}: memory per run")
     _method_legend(
         fig,
@@ -233,23 +231,50 @@ def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
 
 PLOTS = {
     "score_vs_kv_ratio": plot_score_vs_kv_ratio,
+    "fidelity_vs_kv_ratio": plot_fidelity_vs_kv_ratio,
     "latency": plot_latency,
     "memory": plot_memory,
 }
+PLOT_TITLES = {
+    "score_vs_kv_ratio": "score vs KV cache kept",
+    "fidelity_vs_kv_ratio": "output fidelity (token F1) vs KV cache kept",
+    "latency": "latency per run",
+    "memory": "memory per run",
+    **CONTEXT_TITLES,
+    **METHOD_TITLES,
+}
 
 
-def write_plots(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
-    """Every plot for every (model, task) in ``table`` as PNG files in ``out_dir``;
-    returns ``{file stem: path}``."""
+def write_plots(
+    table: pd.DataFrame, out_dir: Path, requests: pd.DataFrame | None = None
+) -> dict[str, Path]:
+    """Every plot as PNG files in ``out_dir``: :data:`PLOTS` per (model, task), latency and
+    memory vs context length from ``requests``, and the method-specific plots; returns
+    ``{file stem: path}``. A plot that fails is logged and left out, never fatal."""
     paths: dict[str, Path] = {}
     if table.empty:
         return paths
-    colors = _colors(list(table["method"].unique()))
+    colors = method_colors(list(table["method"].unique()))
+
+    def save(stem: str, make: Callable[[], Any]) -> None:
+        try:
+            fig = make()
+            if fig is not None:
+                fig.savefig(Path(out_dir) / f"{stem}.png", dpi=110)
+                paths[stem] = Path(out_dir) / f"{stem}.png"
+        except Exception as exc:  # one odd record must not cost the whole report
+            log.warning("report: plot %s left out: %r", stem, exc)
+
     for (model, task), group in table.groupby(["model", "task"], sort=True):
         group = group.reset_index(drop=True)
+        where = f"{slug(model)}__{slug(task)}"
         for kind, plot in PLOTS.items():
-            stem = f"{kind}__{_slug(model)}__{_slug(task)}"
-            fig = plot(group, colors)
-            paths[stem] = Path(out_dir) / f"{stem}.png"
-            fig.savefig(paths[stem], dpi=120)
+            save(f"{kind}__{where}", partial(plot, group, colors))
+        if requests is not None and not requests.empty:
+            mine = requests[(requests["model"] == model) & (requests["task"] == task)]
+            if has_context(mine):
+                labels = dict(zip(group["run_id"], run_labels(group), strict=True))
+                save(f"context__{where}", partial(plot_context, mine, colors, labels))
+        for kind, plot in METHOD_PLOTS.items():
+            save(f"{kind}__{where}", partial(plot, group))
     return paths

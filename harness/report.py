@@ -5,35 +5,63 @@
 
 One row per run (model x method x task): the task's score, the KV bytes actually stored
 against what a full cache holds, prefill and decode speed, peak memory, provenance, and
-fidelity against the full-cache run of the same model and task (``score_delta``,
-``output_agreement``). A record that cannot be read is listed and skipped, never fatal.
+fidelity against the full-cache run of the same model, task and slice (``reference``,
+``score_delta``, ``exact_match``, ``token_f1``, ``nll_increase``; see
+:mod:`harness.fidelity`). A record that cannot be read is listed and skipped, never fatal.
+``report.md`` holds the summary, the best score of each method at each measured KV ratio,
+and embeds the plots (:mod:`harness.plots`, :mod:`harness.plots_context`,
+:mod:`harness.plots_methods`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from harness.records import SCHEMA_VERSION, find_records, read_record
+from harness import fidelity
+from harness.records import find_records, read_record
+from harness.report_tables import (
+    best_by_kv_ratio,
+    check,
+    format_params,
+    markdown,
+    request_rows,
+    run_row,
+)
+
+__all__ = [
+    "Report",
+    "best_by_kv_ratio",
+    "format_params",
+    "load_records",
+    "load_report",
+    "main",
+    "summary_markdown",
+    "write_report",
+]
 
 COLUMNS = [
     "run_id",
     "model",
     "method",
+    "kinds",
     "method_params",
     "ratio",
     "budget",
+    "rate",
+    "d_qk",
+    "d_vo",
     "task",
     "metric",
     "score",
-    "score_delta",
-    "output_agreement",
+    *fidelity.FIDELITY_COLUMNS,
+    "perplexity",
     "n_samples",
     "limit",
     "kv_bytes_stored",
@@ -45,11 +73,13 @@ COLUMNS = [
     "prefill_ms",
     "decode_tok_s",
     "peak_mem_mb",
+    "num_layers",
     "wall_s",
     "device",
     "dtype",
     "git_commit",
     "finished_at",
+    "params_json",
     "path",
 ]
 SUMMARY_COLUMNS = [
@@ -60,7 +90,9 @@ SUMMARY_COLUMNS = [
     "metric",
     "score",
     "score_delta",
-    "output_agreement",
+    "exact_match",
+    "token_f1",
+    "nll_increase",
     "kv_ratio",
     "prompt_tokens",
     "prefill_ms",
@@ -68,197 +100,112 @@ SUMMARY_COLUMNS = [
     "peak_mem_mb",
     "n_samples",
 ]
-FIDELITY_COLUMNS = ("score_delta", "output_agreement")
-SORT_BY = ["model", "task", "method", "ratio"]
-REQUIRED = (("run_id",), ("model", "name"), ("method", "name"), ("task", "name"), ("score",))
-FULL_METHOD = "full"
+SORT_BY = ["model", "task", "method", "ratio", "rate", "d_qk", "d_vo"]
+HIDDEN_IN_MARKDOWN = ("path", "params_json")
 
 
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
+@dataclass
+class Report:
+    """Everything the report shows: ``runs`` (one row per run, :data:`COLUMNS`),
+    ``requests`` (one row per measured request) and ``skipped`` ``(path, reason)`` pairs."""
+
+    runs: pd.DataFrame
+    requests: pd.DataFrame
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    found: int = 0
 
 
-def _num(value: Any) -> float:
-    """``value`` as a float, NaN when it is absent or not a number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.nan
-    return float(value)
-
-
-def format_params(params: dict[str, Any] | None, prefix: str = "") -> str:
-    """``{"ratio": 0.2, "sinks": 4}`` -> ``"ratio=0.2, sinks=4"``; nested dicts (composed
-    methods) become ``"snapkv.ratio=0.2"``. Only scalars are kept; ``None`` is left out."""
-    parts = []
-    for key, value in (params or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            nested = format_params(value, f"{name}.")
-            if nested:
-                parts.append(nested)
-        elif isinstance(value, float):
-            parts.append(f"{name}={value:g}")
-        elif isinstance(value, bool | int | str):
-            parts.append(f"{name}={value}")
-    return ", ".join(parts)
-
-
-def _param_dicts(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """The params dict and, depth first, those of the methods it composes."""
-    out = [params]
-    for value in params.values():
-        if isinstance(value, dict):
-            out.extend(_param_dicts(value))
-    return out
-
-
-def method_ratio(name: str, params: dict[str, Any] | None) -> tuple[float, float]:
-    """(ratio, budget) a method was configured with: ``budget`` (tokens) when one is set,
-    with ratio NaN (the budget overrides it; the measured ``kv_ratio`` says what it kept);
-    else ``ratio``; 1.0 for the full cache; NaN when unknown."""
-    for p in _param_dicts(params or {}):
-        if not math.isnan(_num(p.get("budget"))):
-            return math.nan, float(p["budget"])
-        if not math.isnan(_num(p.get("ratio"))):
-            return float(p["ratio"]), math.nan
-    return (1.0 if name == FULL_METHOD else math.nan), math.nan
-
-
-def _check(record: Any) -> str | None:
-    """Why ``record`` cannot be reported, or None when it can."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    version = record.get("schema_version")
-    if version != SCHEMA_VERSION:
-        return f"schema_version {version!r}, expected {SCHEMA_VERSION}"
-    for keys in REQUIRED:
-        if _get(record, *keys) is None:
-            return f"missing key {'.'.join(keys)}"
-    return None
-
-
-def _row(record: dict[str, Any], path: Path) -> dict[str, Any]:
-    meas = record.get("measurements") or {}
-    prov = record.get("provenance") or {}
-    method = record["method"]
-    ratio, budget = method_ratio(method["name"], method.get("params"))
-    samples = record.get("samples") or []
-    docs = {(s.get("task"), s.get("doc_id")) for s in samples if isinstance(s, dict)}
-    limit = _num(_get(record, "task", "limit"))
-
-    def mean(field: str) -> float:
-        return _num(_get(meas, field, "mean"))
-
-    return {
-        "run_id": record["run_id"],
-        "model": record["model"]["name"],
-        "method": method["name"],
-        "method_params": format_params(method.get("params")),
-        "ratio": ratio,
-        "budget": budget,
-        "task": record["task"]["name"],
-        "metric": _get(record, "score", "metric"),
-        "score": _num(_get(record, "score", "value")),
-        "n_samples": float(len(docs)) if docs else limit,
-        "limit": limit,
-        "kv_bytes_stored": mean("kv_bytes_prefill"),
-        "kv_bytes_full": mean("kv_full_bytes_prefill"),
-        "kv_ratio": _num(meas.get("kv_ratio")),
-        "kv_ratio_final": _num(meas.get("kv_ratio_final")),
-        "prompt_tokens": mean("prompt_tokens"),
-        "prompt_ratio": _num(meas.get("prompt_ratio")),
-        "prefill_ms": mean("prefill_s") * 1000.0,
-        "decode_tok_s": _num(meas.get("decode_tok_per_s")),
-        "peak_mem_mb": _num(_get(meas, "peak_memory_bytes", "max")) / 2**20,
-        "wall_s": _num(prov.get("wall_s")),
-        "device": prov.get("device") or _get(record, "model", "device"),
-        "dtype": _get(record, "model", "dtype"),
-        "git_commit": prov.get("git_commit"),
-        "finished_at": prov.get("finished_at"),
-        "path": str(path),
-    }
-
-
-def _outputs(record: dict[str, Any]) -> dict[tuple, Any]:
-    return {
-        (s.get("task"), s.get("doc_id"), s.get("filter")): s.get("filtered_output")
-        for s in record.get("samples") or []
-        if isinstance(s, dict)
-    }
-
-
-def _add_fidelity(table: pd.DataFrame, outputs: dict[str, dict[tuple, Any]]) -> None:
-    """``score_delta`` and ``output_agreement`` against the latest full-cache run of the same
-    model and task (the fraction of samples whose filtered output is identical)."""
-    table["score_delta"] = math.nan
-    table["output_agreement"] = math.nan
-    full = table[table["method"] == FULL_METHOD].sort_values("finished_at", na_position="first")
-    for (model, task), ref in full.groupby(["model", "task"], sort=False):
-        ref = ref.iloc[-1]
-        rows = (table["model"] == model) & (table["task"] == task)
-        table.loc[rows, "score_delta"] = table.loc[rows, "score"] - ref["score"]
-        ref_out = outputs.get(ref["path"], {})
-        for idx in table.index[rows]:
-            mine = outputs.get(table.at[idx, "path"], {})
-            shared = [key for key in mine if key in ref_out]
-            if shared:
-                same = sum(mine[key] == ref_out[key] for key in shared)
-                table.at[idx, "output_agreement"] = same / len(shared)
-
-
-def load_records(root: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    """One row per finished run under ``root``; the second value lists ``(path, reason)``
-    for every record skipped (unreadable JSON, wrong schema_version, missing keys)."""
-    rows, skipped, outputs = [], [], {}
-    for path in find_records(Path(root)):
+def load_report(root: Path) -> Report:
+    """Read every finished record under ``root``; skip (and list) the ones that cannot be
+    reported: unreadable JSON, another schema_version, missing keys, malformed fields."""
+    rows, requests, skipped, inputs = [], [], [], {}
+    paths = find_records(Path(root))
+    for path in paths:
         try:
             record = read_record(path)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             skipped.append((path, f"unreadable: {exc}"))
             continue
-        reason = _check(record)
+        reason = check(record)
         if reason is None:
             try:
-                row, outs = _row(record, path), _outputs(record)
+                row = run_row(record, str(path))
+                runs_requests = request_rows(record, row)
+                summary = fidelity.summarize(record)
             except (TypeError, KeyError, AttributeError, ValueError) as exc:
                 reason = f"malformed: {exc!r}"
         if reason is not None:
             skipped.append((path, reason))
             continue
         rows.append(row)
-        outputs[str(path)] = outs
-    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in FIDELITY_COLUMNS])
-    _add_fidelity(table, outputs)
+        requests.extend(runs_requests)
+        inputs[str(path)] = summary
+    base = [c for c in COLUMNS if c not in fidelity.FIDELITY_COLUMNS]
+    table = fidelity.add_fidelity(pd.DataFrame(rows, columns=base), inputs)
     table = table[COLUMNS].sort_values(SORT_BY, na_position="last", kind="stable")
-    return table.reset_index(drop=True), skipped
+    return Report(table.reset_index(drop=True), pd.DataFrame(requests), skipped, len(paths))
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def _markdown(table: pd.DataFrame, columns: list[str]) -> str:
-    if table.empty:
-        return "(no finished runs)"
-    shown = {c: [_fmt(v) for v in table[c].tolist()] for c in columns if c in table.columns}
-    return pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True)
+def load_records(root: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """One row per finished run under ``root`` and the ``(path, reason)`` of every record
+    skipped (see :func:`load_report`)."""
+    report = load_report(root)
+    return report.runs, report.skipped
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """The compact table printed to the terminal (and heading ``report.md``)."""
-    return _markdown(table, SUMMARY_COLUMNS)
+    return markdown(table, SUMMARY_COLUMNS)
 
 
-def write_report(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
-    """Write ``report.csv``, ``report.parquet``, ``report.md`` and the plots into
-    ``out_dir``; returns ``{kind: path}`` (plots keyed by their file stem)."""
+def _plots_markdown(plots: dict[str, Path]) -> str:
+    """The plots as ``![title](file.png)`` images, one section per (model, task)."""
+    from harness.plots import PLOT_TITLES
+
+    sections: dict[str, list[str]] = {}
+    for stem, path in plots.items():
+        kind, _, where = stem.partition("__")
+        heading = where.replace("__", " · ") or "all runs"
+        title = PLOT_TITLES.get(kind, kind)
+        sections.setdefault(heading, []).append(f"![{title} ({heading})]({path.name})")
+    return "\n\n".join(
+        f"### {heading}\n\n" + "\n\n".join(images) for heading, images in sections.items()
+    )
+
+
+def report_markdown(
+    table: pd.DataFrame, plots: dict[str, Path], skipped: list[tuple[Path, str]]
+) -> str:
+    """``report.md``: summary, best score per KV ratio, embedded plots, skipped records and
+    every column."""
+    parts = [
+        "# kvbench report",
+        f"{len(table)} run(s), {len(skipped)} record(s) skipped. Fidelity columns compare each "
+        "run's outputs with the full-cache run of the same model, task and slice "
+        "(`exact_match`: identical outputs, `token_f1`: token overlap, `nll_increase`: "
+        "reference-answer NLL per token, run − full).",
+        "## Summary",
+        summary_markdown(table),
+        "## Best score per method at each measured KV ratio",
+        markdown(best_by_kv_ratio(table)),
+    ]
+    if plots:
+        parts += ["## Plots", _plots_markdown(plots)]
+    if skipped:
+        parts += ["## Skipped records", "\n".join(f"- `{p}`: {why}" for p, why in skipped)]
+    shown = [c for c in table.columns if c not in HIDDEN_IN_MARKDOWN]
+    parts += ["## All columns", markdown(table, shown)]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(
+    table: pd.DataFrame,
+    out_dir: Path,
+    requests: pd.DataFrame | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> dict[str, Path]:
+    """Write ``report.csv``, ``report.parquet``, ``summary_by_kv_ratio.csv``, ``report.md``
+    and the plots into ``out_dir``; returns ``{kind: path}`` (plots keyed by file stem)."""
     from harness.plots import write_plots
 
     out_dir = Path(out_dir)
@@ -266,16 +213,36 @@ def write_report(table: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     paths = {kind: out_dir / f"report.{kind}" for kind in ("csv", "parquet", "md")}
     table.to_csv(paths["csv"], index=False)
     table.to_parquet(paths["parquet"], index=False)
-    details = _markdown(table, [c for c in table.columns if c != "path"])
-    paths["md"].write_text(
-        f"# kvbench report\n\n{summary_markdown(table)}\n\n## All columns\n\n{details}\n"
-    )
-    paths.update(write_plots(table, out_dir))
+    paths["by_kv_ratio"] = out_dir / "summary_by_kv_ratio.csv"
+    best_by_kv_ratio(table).to_csv(paths["by_kv_ratio"], index=False)
+    plots = write_plots(table, out_dir, requests)
+    paths["md"].write_text(report_markdown(table, plots, skipped or []))
+    paths.update(plots)
     return paths
 
 
+def _explain_empty(root: Path, report: Report) -> str:
+    if report.found:
+        return (
+            f"kvbench-report: none of the {report.found} record(s) under {root} could be "
+            "reported (reasons above)"
+        )
+    files = (p for p in root.rglob("*") if p.is_file() and p.parent.name != "report")
+    others = sum(1 for _ in itertools.islice(files, 1000))
+    what = (
+        f"it holds {others}{'+' if others == 1000 else ''} other file(s), "
+        if others
+        else "it is empty, "
+    )
+    return (
+        f"kvbench-report: no finished record (<run>/record.json) under {root}: {what}"
+        "not a kvbench results folder? Runs write <results_dir>/<model>__<task>__<method>__<hash>/"
+        "record.json"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``kvbench-report DIR [--out OUT]``: 0 on success, 1 when DIR holds no record."""
+    """``kvbench-report DIR [--out OUT]``: 0 when at least one run is reported, 1 otherwise."""
     parser = argparse.ArgumentParser(
         prog="kvbench-report",
         description="Read every finished kvbench record under DIR into one table; write "
@@ -287,17 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dir.is_dir():
         print(f"kvbench-report: {args.dir} is not a directory", file=sys.stderr)
         return 1
-    table, skipped = load_records(args.dir)
-    for path, reason in skipped:
+    report = load_report(args.dir)
+    for path, reason in report.skipped:
         print(f"kvbench-report: skipped {path}: {reason}", file=sys.stderr)
-    if table.empty:
-        print(
-            f"kvbench-report: no finished record (*/record.json) under {args.dir}", file=sys.stderr
-        )
+    if report.runs.empty:
+        print(_explain_empty(args.dir, report), file=sys.stderr)
         return 1
-    paths = write_report(table, args.out or args.dir / "report")
-    print(summary_markdown(table))
-    print(f"\n{len(table)} run(s), {len(skipped)} skipped")
+    paths = write_report(
+        report.runs, args.out or args.dir / "report", report.requests, report.skipped
+    )
+    print(summary_markdown(report.runs))
+    print(f"\n{len(report.runs)} run(s), {len(report.skipped)} skipped")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

@@ -21,6 +21,13 @@ MEASURED_FIELDS = (
     "kv_full_bytes_prefill",
     "kv_full_bytes_final",
     "peak_memory_bytes",
+    # with prompt methods only (None in requests without one: left out of the summary)
+    "compressible_tokens_original",
+    "compressible_tokens",
+    "prompt_rate_requested",
+    "prompt_rate_achieved",
+    "compressor_rate_achieved",
+    "compressor_passes",
 )
 
 
@@ -36,7 +43,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {"requests": len(rows)}
     for field in MEASURED_FIELDS:
-        out[field] = summarize(row[field] for row in rows)
+        out[field] = summarize(row[field] for row in rows if row.get(field) is not None)
 
     def total(field: str) -> float:
         return out[field].get("total", 0.0)
@@ -44,6 +51,9 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["kv_ratio"] = _ratio(total("kv_bytes_prefill"), total("kv_full_bytes_prefill"))
     out["kv_ratio_final"] = _ratio(total("kv_bytes_final"), total("kv_full_bytes_final"))
     out["prompt_ratio"] = _ratio(total("prompt_tokens"), total("prompt_tokens_original"))
+    out["compressible_ratio"] = _ratio(
+        total("compressible_tokens"), total("compressible_tokens_original")
+    )
     out["prefill_tok_per_s"] = _ratio(total("prompt_tokens"), total("prefill_s"))
     out["decode_tok_per_s"] = _ratio(total("decode_steps"), total("decode_s"))
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 import lm_eval
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,7 +39,16 @@ def build(cfg: DictConfig) -> tuple[ModelSpec, Method, TaskSpec]:
     """Instantiate and validate the three config groups; nothing is loaded yet."""
     built = []
     for group, kind in (("model", ModelSpec), ("method", Method), ("task", TaskSpec)):
-        obj = instantiate(cfg[group], _convert_="all")
+        try:
+            obj = instantiate(cfg[group], _convert_="all")
+        except InstantiationException as exc:
+            if "Error locating target" not in str(exc):
+                raise
+            raise ConfigError(
+                f"{group}={cfg[group].get('name')}: its `_target_: {cfg[group].get('_target_')}` "
+                f"cannot be imported ({exc.__cause__ or exc}): is the package that provides it "
+                f"installed? The options are the files in conf/{group}/"
+            ) from exc
         if not isinstance(obj, kind):
             raise ConfigError(f"{group}: `_target_` must build a {kind.__name__}, got {obj!r}")
         built.append(obj)

@@ -98,6 +98,13 @@ class PromptMethod(Method):
         """Return the prompt to send to the model (``prompt.protected`` kept verbatim)."""
         raise NotImplementedError
 
+    def last_stats(self) -> dict[str, float] | None:
+        """What the last :meth:`compress` call asked for and did, for the records:
+        ``requested_rate`` and ``achieved_rate`` (fractions of the compressible tokens
+        removed, in the method's own tokens), ``compressor_tokens``, ``compressor_passes``,
+        ``compress_s``. None when the method reports nothing."""
+        return None
+
 
 @dataclass
 class CacheMethod(Method):

@@ -12,8 +12,17 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from harness.plots_methods import layer_fractions
 from harness.records import SCHEMA_VERSION, write_record
-from harness.report import format_params, load_records, main, summary_markdown, write_report
+from harness.report import (
+    best_by_kv_ratio,
+    format_params,
+    load_records,
+    load_report,
+    main,
+    summary_markdown,
+    write_report,
+)
 
 MODEL, TASK = "tiny_llama", "gsm8k"
 
@@ -103,7 +112,19 @@ def make_record(
                 "filtered_output": out,
                 "metrics": {"exact_match": 0.0},
                 "prompt_hash": "h",
-                "requests": [],
+                "requests": [
+                    {
+                        "request_type": "generate_until",
+                        "prompt_tokens_original": 400.0 + 100 * i,
+                        "prompt_tokens": 400.0 + 100 * i,
+                        "prefill_s": 0.2 + 0.05 * i,
+                        "decode_s": 0.5,
+                        "decode_steps": 20,
+                        "peak_memory_bytes": peak,
+                        "kv_bytes_prefill": stored,
+                        "kv_full_bytes_prefill": full,
+                    }
+                ],
             }
             for i, out in enumerate(outputs)
         ],
@@ -190,9 +211,13 @@ def test_load_records_rows_values_and_skipped(results: Path) -> None:
     for col in ("kv_ratio", "kv_bytes_stored", "peak_mem_mb", "decode_tok_s"):
         assert math.isnan(row.at["combo", col])
     # fidelity against the full-cache run
+    assert row.at["s02", "reference"] == "full_run"
     assert row.at["s02", "score_delta"] == pytest.approx(-0.25)
-    assert row.at["s02", "output_agreement"] == pytest.approx(0.5)
-    assert row.at["s04", "output_agreement"] == pytest.approx(1.0)
+    assert row.at["s02", "exact_match"] == pytest.approx(0.5)
+    assert row.at["s02", "token_f1"] == pytest.approx(0.5)
+    assert row.at["s04", "exact_match"] == pytest.approx(1.0)
+    assert row.at["full_run", "token_f1"] == 1.0
+    assert math.isnan(row.at["s02", "nll_increase"])  # no reference_nll recorded
     reasons = {path.parent.name: reason for path, reason in skipped}
     assert set(reasons) == {"corrupt", "old", "no_task"}
     assert "unreadable" in reasons["corrupt"]
@@ -209,11 +234,13 @@ def test_write_report_files(results: Path, tmp_path: Path) -> None:
     back = pd.read_parquet(paths["parquet"])
     assert back["kv_ratio"].iloc[2] == pytest.approx(0.21)
     assert "streamingllm" in paths["md"].read_text()
-    for kind in ("score_vs_kv_ratio", "latency", "memory"):
+    for kind in ("score_vs_kv_ratio", "fidelity_vs_kv_ratio", "latency", "memory"):
         png = out / f"{kind}__{MODEL}__{TASK}.png"
         assert paths[png.stem] == png and png.stat().st_size > 0
         image = matplotlib.image.imread(png)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"]({png.name})" in paths["md"].read_text()  # embedded in report.md
+    assert "context__tiny_llama__gsm8k" not in paths  # no per-request table given
 
 
 def test_summary_markdown(results: Path) -> None:
@@ -240,3 +267,114 @@ def test_main_empty_or_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "no finished record" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_main_foreign_folder_and_only_old_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    foreign = tmp_path / "foreign"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "sub" / "notes.txt").write_text("hello")
+    (foreign / "data.json").write_text("{}")
+    assert main([str(foreign)]) == 1
+    err = capsys.readouterr().err
+    assert "no finished record" in err and "2 other file(s)" in err
+
+    old_dir = tmp_path / "old"
+    dump(old_dir, {**make_record("old", "full", {}, 1.0, 1.0, []), "schema_version": 0}, "old")
+    dump(old_dir, {"hello": "world"}, "alien")
+    assert main([str(old_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "schema_version 0, expected" in err and "older kvbench" in err
+    assert "not a kvbench record" in err
+    assert "none of the 2 record(s)" in err
+
+
+def test_full_report_per_request_plots_and_markdown(results: Path, tmp_path: Path) -> None:
+    report = load_report(results)
+    assert len(report.runs) == 4 and report.found == 7
+    assert set(report.requests["run_id"]) == {"full_run", "s02", "s04", "combo"}
+    s02 = report.requests[report.requests["run_id"] == "s02"].sort_values("doc_id")
+    assert list(s02["prompt_tokens_original"]) == [400.0, 500.0]
+    assert s02["decode_tok_s"].iloc[0] == pytest.approx(40.0)
+    paths = write_report(report.runs, tmp_path / "rep", report.requests, report.skipped)
+    png = paths[f"context__{MODEL}__{TASK}"]
+    assert matplotlib.image.imread(png).shape[1] > 500
+    md = paths["md"].read_text()
+    assert f"]({png.name})" in md
+    assert "## Skipped records" in md and "corrupt" in md
+    best = pd.read_csv(paths["by_kv_ratio"])
+    stream = best[best["method"] == "streamingllm"].iloc[0]
+    assert stream["kv≈0.2"] == pytest.approx(0.25) and stream["kv≈0.4"] == pytest.approx(0.5)
+    assert stream["runs"] == 2
+
+
+def test_best_by_kv_ratio_keeps_the_best_run_per_bucket() -> None:
+    table = pd.DataFrame(
+        {
+            "model": ["m"] * 4,
+            "task": ["t"] * 4,
+            "method": ["a", "a", "a", "b"],
+            "kv_ratio": [0.19, 0.21, 0.52, math.nan],
+            "score": [0.1, 0.3, 0.5, 0.9],
+        }
+    )
+    best = best_by_kv_ratio(table)
+    assert list(best.columns) == ["model", "task", "method", "kv≈0.2", "kv≈0.5", "runs"]
+    assert best.iloc[0]["kv≈0.2"] == pytest.approx(0.3) and best.iloc[0]["runs"] == 3
+    assert len(best) == 1  # b has no measured ratio
+
+
+def test_method_plots_spindlekv_budgets_and_kvlatent(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    dump(root, make_record("full", "full", {"ratio": 1.0}, 0.5, 1.0, ["a b", "c"]), "full")
+    spindle = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 0.05}
+    for ratio in (0.2, 0.4):
+        rec = make_record(f"sp{ratio}", "spindlekv", {**spindle, "ratio": ratio}, 0.4, ratio, [])
+        dump(root, rec, f"sp{ratio}")
+    pyramid = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 20.0}
+    dump(root, make_record("py", "pyramidkv", pyramid, 0.3, 0.2, []), "py")
+    for dim in (8, 16):
+        params = {"variant": "kv", "dim": dim, "rope": "standard", "train": False}
+        rec = make_record(f"kvl{dim}", "kvlatent_kv", params, dim / 32, dim / 16, ["a b", "d"])
+        rec["metrics"]["kvbench_gsm8k"]["word_perplexity,none"] = 100.0 / dim
+        dump(root, rec, f"kvl{dim}")
+    params = {"variant": "k", "dim": None, "rope": "frequency_aware", "train": False}
+    dump(root, make_record("kvlk", "kvlatent_k", params, 0.1, 0.75, ["a b", "c"]), "kvlk")
+    report = load_report(root)
+    rows = report.runs.set_index("run_id")
+    assert rows.at["kvl8", "d_qk"] == 8 and rows.at["kvl8", "d_vo"] == 8
+    assert rows.at["kvl8", "perplexity"] == pytest.approx(12.5)
+    assert (rows.at["kvlk", "d_qk"], rows.at["kvlk", "d_vo"]) == (8, 16)  # null dim: head_dim/2
+    assert rows.at["kvl8", "token_f1"] == pytest.approx(0.5)  # "a b" == "a b", "d" vs "c"
+    paths = write_report(report.runs, tmp_path / "rep", report.requests)
+    for kind in ("spindlekv_budgets", "kvlatent"):
+        png = paths[f"{kind}__{MODEL}__{TASK}"]
+        assert matplotlib.image.imread(png).shape[0] > 100
+        assert f"]({png.name})" in paths["md"].read_text()
+
+
+def test_layer_fractions_follow_the_methods_own_budgets() -> None:
+    from methods.cache.spindlekv import spindle_budgets
+
+    params = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 0.05}
+    fractions = layer_fractions("spindlekv", params, 1000, 30)
+    assert fractions == [n / 1000 for n in spindle_budgets(200, 1000, 32, 30, 0.05)]
+    assert fractions[0] > fractions[-1]  # deeper layers keep less
+    assert sum(fractions) / 30 == pytest.approx(0.2, abs=1e-3)
+    assert layer_fractions("spindlekv", {**params, "ratio": 1.0}, 1000, 4) == [1.0] * 4
+    pyramid = layer_fractions("pyramidkv", {**params, "beta": 20.0}, 1000, 30)
+    assert sum(pyramid) / 30 == pytest.approx(0.2, abs=1e-3)
+
+
+def test_a_plot_that_fails_is_left_out_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "results"
+    bad = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 5.0}  # beta >= 1
+    dump(root, make_record("sp", "spindlekv", bad, 0.4, 0.2, ["a"]), "sp")
+    report = load_report(root)
+    paths = write_report(report.runs, tmp_path / "rep", report.requests)
+    assert f"score_vs_kv_ratio__{MODEL}__{TASK}" in paths
+    assert f"spindlekv_budgets__{MODEL}__{TASK}" not in paths
+    assert "spindlekv_budgets" in caplog.text and "left out" in caplog.text

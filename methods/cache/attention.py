@@ -36,6 +36,16 @@ def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
+def layer_rope(module: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) this layer applies: its own, when it defines ``position_embeddings``
+    (KV-Latent's reduced-dim attention), else the model's shared ``position_embeddings``."""
+    own = getattr(module, "position_embeddings", None)
+    if callable(own) and kwargs.get("position_ids") is not None:
+        shared_cos, _ = kwargs["position_embeddings"]
+        return own(kwargs["position_ids"], shared_cos.dtype)
+    return kwargs["position_embeddings"]
+
+
 def query_states(
     module: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -96,7 +106,7 @@ def window_attention(
 ) -> torch.Tensor:
     """Attention of the prompt's last ``window`` queries over all its S keys (prefill):
     (B, H_kv, G, window, S). hidden_states (B, S, hidden), keys (B, H_kv, S, D)."""
-    cos, sin = kwargs["position_embeddings"]
+    cos, sin = layer_rope(module, kwargs)
     seq_len = keys.shape[-2]
     return attention_probs(
         module,
@@ -118,7 +128,7 @@ def accumulated_attention(
     and over the query heads of its group: (B, H_kv, S), float32. The queries are the last q
     of the S keys (all of the prompt at prefill, the new tokens when decoding); they are
     processed ``chunk_size`` at a time, so memory stays O(chunk_size * S * H_q)."""
-    cos, sin = kwargs["position_embeddings"]
+    cos, sin = layer_rope(module, kwargs)
     seq_len, q_len = keys.shape[-2], hidden_states.shape[1]
     total = keys.new_zeros(keys.shape[:-1], dtype=torch.float32)
     for start in range(0, q_len, chunk_size):

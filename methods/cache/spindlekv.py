@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from methods.base import MethodConfigError
-from methods.cache.attention import pool, undo_rope
+from methods.cache.attention import layer_rope, pool, undo_rope
 from methods.cache.budget import allocate, layer_rank, require_ragged_ok
 from methods.cache.codebook import SCOPES, Codebook, CodebookLayer
 from methods.cache.scorer import gather_tokens, top_indices
@@ -50,7 +50,11 @@ def spindle_budgets(target: int, seq_len: int, window: int, layers: int, beta: f
 
 def model_rope(model: nn.Module, module: nn.Module):
     """``rope(positions (B, n), like) -> (cos, sin)`` from the model's own rotary embedding
-    (Gemma-3's takes the attention layer's type, local or global)."""
+    (Gemma-3's takes the attention layer's type, local or global), or the layer's own when
+    it defines ``position_embeddings`` (KV-Latent's reduced-dim attention)."""
+    own = getattr(module, "position_embeddings", None)
+    if callable(own):
+        return lambda positions, like: own(positions, like.dtype)
     found = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
     if not found:
         raise MethodConfigError(
@@ -202,7 +206,7 @@ class SpindleKV(SnapKV):
             idx = top_indices(scores, n_kept, self.sinks, self.recent_tokens(n_kept))
         else:
             idx = torch.arange(seq_len, device=keys.device).expand(batch, heads, seq_len)
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = layer_rope(module, kwargs)
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(seq_len, device=keys.device).unsqueeze(0)
@@ -235,7 +239,7 @@ class SpindleKV(SnapKV):
         if positions is None:  # the model passes them; else they continue the stored ones
             start = int(layer.positions.max()) + 1
             positions = torch.arange(start, start + new, device=keys.device).unsqueeze(0)
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = layer_rope(module, kwargs)
         layer.fold(positions.expand(keys.shape[0], -1)[:, -new:], cos[:, -new:], sin[:, -new:])
         return layer.keys, layer.values
 

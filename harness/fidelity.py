@@ -1,0 +1,210 @@
+"""Fidelity: how close a run's per-sample outputs stay to the full-cache run of the same setting.
+
+For every run the report finds its *reference*: the latest full-cache record (method
+``full``, no prompt or model method composed in) whose resolved config equals the run's
+once the ``method`` section and the bookkeeping fields (``run.results_dir``,
+``run.overwrite``, ``run.report``, ``model.threads``) are set aside: the same model, task,
+subtask, slice (``task.limit``), few-shot count, window (``model.max_length``), seed and
+generation length. Samples are matched by (lm-eval task, doc_id); lm-eval logs one entry
+per filter for the same generation, so the raw ``output`` of the first entry is used.
+
+* ``exact_match``: fraction of matched samples whose output equals the reference's
+  (surrounding whitespace ignored);
+* ``token_f1``: mean over matched samples of SQuAD's F1 between the two outputs' bags of
+  whitespace tokens (case and punctuation kept: both texts come from the same model);
+* ``nll_increase``: mean over matched samples of (run - reference) of ``reference_nll``,
+  the teacher-forced mean NLL per token of the reference answer that the adapter records per
+  request (LongBench); NaN when either run lacks it.
+
+Everything here is a pure function of record dicts; :mod:`harness.report` calls
+:func:`summarize` once per record and :func:`add_fidelity` once per table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from harness.records import BOOKKEEPING_FIELDS
+
+FULL_METHOD = "full"
+NLL_FIELD = "reference_nll"
+FIDELITY_COLUMNS = ("reference", "score_delta", "exact_match", "token_f1", "nll_increase")
+# fields that change how fast a run is, never what it computes
+IGNORED_MODEL_FIELDS = ("threads",)
+
+SampleKey = tuple[str, int]
+
+
+def sample_outputs(samples: list[dict[str, Any]] | None) -> dict[SampleKey, str]:
+    """``{(task, doc_id): raw output}``, one per document (the per-filter copies dropped)."""
+    out: dict[SampleKey, str] = {}
+    for s in samples or []:
+        if not isinstance(s, dict) or s.get("doc_id") is None:
+            continue
+        key = (str(s.get("task")), int(s["doc_id"]))
+        if key not in out:
+            output = s.get("output")
+            out[key] = "" if output is None else str(output)
+    return out
+
+
+def sample_values(samples: list[dict[str, Any]] | None, name: str) -> dict[SampleKey, float]:
+    """``{(task, doc_id): mean of the requests' numeric ``name``}`` for documents that have it."""
+    out: dict[SampleKey, float] = {}
+    for s in samples or []:
+        if not isinstance(s, dict) or s.get("doc_id") is None:
+            continue
+        key = (str(s.get("task")), int(s["doc_id"]))
+        if key in out:
+            continue
+        values = [
+            float(r[name])
+            for r in s.get("requests") or []
+            if isinstance(r, dict) and _is_number(r.get(name))
+        ]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's F1 over whitespace tokens: 1.0 when both are empty, 0.0 when one is."""
+    pred, ref = prediction.split(), reference.split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match_rate(mine: dict[SampleKey, str], reference: dict[SampleKey, str]) -> float:
+    """Fraction of the shared samples whose outputs are equal; NaN when none are shared."""
+    shared = [k for k in mine if k in reference]
+    if not shared:
+        return math.nan
+    return sum(mine[k].strip() == reference[k].strip() for k in shared) / len(shared)
+
+
+def mean_token_f1(mine: dict[SampleKey, str], reference: dict[SampleKey, str]) -> float:
+    """Mean :func:`token_f1` over the shared samples; NaN when none are shared."""
+    shared = [k for k in mine if k in reference]
+    if not shared:
+        return math.nan
+    return sum(token_f1(mine[k], reference[k]) for k in shared) / len(shared)
+
+
+def nll_increase(mine: dict[SampleKey, float], reference: dict[SampleKey, float]) -> float:
+    """Mean of (run - reference) NLL over the samples both measured; NaN when none did."""
+    shared = [k for k in mine if k in reference]
+    if not shared:
+        return math.nan
+    return sum(mine[k] - reference[k] for k in shared) / len(shared)
+
+
+def reference_key(record: dict[str, Any]) -> str:
+    """What a run and its full-cache reference share: the resolved config without the
+    ``method`` section and the bookkeeping fields, as canonical JSON."""
+    config = record.get("config")
+    if not isinstance(config, dict):
+        config = {
+            "model": {"name": _get(record, "model", "name")},
+            "task": {"name": _get(record, "task", "name"), "limit": _get(record, "task", "limit")},
+        }
+    data = {k: v for k, v in config.items() if k not in ("method", "hydra")}
+    if isinstance(data.get("run"), dict):
+        data["run"] = {k: v for k, v in data["run"].items() if k not in BOOKKEEPING_FIELDS}
+    if isinstance(data.get("model"), dict):
+        data["model"] = {k: v for k, v in data["model"].items() if k not in IGNORED_MODEL_FIELDS}
+    return json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def is_full_cache(record: dict[str, Any]) -> bool:
+    """The unmodified model: method ``full`` with no prompt or model method composed in."""
+    method = record.get("method") or {}
+    kinds = set(method.get("kinds") or [])
+    return method.get("name") == FULL_METHOD and not kinds & {"prompt", "model"}
+
+
+@dataclass
+class FidelityInputs:
+    """What fidelity needs from one record (kept instead of the whole record)."""
+
+    key: str
+    is_full: bool
+    finished_at: str
+    score: float
+    outputs: dict[SampleKey, str] = field(default_factory=dict)
+    nll: dict[SampleKey, float] = field(default_factory=dict)
+
+
+def summarize(record: dict[str, Any]) -> FidelityInputs:
+    samples = record.get("samples")
+    score = _get(record, "score", "value")
+    return FidelityInputs(
+        key=reference_key(record),
+        is_full=is_full_cache(record),
+        finished_at=str(_get(record, "provenance", "finished_at") or ""),
+        score=float(score) if _is_number(score) else math.nan,
+        outputs=sample_outputs(samples),
+        nll=sample_values(samples, NLL_FIELD),
+    )
+
+
+def compare(run: FidelityInputs, reference: FidelityInputs) -> dict[str, float]:
+    """The fidelity columns of ``run`` against ``reference``."""
+    return {
+        "score_delta": run.score - reference.score,
+        "exact_match": exact_match_rate(run.outputs, reference.outputs),
+        "token_f1": mean_token_f1(run.outputs, reference.outputs),
+        "nll_increase": nll_increase(run.nll, reference.nll),
+    }
+
+
+def references(inputs: dict[str, FidelityInputs]) -> dict[str, str]:
+    """``{run: its reference run}`` for every run that has one (the latest full-cache run,
+    by ``finished_at``, with the same :func:`reference_key`)."""
+    latest: dict[str, tuple[str, str]] = {}
+    for name, item in inputs.items():
+        if item.is_full and (item.key not in latest or item.finished_at >= latest[item.key][0]):
+            latest[item.key] = (item.finished_at, name)
+    return {name: latest[item.key][1] for name, item in inputs.items() if item.key in latest}
+
+
+def add_fidelity(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> pd.DataFrame:
+    """``table`` (one row per run, ``run_id`` and ``path`` columns; ``inputs`` keyed by
+    ``path``) with :data:`FIDELITY_COLUMNS` filled in; NaN / None where a run has no
+    reference."""
+    table = table.copy()
+    table["reference"] = None
+    for column in FIDELITY_COLUMNS[1:]:
+        table[column] = math.nan
+    refs = references(inputs)
+    run_ids = dict(zip(table["path"], table["run_id"], strict=True))
+    for idx, path in table["path"].items():
+        ref = refs.get(path)
+        if ref is None:
+            continue
+        table.at[idx, "reference"] = run_ids.get(ref)
+        for column, value in compare(inputs[path], inputs[ref]).items():
+            table.at[idx, column] = value
+    return table
+
+
+def _get(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

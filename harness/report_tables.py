@@ -1,0 +1,262 @@
+"""The report's rows: one per run (:func:`run_row`) and one per request (:func:`request_rows`)
+from a record, the per-method summary (:func:`best_by_kv_ratio`) and markdown formatting.
+
+Everything here reads plain record dicts and tolerates missing fields (NaN), so that one odd
+record never breaks a report; :func:`check` says why a record cannot be reported at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from harness.records import SCHEMA_VERSION
+
+FULL_METHOD = "full"
+REQUIRED = (("run_id",), ("model", "name"), ("method", "name"), ("task", "name"), ("score",))
+# metric names (before lm-eval's ",filter") read as a perplexity, in order of preference
+PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "token_perplexity", "ppl")
+# the measured KV ratio is reported in the nearest of these buckets
+KV_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MB = 2**20
+
+
+def get(data: Any, *keys: str) -> Any:
+    """``data[k1][k2]...``, None as soon as a level is missing or not a dict."""
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def num(value: Any) -> float:
+    """``value`` as a float, NaN when it is absent or not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value)
+
+
+def format_params(params: dict[str, Any] | None, prefix: str = "") -> str:
+    """``{"ratio": 0.2, "sinks": 4}`` -> ``"ratio=0.2, sinks=4"``; nested dicts (composed
+    methods) become ``"snapkv.ratio=0.2"``. Only scalars are kept; ``None`` is left out."""
+    parts = []
+    for key, value in (params or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            nested = format_params(value, f"{name}.")
+            if nested:
+                parts.append(nested)
+        elif isinstance(value, float):
+            parts.append(f"{name}={value:g}")
+        elif isinstance(value, bool | int | str):
+            parts.append(f"{name}={value}")
+    return ", ".join(parts)
+
+
+def param_dicts(params: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The params dict and, depth first, those of the methods it composes."""
+    out = [params or {}]
+    for value in (params or {}).values():
+        if isinstance(value, dict):
+            out.extend(param_dicts(value))
+    return out
+
+
+def method_ratio(name: str, params: dict[str, Any] | None) -> tuple[float, float]:
+    """(ratio, budget) a method was configured with: ``budget`` (tokens) when one is set,
+    with ratio NaN (the budget overrides it; the measured ``kv_ratio`` says what it kept);
+    else ``ratio``; 1.0 for the full cache; NaN when unknown."""
+    for p in param_dicts(params):
+        if not math.isnan(num(p.get("budget"))):
+            return math.nan, float(p["budget"])
+        if not math.isnan(num(p.get("ratio"))):
+            return float(p["ratio"]), math.nan
+    return (1.0 if name == FULL_METHOD else math.nan), math.nan
+
+
+def prompt_rate(params: dict[str, Any] | None) -> float:
+    """The ``rate`` (fraction of the prompt removed) a prompt method was configured with."""
+    for p in param_dicts(params):
+        if not math.isnan(num(p.get("rate"))):
+            return float(p["rate"])
+    return math.nan
+
+
+def latent_dims(params: dict[str, Any] | None, head_dim: Any) -> tuple[float, float]:
+    """(d_qk, d_vo) of a KV-Latent run: ``d_qk``/``d_vo`` params when given, else from
+    ``variant`` (k | v | kv) and ``dim`` (null: head_dim / 2) with the model's ``head_dim``
+    (the full cache's, as records store it); NaN otherwise."""
+    for p in param_dicts(params):
+        if "d_qk" in p or "d_vo" in p:
+            return num(p.get("d_qk")), num(p.get("d_vo"))
+        if p.get("variant") in ("k", "v", "kv") and "dim" in p:
+            full = num(head_dim)
+            dim = num(p["dim"]) if p["dim"] is not None else float(full // 2)  # null: half
+            return (dim if "k" in p["variant"] else full), (dim if "v" in p["variant"] else full)
+    return math.nan, math.nan
+
+
+def perplexity(metrics: Any) -> float:
+    """The first perplexity-like metric of lm-eval's results (:data:`PERPLEXITY_METRICS`)."""
+    for wanted in PERPLEXITY_METRICS:
+        for results in (metrics or {}).values():
+            for key, value in (results if isinstance(results, dict) else {}).items():
+                if str(key).split(",")[0] == wanted and not math.isnan(num(value)):
+                    return float(value)
+    return math.nan
+
+
+def check(record: Any) -> str | None:
+    """Why ``record`` cannot be reported, or None when it can."""
+    if not isinstance(record, dict):
+        return "not a JSON object (not a kvbench record)"
+    version = record.get("schema_version")
+    if version is None and "run_id" not in record:
+        return "no schema_version or run_id: not a kvbench record"
+    if version != SCHEMA_VERSION:
+        older = isinstance(version, int) and version < SCHEMA_VERSION
+        hint = " (written by an older kvbench: re-run it to report it)" if older else ""
+        return f"schema_version {version!r}, expected {SCHEMA_VERSION}{hint}"
+    for keys in REQUIRED:
+        if get(record, *keys) is None:
+            return f"missing key {'.'.join(keys)}"
+    return None
+
+
+def task_label(record: dict[str, Any]) -> str:
+    """The task's name, with the BBH subtask when one was run (``bbh/date_understanding``)."""
+    name = str(record["task"]["name"])
+    subtask = get(record, "config", "task", "subtask")
+    return f"{name}/{subtask}" if subtask else name
+
+
+def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
+    """One row of the report table (see ``harness.report.COLUMNS``)."""
+    meas = record.get("measurements") or {}
+    prov = record.get("provenance") or {}
+    method = record["method"]
+    params = method.get("params") if isinstance(method.get("params"), dict) else {}
+    ratio, budget = method_ratio(method["name"], params)
+    d_qk, d_vo = latent_dims(params, get(record, "model", "head_dim"))
+    samples = record.get("samples") or []
+    docs = {(s.get("task"), s.get("doc_id")) for s in samples if isinstance(s, dict)}
+    limit = num(get(record, "task", "limit"))
+
+    def mean(field: str) -> float:
+        return num(get(meas, field, "mean"))
+
+    return {
+        "run_id": record["run_id"],
+        "model": record["model"]["name"],
+        "method": method["name"],
+        "kinds": "+".join(method.get("kinds") or []),
+        "method_params": format_params(params),
+        "ratio": ratio,
+        "budget": budget,
+        "rate": prompt_rate(params),
+        "d_qk": d_qk,
+        "d_vo": d_vo,
+        "task": task_label(record),
+        "metric": get(record, "score", "metric"),
+        "score": num(get(record, "score", "value")),
+        "perplexity": perplexity(record.get("metrics")),
+        "n_samples": float(len(docs)) if docs else limit,
+        "limit": limit,
+        "kv_bytes_stored": mean("kv_bytes_prefill"),
+        "kv_bytes_full": mean("kv_full_bytes_prefill"),
+        "kv_ratio": num(meas.get("kv_ratio")),
+        "kv_ratio_final": num(meas.get("kv_ratio_final")),
+        "prompt_tokens": mean("prompt_tokens"),
+        "prompt_ratio": num(meas.get("prompt_ratio")),
+        "prefill_ms": mean("prefill_s") * 1000.0,
+        "decode_tok_s": num(meas.get("decode_tok_per_s")),
+        "peak_mem_mb": num(get(meas, "peak_memory_bytes", "max")) / MB,
+        "num_layers": num(get(record, "model", "num_layers")),
+        "wall_s": num(prov.get("wall_s")),
+        "device": prov.get("device") or get(record, "model", "device"),
+        "dtype": get(record, "model", "dtype"),
+        "git_commit": prov.get("git_commit"),
+        "finished_at": prov.get("finished_at"),
+        "params_json": json.dumps(params, sort_keys=True, default=str),
+        "path": path,
+    }
+
+
+def request_rows(record: dict[str, Any], row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per measured request of ``record`` (the per-filter sample copies counted once):
+    prompt length against prefill time, decode speed, peak memory and KV bytes."""
+    out, seen = [], set()
+    for s in record.get("samples") or []:
+        if not isinstance(s, dict) or (s.get("task"), s.get("doc_id")) in seen:
+            continue
+        seen.add((s.get("task"), s.get("doc_id")))
+        for r in s.get("requests") or []:
+            if not isinstance(r, dict):
+                continue
+            decode_s, steps = num(r.get("decode_s")), num(r.get("decode_steps"))
+            out.append(
+                {
+                    "run_id": row["run_id"],
+                    "model": row["model"],
+                    "task": row["task"],
+                    "method": row["method"],
+                    "ratio": row["ratio"],
+                    "budget": row["budget"],
+                    "method_params": row["method_params"],
+                    "doc_id": s.get("doc_id"),
+                    "prompt_tokens": num(r.get("prompt_tokens")),
+                    "prompt_tokens_original": num(r.get("prompt_tokens_original")),
+                    "prefill_ms": num(r.get("prefill_s")) * 1000.0,
+                    "decode_tok_s": steps / decode_s if decode_s > 0 else math.nan,
+                    "peak_mem_mb": num(r.get("peak_memory_bytes")) / MB,
+                    "kv_mb": num(r.get("kv_bytes_prefill")) / MB,
+                    "kv_full_mb": num(r.get("kv_full_bytes_prefill")) / MB,
+                    "reference_nll": num(r.get("reference_nll")),
+                }
+            )
+    return out
+
+
+def kv_bucket(kv_ratio: float) -> float:
+    """The nearest of :data:`KV_BUCKETS` (NaN stays NaN)."""
+    if math.isnan(kv_ratio):
+        return math.nan
+    return min(KV_BUCKETS, key=lambda b: abs(b - kv_ratio))
+
+
+def best_by_kv_ratio(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, task, method): the best score among its runs in each measured-KV-ratio
+    bucket (columns ``kv≈0.2``, ...), with the run count. Runs without a measured ratio are
+    left out."""
+    rows = table.dropna(subset=["kv_ratio", "score"]).copy()
+    if rows.empty:
+        return pd.DataFrame(columns=["model", "task", "method", "runs"])
+    rows["bucket"] = rows["kv_ratio"].map(kv_bucket)
+    pivot = rows.pivot_table(
+        index=["model", "task", "method"], columns="bucket", values="score", aggfunc="max"
+    )
+    pivot.columns = [f"kv≈{b:g}" for b in pivot.columns]
+    counts = rows.groupby(["model", "task", "method"]).size().rename("runs")
+    return pivot.join(counts).reset_index()
+
+
+def fmt(value: Any) -> str:
+    """A cell for a markdown table: NaN as a dash, 4 significant digits."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown(table: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """``table`` (those ``columns``) as a GitHub markdown table."""
+    if table.empty:
+        return "(no finished runs)"
+    columns = list(table.columns) if columns is None else columns
+    shown = {c: [fmt(v) for v in table[c].tolist()] for c in columns if c in table.columns}
+    return pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True)

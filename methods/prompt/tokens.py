@@ -1,0 +1,139 @@
+"""Token deletion: the base of the prompt methods that drop compressor tokens.
+
+A request's compressible part (demonstrations, context) is tokenised with the compressor's
+tokenizer, a subclass picks which tokens to keep (:meth:`TokenDropMethod.select`, in order,
+token 0 always kept), and the kept tokens are decoded back to text and joined to the
+protected part, which comes back byte-identical. Inputs longer than ``chunk_size`` tokens
+are compressed chunk by chunk (cut after a newline or full stop where one is near), each
+chunk at the same rate.
+
+``rate`` is the fraction of the compressible tokens removed, in [0, 1): 0 is a no-op (the
+prompt is returned unchanged, nothing is tokenised), and so is a compressible part that
+is empty or only whitespace. Each chunk keeps ``max(1, round(n * (1 - rate)))`` of its n
+tokens, so the achieved rate is the requested one to within one token per chunk.
+:meth:`last_stats` tells the LM adapter what the last request asked for and got.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from methods.base import MethodConfigError, PromptMethod, PromptParts
+from methods.prompt.compressor import Compressor, chunk_spans
+
+MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+@dataclass
+class TokenDropMethod(PromptMethod):
+    """Keeps a ``1 - rate`` share of the compressible tokens; subclasses choose which.
+
+    Attributes:
+        rate: fraction of the compressible tokens removed, in [0, 1) (0: unchanged).
+        compressor: None (the benchmarked model, shared: no second load) or the name of a
+            model config in ``conf/model/`` (e.g. ``smollm2_135m``), loaded once.
+        chunk_size: compressor tokens per chunk (longer inputs are compressed in chunks).
+    """
+
+    rate: float = 0.5
+    compressor: str | None = None
+    chunk_size: int = 1024
+
+    needs_model: ClassVar[bool] = True  # random deletion needs only the tokenizer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 <= float(self.rate) < 1.0):
+            raise MethodConfigError(
+                f"method.rate={self.rate!r} is outside [0, 1): it is the fraction of the "
+                "compressible prompt tokens removed (0 leaves the prompt unchanged); pass "
+                "e.g. method.rate=0.5"
+            )
+        if self.chunk_size < 16:
+            raise MethodConfigError(
+                f"method.chunk_size={self.chunk_size} is too small: pass >= 16 tokens "
+                "(the authors' code uses 1024)"
+            )
+        if self.compressor is not None and not (MODEL_CONF / f"{self.compressor}.yaml").is_file():
+            names = sorted(p.stem for p in MODEL_CONF.glob("*.yaml"))
+            raise MethodConfigError(
+                f"method.compressor={self.compressor!r} is not a model config: pass null (the "
+                f"benchmarked model) or one of {', '.join(names)}"
+            )
+        self._compressor: Compressor | None = None
+        self._stats: dict[str, float] | None = None
+
+    def prepare(self, model: nn.Module, tokenizer: Any) -> None:
+        if self.compressor is not None:
+            model, tokenizer = load_compressor(self.compressor)
+        self._compressor = Compressor(
+            model if self.needs_model else None, tokenizer, attention=self.uses_attention()
+        )
+
+    def uses_attention(self) -> bool:
+        """Whether :meth:`select` needs attention received (checked once in ``prepare``)."""
+        return False
+
+    @property
+    def scorer(self) -> Compressor:
+        if self._compressor is None:
+            raise RuntimeError(f"{self.name}: call prepare(model, tokenizer) before compress()")
+        return self._compressor
+
+    def compress(self, prompt: PromptParts) -> str:
+        start = time.perf_counter()
+        scorer = self.scorer
+        passes = scorer.forward_passes
+        if self.rate == 0 or not prompt.compressible.strip():
+            self._record(0, 0, 0, start)
+            return prompt.text
+        ids, kept = self.select_text(prompt.compressible)
+        text = scorer.decode([ids[i] for i in kept])
+        self._record(len(ids), len(kept), scorer.forward_passes - passes, start)
+        return text + prompt.protected
+
+    def select_text(self, text: str) -> tuple[list[int], list[int]]:
+        """Tokenise ``text`` and choose the tokens to keep, chunk by chunk: (ids, kept
+        indices into ids, increasing)."""
+        ids = self.scorer.encode(text)
+        if len(ids) <= self.chunk_size:
+            return ids, self.select(ids)
+        kept: list[int] = []
+        for begin, end in chunk_spans(self.scorer.boundaries(ids), self.chunk_size):
+            kept += [begin + i for i in self.select(ids[begin:end])]
+        return ids, kept
+
+    def select(self, ids: list[int]) -> list[int]:
+        """Indices of the tokens of ids (n,) to keep, increasing, starting with 0."""
+        raise NotImplementedError
+
+    def kept_count(self, n: int) -> int:
+        return max(1, round(n * (1.0 - self.rate)))
+
+    def _record(self, total: int, kept: int, passes: int, start: float) -> None:
+        self._stats = {
+            "requested_rate": float(self.rate),
+            "achieved_rate": 1.0 - kept / total if total else 0.0,
+            "compressor_tokens": float(total),
+            "compressor_passes": float(passes),
+            "compress_s": time.perf_counter() - start,
+        }
+
+    def last_stats(self) -> dict[str, float] | None:
+        return self._stats
+
+
+@lru_cache(maxsize=2)
+def load_compressor(name: str) -> tuple[nn.Module, Any]:
+    """The model and tokenizer of ``conf/model/<name>.yaml``, loaded once per process."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    spec = instantiate(OmegaConf.load(MODEL_CONF / f"{name}.yaml"), _convert_="all")
+    return spec.load()

@@ -1,0 +1,295 @@
+"""KV-Latent: exact at r=1, frequency-aware RoPE, stored bytes, training, checkpoint cache."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import DynamicCache
+
+from harness import records
+from harness.generation import greedy_generate
+from harness.measure import stored_kv_bytes
+from harness.models import ModelSpec
+from harness.run import CONF_DIR, build, execute
+from harness.tasks.local_data import read_jsonl
+from methods.base import MethodConfigError
+from methods.model import checkpoint as ckpt
+from methods.model import data, training
+from methods.model.kvlatent import KVLatent
+from methods.model.latent import LatentAttention
+from methods.model.rope import frequency_aware_inv_freq, standard_inv_freq
+from methods.model.training import TrainConfig
+
+FAST = {"stage1_steps": 6, "batch_size": 2, "seq_len": 32, "progress": False}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy machine's spare core would only
+    slow torch's thread team down)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ids_for(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def cut(model, **fields):
+    return KVLatent(train=False, **fields).apply(copy.deepcopy(model), None)
+
+
+@pytest.mark.parametrize("rope", ["standard", "frequency_aware"])
+def test_r1_equals_the_original_model(tiny_gqa, rope):
+    model, _ = tiny_gqa
+    ids = ids_for(40, batch=2)
+    reduced = cut(model, variant="kv", dim=16, rope=rope)
+    assert all(isinstance(layer.self_attn, LatentAttention) for layer in reduced.model.layers)
+    torch.testing.assert_close(reduced(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3_r1_equal_and_reduced_runs():
+    spec = ModelSpec(
+        name="tiny_gemma3",
+        source="random",
+        architecture={
+            "model_type": "gemma3_text",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "vocab_size": 260,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    )
+    model, _ = spec.load()
+    ids = ids_for(24)
+    same = cut(model, variant="kv", dim=16, rope="standard")
+    torch.testing.assert_close(same(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    small = cut(model, variant="kv", dim=8, rope="frequency_aware")
+    attn = small.model.layers[0].self_attn
+    assert attn.k_norm.weight.shape == (8,) and attn.sliding_window == 8
+    cache = DynamicCache(config=small.config)
+    small(ids, past_key_values=cache, use_cache=True)
+    sliding, full = cache.layers  # the sliding layer keeps its window (window - 1 tokens)
+    assert sliding.keys.shape == (1, 2, 7, 8) and sliding.values.shape == (1, 2, 7, 8)
+    assert full.keys.shape == (1, 2, 24, 8) and full.values.shape == (1, 2, 24, 8)
+
+
+def test_frequency_aware_inv_freq_is_the_hand_formula():
+    theta = 10000.0
+    a16 = [4, 6, 8, 10, 12, 13, 14, 15]
+    expected16 = torch.tensor([theta ** (-a / 16) for a in a16])
+    torch.testing.assert_close(frequency_aware_inv_freq(16, theta), expected16)
+    a64 = [16 + 2 * i for i in range(16)] + [48 + i for i in range(16)]
+    expected64 = torch.tensor([theta ** (-a / 64) for a in a64])
+    torch.testing.assert_close(frequency_aware_inv_freq(64, theta), expected64)
+    # standard RoPE at d = D / r is the full model's frequencies of the kept channels
+    torch.testing.assert_close(standard_inv_freq(16, theta), standard_inv_freq(64, theta)[::4])
+
+
+def test_the_module_uses_the_reduced_frequencies(tiny_gqa):
+    model, _ = tiny_gqa
+    theta = model.config.rope_parameters["rope_theta"]
+    aware = cut(model, variant="k", dim=8, rope="frequency_aware").model.layers[1].self_attn
+    torch.testing.assert_close(aware.inv_freq, frequency_aware_inv_freq(8, theta))
+    plain = cut(model, variant="k", dim=8, rope="standard").model.layers[1].self_attn
+    torch.testing.assert_close(plain.inv_freq, standard_inv_freq(8, theta))
+    assert aware.scaling == pytest.approx(1 / math.sqrt(8))
+
+
+@pytest.mark.parametrize(("variant", "dim", "d_qk", "d_vo"), [
+    ("k", 8, 8, 16), ("v", 8, 16, 8), ("kv", 8, 8, 8), ("kv", 4, 4, 4), ("v", 2, 16, 2),
+])  # fmt: skip
+def test_stored_kv_bytes_follow_the_dims(tiny_gqa, variant, dim, d_qk, d_vo):
+    model, _ = tiny_gqa
+    reduced = cut(model, variant=variant, dim=dim, rope="standard")
+    ids = ids_for(30)
+    out = greedy_generate(reduced, ids, max_new_tokens=4)
+    layers, kv_heads, fp32 = 4, 2, 4
+    assert out.kv_bytes_prefill == layers * kv_heads * (d_qk + d_vo) * 30 * fp32
+    assert out.kv_bytes_final == layers * kv_heads * (d_qk + d_vo) * 33 * fp32
+
+
+def test_cached_decoding_matches_the_full_forward(tiny_gqa):
+    model, _ = tiny_gqa
+    reduced = cut(model, variant="kv", dim=8, rope="frequency_aware")
+    ids = ids_for(20)
+    cache = DynamicCache(config=reduced.config)
+    reduced(ids[:, :15], past_key_values=cache, use_cache=True)
+    step = reduced(ids[:, 15:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(step, reduced(ids).logits[:, 15:], rtol=1e-4, atol=1e-4)
+    assert stored_kv_bytes(cache) == 4 * 2 * 16 * 20 * 4
+
+
+def test_training_lowers_the_distillation_loss(tiny_gqa, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    model, tokenizer = tiny_gqa
+    probe = data.token_chunks(data.heldout_texts(20), tokenizer, 48, limit=4)  # never trained on
+    untrained = cut(model, variant="kv", dim=4, rope="frequency_aware")
+    before = training.layer_distillation_loss(untrained, model, probe)
+    method = KVLatent(variant="kv", dim=4, training={**FAST, "stage1_steps": 20})
+    trained = method.apply(copy.deepcopy(model), tokenizer)
+    after = training.layer_distillation_loss(trained, model, probe)
+    assert after < 0.7 * before
+    (folder,) = (tmp_path / "kvlatent").iterdir()
+    assert (folder / ckpt.MARKER).is_file() and (folder / ckpt.LOG).read_text().count("\n") == 20
+
+
+def test_checkpoint_is_reused_and_a_corrupt_one_is_retrained(tiny_gqa, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    model, tokenizer = tiny_gqa
+    method = KVLatent(variant="k", dim=8, rope="standard", training=FAST)
+    ids = ids_for(24)
+    first = method.apply(copy.deepcopy(model), tokenizer)(ids).logits
+    calls = []
+    real_recover = training.recover
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_recover(*args, **kwargs)
+
+    monkeypatch.setattr(training, "recover", counting)
+    torch.testing.assert_close(method.apply(copy.deepcopy(model), tokenizer)(ids).logits, first)
+    assert calls == []
+    (folder,) = (tmp_path / "kvlatent").iterdir()
+    weights = folder / ckpt.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")  # corrupt
+    torch.testing.assert_close(method.apply(copy.deepcopy(model), tokenizer)(ids).logits, first)
+    assert calls == [1]
+    (folder / ckpt.MARKER).unlink()  # a partial write: no completeness marker
+    method.apply(copy.deepcopy(model), tokenizer)
+    assert calls == [1, 1] and (folder / ckpt.MARKER).is_file()
+    other = KVLatent(variant="k", dim=8, rope="standard", training={**FAST, "seed": 1})
+    other.apply(copy.deepcopy(model), tokenizer)
+    assert len(list((tmp_path / "kvlatent").iterdir())) == 2  # another key, another folder
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"dim": 15}, "method.dim=15 is odd"),
+    ({"dim": 6}, "frequency-aware RoPE needs d_qk divisible by 4"),
+    ({"variant": "q"}, "method.variant"),
+    ({"rope": "yarn"}, "method.rope"),
+    ({"training": {"stage1_steps": 0}}, "training budget is zero"),
+    ({"training": {"stage1_steps": -1}}, "method.training.stage1_steps=-1"),
+    ({"training": {"steps": 5}}, "method.training.steps is not a training field"),
+    ({"training": {"data": "somewhere"}}, "method.training.data"),
+])  # fmt: skip
+def test_bad_fields_fail_naming_the_field(fields, message):
+    with pytest.raises(MethodConfigError, match=message.replace("(", r"\(")):
+        KVLatent(**fields)
+
+
+def test_zero_budget_is_fine_without_training():
+    KVLatent(train=False, training={"stage1_steps": 0})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method.dim=12"], "method.dim=12 does not divide the model's head_dim=16"),
+    (["method.dim=5", "method.variant=v"], "method.dim=5 does not divide"),
+    (["method.dim=5"], "method.dim=5 is odd"),
+    (["method.training.stage1_steps=0"], "training budget is zero"),
+])  # fmt: skip
+def test_bad_dims_fail_through_the_runner_before_loading(tmp_path, overrides, message):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[f"run.results_dir={tmp_path}", "model=tiny_llama_gqa", "method=kvlatent_kv",
+                       *overrides],
+        )  # fmt: skip
+    with pytest.raises(Exception) as excinfo:  # hydra wraps errors raised while building
+        execute(cfg)
+    assert message in str(excinfo.value) + str(excinfo.value.__cause__ or "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ablation_sweep_composes_every_combination(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["sweep=kvlatent_ablation"],
+                      return_hydra_config=True)  # fmt: skip
+        params = cfg.hydra.sweeper.params
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        for method in params.method.split(","):
+            for dim in params["method.dim"].split(","):
+                for rope in params["method.rope"].split(","):
+                    overrides = [f"method={method}", f"method.dim={dim}", f"method.rope={rope}"]
+                    built = build(compose(config_name="config", overrides=overrides))[1]
+                    assert (built.dim, built.rope) == (int(dim), rope)
+
+
+def test_the_runner_records_the_reduced_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"run.results_dir={tmp_path / 'results'}", "run.report=false", "model=tiny_llama_gqa",
+            "method=kvlatent_k", "method.dim=4", "task.limit=1", "run.max_gen_toks=4",
+            "method.training.stage1_steps=2", "method.training.seq_len=32",
+            "method.training.progress=false",
+        ])  # fmt: skip
+    record = records.read_record(execute(cfg))
+    assert record["method"]["kinds"] == ["model"]
+    assert record["method"]["params"]["variant"] == "k"
+    assert record["measurements"]["kv_ratio"] == pytest.approx((4 + 16) / 32)
+
+
+@pytest.mark.integration
+def test_smollm2_r1_is_exact_and_d32_halves_the_cache(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer("Natalia sold clips to 48 of her friends in April.", return_tensors="pt")
+    ids = ids.input_ids
+    same = cut(model, variant="kv", dim=64, rope="standard")
+    torch.testing.assert_close(same(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    half = cut(model, variant="kv", dim=32, rope="frequency_aware")
+    out = greedy_generate(half, ids, max_new_tokens=2)
+    # 30 layers, 3 KV heads, d_qk = d_vo = 32, float32
+    assert out.kv_bytes_prefill == 30 * 3 * (32 + 32) * ids.shape[1] * 4
+
+
+def test_training_text_never_overlaps_the_held_out_or_evaluated_text(tmp_path):
+    train, heldout = data.gsm8k_train_texts(), data.heldout_texts()
+    assert len(heldout) == data.HELDOUT_PROBLEMS and not set(train) & set(heldout)
+    tests = {r["question"] for r in read_jsonl("gsm8k/test.jsonl")}
+    assert not any(t.removeprefix("Question: ").split("\nAnswer: ")[0] in tests for t in train)
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
+    (tmp_path / "b.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
+    assert data.load_texts(f"file:{tmp_path / 'a.txt'}") == ["first doc", "second doc"]
+    assert data.load_texts(f"file:{tmp_path / 'b.jsonl'}", field="body") == ["one", "two"]
+
+
+def test_the_configs_training_block_is_the_dataclass_default():
+    """The yaml documents every training field with the dataclass's default value, so a run
+    through the configs and one from Python share checkpoints."""
+    defaults = dataclasses.asdict(TrainConfig())
+    for name in ("kvlatent_k", "kvlatent_v", "kvlatent_kv"):
+        block = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"))
+        assert block["training"] == defaults
+
+
+@pytest.mark.parametrize("training", [
+    {"stage1_steps": 0, "stage2_steps": 3, "stage2_loss": "kd"},
+    {"stage1_steps": 0, "stage2_steps": 3, "stage2_loss": "ce"},
+    {"stage1_steps": 2, "data": "teacher", "teacher_samples": 2},
+])  # fmt: skip
+def test_stage2_losses_and_teacher_text_train(tiny_gqa, tmp_path, monkeypatch, training):
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    model, tokenizer = tiny_gqa
+    method = KVLatent(variant="v", dim=8, training={**FAST, **training})
+    method.apply(copy.deepcopy(model), tokenizer)
+    (folder,) = (tmp_path / "kvlatent").iterdir()
+    rows = [json.loads(line) for line in (folder / ckpt.LOG).read_text().splitlines()]
+    stage = "stage2" if training["stage1_steps"] == 0 else "stage1"
+    assert [r["stage"] for r in rows] == [stage] * method.train_config.steps
+    assert all(math.isfinite(r["loss"]) for r in rows)
