@@ -2,6 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# torch's OpenMP threads sleep instead of spinning between ops: on a busy or shared CPU,
+# spinning threads made runs 10x slower here (set it yourself for `kvbench` outside make)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test lint
 
