@@ -63,10 +63,13 @@ class RequestMeasurement:
 
 
 @dataclass
-class _Args:
-    """A stand-in for an lm-eval ``Instance`` carrying only its (rewritten) args."""
+class _Scoring:
+    """What a log-likelihood request carries besides its tokens: the lm-eval ``Instance``
+    (for task and doc id) and what prompt methods did to its context."""
 
-    args: tuple
+    request: Any
+    prompt_method_s: float
+    prompt_fields: dict[str, Any]
 
 
 def truncate(ids: list[int], limit: int, how: str) -> list[int]:
@@ -270,26 +273,32 @@ class KVBenchLM(TemplateLM):
 
     # --- log-likelihood ---------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple]:
-        rewritten, self._ll_sources, self._ll_prompt_s = [], list(requests), []
-        self._ll_prompt_fields = []
+        """Prompt methods shorten each context; then tokenise as lm-eval's ``TemplateLM``."""
+        encoded = []
         for request in requests:
             context, continuation = request.args
             text, seconds, fields = self._apply_prompt_methods(context)
-            rewritten.append(_Args((text, continuation)))
-            self._ll_prompt_s.append(seconds)
-            self._ll_prompt_fields.append(fields)
-        return super().loglikelihood(rewritten, disable_tqdm=disable_tqdm)
+            if text == "":
+                cont = self.tok_encode(continuation, add_special_tokens=False)
+                pair = (
+                    ([self.prefix_token_id], cont)
+                    if self.prefix_token_id != cont[0]
+                    else (cont[:1], cont[1:])
+                )
+            else:
+                pair = self._encode_pair(text, continuation)
+            encoded.append((_Scoring(request, seconds, fields), *pair))
+        return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(
         self, requests: list[tuple], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        sources = getattr(self, "_ll_sources", None) or [None] * len(requests)
-        prompt_s = getattr(self, "_ll_prompt_s", None) or [0.0] * len(requests)
-        prompt_fields = getattr(self, "_ll_prompt_fields", None) or [{}] * len(requests)
+        """requests: (_Scoring or lm-eval's cache key, context ids, continuation ids)."""
         results = []
-        for i, (_, context_enc, continuation_enc) in enumerate(
-            tqdm(requests, desc="kvbench loglikelihood", disable=disable_tqdm)
+        for meta, context_enc, continuation_enc in tqdm(
+            requests, desc="kvbench loglikelihood", disable=disable_tqdm
         ):
+            meta = meta if isinstance(meta, _Scoring) else _Scoring(None, 0.0, {})
             whole = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
             context = whole[: len(whole) - len(continuation_enc)]
             self.peak_memory.reset()
@@ -298,12 +307,12 @@ class KVBenchLM(TemplateLM):
             )
             full = self.kv_layout.full_bytes(len(context))
             self._measure(
-                sources[i] if i < len(sources) else None,
+                meta.request,
                 "loglikelihood",
                 prompt_tokens_original=len(context_enc),
                 prompt_tokens=len(context),
                 truncated_tokens=len(context_enc) - len(context),
-                prompt_method_s=prompt_s[i] if i < len(prompt_s) else 0.0,
+                prompt_method_s=meta.prompt_method_s,
                 prefill_s=scored.prefill_s,
                 decode_s=0.0,
                 decode_steps=0,
@@ -313,10 +322,9 @@ class KVBenchLM(TemplateLM):
                 kv_full_bytes_prefill=full,
                 kv_full_bytes_final=full,
                 peak_memory_bytes=self.peak_memory.peak_bytes(),
-                **(prompt_fields[i] if i < len(prompt_fields) else {}),
+                **meta.prompt_fields,
             )
             results.append((scored.logprob, scored.is_greedy))
-        self._ll_sources, self._ll_prompt_s, self._ll_prompt_fields = None, None, None
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
