@@ -4,18 +4,12 @@ labels, and the "no data" note."""
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import pandas as pd
 
 MB = 2**20
 FULL_METHOD = "full"
-
-
-def slug(text: Any) -> str:
-    """``text`` made safe for a file name."""
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(text)).strip("-") or "x"
 
 
 def method_colors(methods: list[str]) -> dict[str, Any]:

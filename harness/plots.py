@@ -27,9 +27,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from harness.plot_common import FULL_METHOD, MB, method_colors, no_data, run_labels, slug
+from harness.plot_common import FULL_METHOD, MB, method_colors, no_data, run_labels
 from harness.plots_context import CONTEXT_TITLES, has_context, plot_context
 from harness.plots_methods import METHOD_PLOTS, METHOD_TITLES
+from harness.records import slug
 
 log = logging.getLogger("kvbench")
 

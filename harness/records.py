@@ -58,14 +58,15 @@ def config_hash(cfg: DictConfig | dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """``text`` made safe for a file or folder name."""
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(text)).strip("-") or "x"
 
 
 def run_id(cfg: DictConfig) -> str:
     """``<model>__<task>__<method>__<hash>``: readable, and unique per config."""
     parts = [cfg.model.name, cfg.task.name, cfg.method.name]
-    return "__".join(_slug(p) for p in parts) + "__" + config_hash(cfg)
+    return "__".join(slug(p) for p in parts) + "__" + config_hash(cfg)
 
 
 def run_dir(cfg: DictConfig) -> Path:
