@@ -60,6 +60,10 @@ class RequestMeasurement:
     prompt_rate_achieved: float | None = None
     compressor_rate_achieved: float | None = None
     compressor_passes: int | None = None
+    # with a reference answer only (TaskSpec.reference_field): its mean NLL in nats per
+    # token, teacher-forced after the prompt the model saw, under the same cache methods
+    reference_nll: float | None = None
+    reference_tokens: int | None = None
 
 
 @dataclass
@@ -101,6 +105,8 @@ class KVBenchLM(TemplateLM):
         truncation: str = "left",
         max_gen_toks: int = 256,
         add_bos_token: bool | None = None,
+        reference_answer: Callable[[dict[str, Any] | None], str | None] | None = None,
+        reference_tokens: int = 64,
     ) -> None:
         super().__init__()
         if truncation not in TRUNCATIONS:
@@ -115,6 +121,8 @@ class KVBenchLM(TemplateLM):
         self.truncation = truncation
         self.max_gen_toks = max_gen_toks
         self.add_bos_token = add_bos_token
+        self.reference_answer = reference_answer
+        self.reference_tokens = reference_tokens
         self._device = next(model.parameters()).device
         self.peak_memory = PeakMemory(self._device)
         self.measurements: list[RequestMeasurement] = []
@@ -249,6 +257,7 @@ class KVBenchLM(TemplateLM):
             eos_token_ids=self.eos_token_ids,
             should_stop=should_stop,
         )
+        peak_memory_bytes = self.peak_memory.peak_bytes()
         reference = len(original_ids)
         self._measure(
             request,
@@ -265,11 +274,38 @@ class KVBenchLM(TemplateLM):
             kv_bytes_final=gen.kv_bytes_final,
             kv_full_bytes_prefill=self.kv_layout.full_bytes(reference),
             kv_full_bytes_final=self.kv_layout.full_bytes(reference + gen.decode_steps),
-            peak_memory_bytes=self.peak_memory.peak_bytes(),
+            peak_memory_bytes=peak_memory_bytes,
             **prompt_fields,
+            **self._reference_nll(request, ids),
         )
         generated = self.tok_decode(gen.tokens)
         return postprocess_generated_text(generation=generated, stop=until, think_end_token=None)
+
+    def _reference_nll(self, request: Any, ids: list[int]) -> dict[str, Any]:
+        """``reference_nll``/``reference_tokens`` of the request's reference answer after
+        the prompt ``ids`` (as the model saw it), or {} without a reference answer.
+
+        The answer is scored in a pass of its own (a second prefill), after the request's
+        time and peak memory were read, so it changes none of the other measurements.
+        """
+        if self.reference_answer is None:
+            return {}
+        answer = self.reference_answer(getattr(request, "doc", None))
+        if answer is None:
+            return {}
+        prompt = self.tok_decode(ids[-8:])
+        text = answer.strip() if prompt[-1:].isspace() else " " + answer.strip()
+        answer_ids = self.tok_encode(text, add_special_tokens=False)[: self.reference_tokens]
+        if not answer_ids:
+            return {}
+        context = ids[-(self.max_length - len(answer_ids)) :]
+        scored = score_continuation(
+            self.model, context, answer_ids, cache_methods=self.cache_methods
+        )
+        return {
+            "reference_nll": -scored.logprob / len(answer_ids),
+            "reference_tokens": len(answer_ids),
+        }
 
     # --- log-likelihood ---------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple]:

@@ -86,6 +86,8 @@ def execute(cfg: DictConfig) -> Path:
         truncation=task.truncation,
         max_gen_toks=cfg.run.max_gen_toks,
         add_bos_token=cfg.run.add_bos_token,
+        reference_answer=task.reference_answer,
+        reference_tokens=task.reference_tokens,
     )
     output = lm_eval.simple_evaluate(
         model=lm,

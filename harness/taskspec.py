@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from harness.tasks import TASKS_DIR, local_data
 from methods.base import PromptParts
@@ -54,6 +54,12 @@ class TaskSpec:
             drops the start, ``middle`` drops the middle (LongBench's way).
         protect_from: regex; the last match in a prompt starts the part no prompt method may
             change (the final question). None protects the whole prompt.
+        reference_field: the document field holding the reference answer (a string, or a
+            list whose first entry is used). When set, every generation request also scores
+            that answer teacher-forced under the same methods (``reference_nll``, mean nats
+            per token): the fidelity signal that stays sensitive where task scores sit near
+            the floor. None skips it (it costs one more prefill per request).
+        reference_tokens: score at most this many leading tokens of the reference answer.
     """
 
     name: str
@@ -66,6 +72,8 @@ class TaskSpec:
     num_fewshot: int | None = None
     truncation: str = "left"
     protect_from: str | None = None
+    reference_field: str | None = None
+    reference_tokens: int = 64
 
     def __post_init__(self) -> None:
         self.local_tasks = _as_list(self.local_tasks)
@@ -97,6 +105,12 @@ class TaskSpec:
             self._check_local_data()
         if self.protect_from is not None:
             self._check_protect_from()
+        if int(self.reference_tokens) <= 0:
+            raise TaskConfigError(
+                f"task.reference_tokens={self.reference_tokens} must be a positive number of "
+                "answer tokens to score: pass e.g. task.reference_tokens=64, or "
+                "task.reference_field=null to skip the reference NLL"
+            )
 
     def _check_protect_from(self) -> None:
         try:
@@ -182,6 +196,16 @@ class TaskSpec:
         if self.source == "local":
             return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
         return TaskManager()
+
+    def reference_answer(self, doc: dict[str, Any] | None) -> str | None:
+        """The reference answer of ``doc`` to score teacher-forced, or None (no
+        ``reference_field``, no document, or an empty answer)."""
+        if self.reference_field is None or not doc:
+            return None
+        value = doc.get(self.reference_field)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        return str(value) if value not in (None, "") else None
 
     def split_prompt(self, prompt: str) -> PromptParts:
         """Split a rendered prompt at the start of the last ``protect_from`` match.

@@ -120,6 +120,46 @@ def test_adapter_measures_every_request(tiny_gqa):
         assert 1 <= r["generated_tokens"] <= 8
 
 
+def test_reference_nll_is_the_teacher_forced_answer_nll(tiny_gqa):
+    model, tokenizer = tiny_gqa
+    task = TaskSpec(**{**vars(gsm8k_task()), "reference_field": "answer", "reference_tokens": 6})
+    lm = adapter(model, tokenizer, reference_answer=task.reference_answer, reference_tokens=6)
+    request = type("Request", (), {"doc": {"answer": ["ab c", "ignored"]}})()
+    ids = lm.tok_encode("Q: 1+1\nA:")
+    got = lm._reference_nll(request, ids)
+    answer = lm.tok_encode(" ab c", add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1]
+    expected = -torch.log_softmax(logits, -1).gather(1, torch.tensor([answer]).T).mean()
+    assert got == {
+        "reference_nll": pytest.approx(float(expected), rel=1e-4),
+        "reference_tokens": len(answer),
+    }
+    assert lm._reference_nll(type("Request", (), {"doc": {"answer": ""}})(), ids) == {}
+
+
+def test_reference_nll_is_measured_under_the_cache_method_without_changing_outputs(tiny_gqa):
+    model, tokenizer = tiny_gqa
+    task = TaskSpec(**{**vars(gsm8k_task()), "reference_field": "answer", "reference_tokens": 8})
+    runs = {}
+    for name, methods, reference in [
+        ("plain", [StreamingLLM(ratio=0.25)], None),
+        ("full", [], task.reference_answer),
+        ("stream", [StreamingLLM(ratio=0.25)], task.reference_answer),
+    ]:
+        lm = adapter(
+            model, tokenizer, cache_methods=methods, reference_answer=reference, reference_tokens=8
+        )
+        result = evaluate(lm, task, limit=2, max_gen_toks=8)
+        runs[name] = (outputs(result, "kvbench_gsm8k"), lm.measurement_rows())
+    assert runs["plain"][0] == runs["stream"][0]
+    assert all(r["reference_nll"] is None for r in runs["plain"][1])
+    for full, stream in zip(runs["full"][1], runs["stream"][1], strict=True):
+        assert full["reference_tokens"] == stream["reference_tokens"] == 8
+        assert 0 < full["reference_nll"] < 20 and 0 < stream["reference_nll"] < 20
+        assert stream["reference_nll"] != pytest.approx(full["reference_nll"], abs=1e-6)
+
+
 def test_middle_truncation_keeps_both_ends():
     ids = list(range(10))
     assert truncate(ids, 6, "middle") == [0, 1, 2, 7, 8, 9]

@@ -265,6 +265,7 @@ def test_data_dir_follows_env_not_cwd(monkeypatch, tmp_path):
         ("gsm8k", {"local_tasks": []}, r"task\.local_tasks is empty"),
         ("gsm8k", {"primary_metric": ""}, r"task\.primary_metric='' is not a key"),
         ("gsm8k", {"primary_metric": "exact_match"}, r"<metric>,<filter>"),
+        ("longbench_qasper", {"reference_tokens": 0}, r"task\.reference_tokens=0 must be"),
     ],
 )
 def test_bad_task_config_fails_before_anything_loads(name, overrides, match):
@@ -281,3 +282,11 @@ def test_missing_local_data_file_is_named(monkeypatch, tmp_path):
     with pytest.raises(TaskConfigError, match=r"task\.source=local: .*bbh/tasks/navigate\.json"):
         TaskSpec(**{**fields, "subtask": "navigate"})
     TaskSpec(**{**fields, "subtask": "navigate", "source": "hub"})  # the hub needs no local files
+
+
+def test_reference_answer_is_the_first_listed_answer():
+    qasper = spec("longbench_qasper")
+    assert qasper.reference_answer({"answers": ["first", "second"]}) == "first"
+    assert qasper.reference_answer({"answers": []}) is None
+    assert qasper.reference_answer(None) is None
+    assert spec("gsm8k").reference_answer({"answer": "42"}) is None  # no reference_field
