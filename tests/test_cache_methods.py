@@ -16,6 +16,7 @@ from methods.base import CacheMethod, MethodConfigError
 from methods.cache.attention import apply_rope, attention_probs
 from methods.cache.codebook import Codebook, CodebookLayer, greedy_cover
 from methods.cache.h2o import H2O
+from methods.cache.knorm import KeyNorm
 from methods.cache.pyramidkv import PyramidKV, pyramid_budgets
 from methods.cache.snapkv import SnapKV
 from methods.cache.spindlekv import SpindleKV, round_robin, spindle_budgets
@@ -33,6 +34,7 @@ PROMPT = 96
 METHODS = {
     "h2o": lambda **kw: H2O(**kw),
     "snapkv": lambda **kw: SnapKV(window=8, **kw),
+    "knorm": lambda **kw: KeyNorm(**{"window": 8, **kw}),
     "pyramidkv": lambda **kw: PyramidKV(window=8, **kw),
     "spindlekv": lambda **kw: SpindleKV(window=8, **kw),
 }
@@ -151,13 +153,25 @@ def test_ratio_one_is_the_full_cache(kind, name):
 def test_kept_tokens_follow_the_budget(kind, name):
     method = METHODS[name](budget=40)
     _, cache = run(load(kind), prompt(), [method], steps=0)
-    if name in ("h2o", "snapkv"):
+    if name in ("h2o", "snapkv", "knorm"):
         assert lengths(cache) == [40] * 4
         return
     pyramid = pyramid_budgets if name == "pyramidkv" else spindle_budgets
     expected = pyramid(40, PROMPT, 8, 4, method.beta)
     assert lengths(cache) == expected and sum(expected) == 4 * 40
     assert expected == sorted(expected, reverse=True) and expected[0] > expected[-1]
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_knorm_keeps_the_smallest_keys_of_each_head(kind):
+    model, ids = load(kind), prompt()
+    _, full = run(model, ids, steps=0)
+    _, kept = run(model, ids, [KeyNorm(budget=40)], steps=0)
+    for full_layer, kept_layer in zip(full.layers, kept.layers, strict=True):
+        norms = full_layer.keys.norm(dim=-1)  # (1, H_kv, S)
+        smallest = norms.topk(40, dim=-1, largest=False).indices.sort(dim=-1).values
+        expected = full_layer.keys.gather(2, smallest.unsqueeze(-1).expand(-1, -1, -1, 16))
+        assert torch.equal(kept_layer.keys, expected)
 
 
 def test_pyramid_formulas():

@@ -1,0 +1,129 @@
+"""Decode scaling: prefill time, decode time per token and peak memory against context length,
+for the full cache and every cache method at one KV ratio, each next to its memory-bandwidth
+bound measured in the same run.
+
+    python bench/decode_scaling.py                      # SmolLM2, 1k-8k, 20% KV, 32 tokens
+    python bench/decode_scaling.py --lengths 1024 2048 --methods full snapkv --ratio 0.1
+
+The bound: decoding one token reads every weight once and every stored KV byte once, so it
+takes at least (weight bytes + KV bytes) / bandwidth, where bandwidth is this machine's copy
+bandwidth (read + write bytes per second of a large tensor copy, best of several, measured in
+this run with the same threads). ``vs bound`` = measured / bound (1.0 would be a perfectly
+memory-bound kernel); ``bound vs full`` is what the KV reduction can buy at most;
+``decode vs full`` is what it bought (method ÷ full, lower is faster). Prompts are real text
+(LongBench multi_news) cut to each length; greedy decoding always runs ``--decode-tokens``
+steps; best of ``--repeats``. Peak memory is the process's peak RSS during the request (on
+CUDA ``max_memory_allocated``), weights included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_costs import load, prompt_ids  # noqa: E402
+
+from harness.generation import greedy_generate  # noqa: E402
+from harness.measure import PeakMemory  # noqa: E402
+from harness.provenance import device_description  # noqa: E402
+
+METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "spindlekv", "knorm")
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second (read + written) of copying a ``megabytes`` float32 tensor."""
+    source = torch.ones(megabytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = min(_timed(lambda: target.copy_(source)) for _ in range(repeats))
+    return 2 * source.nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters (tied embeddings counted once)."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def measure(model, ids, method, decode_tokens: int, repeats: int) -> dict:
+    peak = PeakMemory(model.device)
+    best: dict = {}
+    for _ in range(repeats):
+        peak.reset()
+        run = greedy_generate(
+            model, ids, max_new_tokens=decode_tokens, cache_methods=[method] if method else []
+        )
+        per_token = run.decode_s / max(run.decode_steps, 1)
+        peak_bytes = peak.peak_bytes()
+        if not best or per_token < best["decode_s"]:
+            best |= {"decode_s": per_token, "kv_bytes": run.kv_bytes_final, "tokens": run.tokens}
+        best["prefill_s"] = min(best.get("prefill_s", float("inf")), run.prefill_s)
+        best["peak_bytes"] = min(best.get("peak_bytes", peak_bytes), peak_bytes)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    model, tokenizer = load("model", args.model).load()
+    greedy_generate(model, prompt_ids(tokenizer, 256), max_new_tokens=4)  # warm-up
+    bandwidth = copy_bandwidth()
+    weights = weight_bytes(model)
+    rows = []
+    for length in args.lengths:
+        ids = prompt_ids(tokenizer, length)
+        base = None
+        for name in ["full"] + [m for m in args.methods if m != "full"]:
+            method = None if name == "full" else load("method", name, ratio=args.ratio)
+            result = measure(model, ids, method, args.decode_tokens, args.repeats)
+            bound = (weights + result["kv_bytes"]) / bandwidth
+            base = base or {**result, "bound": bound}
+            if name not in args.methods:
+                continue
+            rows.append(
+                {
+                    "context": length,
+                    "method": name,
+                    "prefill s": round(result["prefill_s"], 2),
+                    "peak MB": round(result["peak_bytes"] / 2**20),
+                    "KV MB": round(result["kv_bytes"] / 2**20, 1),
+                    "decode ms/tok": round(result["decode_s"] * 1000, 1),
+                    "bound ms/tok": round(bound * 1000, 1),
+                    "vs bound": round(result["decode_s"] / bound, 2),
+                    "decode vs full": round(result["decode_s"] / base["decode_s"], 3),
+                    "bound vs full": round(bound / base["bound"], 3),
+                    "same tokens": result["tokens"] == base["tokens"],
+                }
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
+    print(
+        f"\nmodel={args.model} ratio={args.ratio} decode_tokens={args.decode_tokens} "
+        f"repeats={args.repeats} weights={weights / 2**20:.0f} MB "
+        f"copy bandwidth={bandwidth / 1e9:.1f} GB/s device={device_description(model.device)} "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(pd.DataFrame(rows).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
