@@ -15,7 +15,9 @@ by matching every kept key to the full cache's keys (bench/peers/kept.py), the s
 both sides.
 
 Columns: ``overlap`` = |ours ∩ kvpress| / kept, over every (sample, layer, KV head);
-``identical heads`` = share of (sample, layer, head) with the same kept set; ``same output``
+``identical heads`` = share of (sample, layer, head) with the same kept set; ``logit_diff``
+= largest |difference| between the two sides' next-token logits after the compressed prompt
+(over samples), ``same_next`` = share of samples with the same next token; ``same output``
 = share of samples whose greedy continuation is identical; ``agree`` = share of generated
 tokens equal up to the first divergence; times are ours ÷ kvpress (same machine, one after
 the other).
@@ -86,14 +88,12 @@ def agreement(ours: list[int], theirs: list[int]) -> float:
 
 
 @torch.inference_mode()
-def our_positions(model, ids: torch.Tensor, method, full_keys) -> tuple[list, float]:
+def prefill(model, ids: torch.Tensor, methods=()) -> tuple[list, torch.Tensor]:
+    """(per-layer keys (H_kv, n, D) the cache stores after the prompt, next-token logits)."""
     cache = new_cache(model)
-    with cache_methods_applied(model, [method]):
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    matched = [
-        kept_positions(f, layer.keys[0]) for f, layer in zip(full_keys, cache.layers, strict=True)
-    ]
-    return [p for p, _ in matched], max(e for _, e in matched)
+    with cache_methods_applied(model, methods):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return [layer.keys[0].clone() for layer in cache.layers], out.logits[0, -1].float()
 
 
 def main() -> None:
@@ -131,27 +131,32 @@ def main() -> None:
         peer = torch.load(out)
     theirs = {(r["label"], r["sample"]): r for r in peer["results"]}
 
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
     rows = []
     for index, sample in enumerate(samples):
         ids = torch.tensor([sample])
-        full = greedy_generate(model, ids, max_new_tokens=args.max_new_tokens)
-        with torch.inference_mode():
-            cache = new_cache(model)
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        full_keys = [layer.keys[0].clone() for layer in cache.layers]
+        full = greedy_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
+        full_keys, logits = prefill(model, ids)
         peer_full = theirs[("full", index)]
-        rows.append(row("full", 1.0, full.tokens, full, peer_full, None, None, 0.0))
+        rows.append(row("full", 1.0, full.tokens, full, logits, peer_full, None, None, 0.0))
         for press in presses:
             name, c = press["label"].rsplit("@", 1)
             n_kept = max(1, int(len(sample) * (1 - float(c))))
             method = PAIRS[name][2](n_kept)
-            positions, error = our_positions(model, ids, method, full_keys)
+            keys, logits = prefill(model, ids, [method])
+            matched = [kept_positions(f, k) for f, k in zip(full_keys, keys, strict=True)]
+            positions, error = [p for p, _ in matched], max(e for _, e in matched)
             ours = greedy_generate(
-                model, ids, max_new_tokens=args.max_new_tokens, cache_methods=[method]
+                model,
+                ids,
+                max_new_tokens=args.max_new_tokens,
+                cache_methods=[method],
+                eos_token_ids=eos,
             )
             peer_run = theirs[(press["label"], index)]
             rows.append(
-                row(name, 1 - float(c), ours.tokens, ours, peer_run, positions,
+                row(name, 1 - float(c), ours.tokens, ours, logits, peer_run, positions,
                     peer_run["positions"], max(error, peer_run["match_error"]))
             )  # fmt: skip
     table = summarize(pd.DataFrame(rows))
@@ -161,10 +166,13 @@ def main() -> None:
     print(table.to_markdown(index=False, floatfmt=".4g"))
 
 
-def row(name, kept_ratio, tokens, ours, peer, positions, peer_positions, error) -> dict:
+def row(name, kept_ratio, tokens, ours, logits, peer, positions, peer_positions, error) -> dict:
+    theirs = peer["first_logits"]
     out = {
         "method": name,
         "kept": kept_ratio,
+        "logit_diff": float((logits - theirs).abs().max()),
+        "same_next": float(logits.argmax() == theirs.argmax()),
         "same_output": float(tokens == peer["tokens"]),
         "agree": agreement(tokens, peer["tokens"]),
         "prefill_ours_s": ours.prefill_s,
@@ -189,6 +197,8 @@ def row(name, kept_ratio, tokens, ours, peer, positions, peer_positions, error) 
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = frame.groupby(["method", "kept"], sort=False)
     table = grouped.agg(
+        logit_diff=("logit_diff", "max"),
+        same_next=("same_next", "mean"),
         same_output=("same_output", "mean"),
         agree=("agree", "mean"),
         prefill_ours_s=("prefill_ours_s", "sum"),
@@ -206,7 +216,8 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     table["prefill ours/kvpress"] = table["prefill_ours_s"] / table["prefill_peer_s"]
     table["decode ours/kvpress"] = table["decode_ours_s"] / table["decode_peer_s"]
     return table[
-        ["method", "kept", "overlap", "identical heads", "same_output", "agree",
+        ["method", "kept", "overlap", "identical heads", "logit_diff", "same_next",
+         "same_output", "agree",
          "prefill ours/kvpress", "decode ours/kvpress", "match_error"]
     ]  # fmt: skip
 

@@ -7,7 +7,7 @@ model then generates and how long it took. Runs INSIDE the kvpress peer environm
 REQUEST: {"model_dir", "threads", "max_new_tokens", "samples": [[ids...], ...],
 "presses": [{"label", "press": "SnapKVPress", "kwargs": {...}}, ...]}.
 OUT (torch.save): {"versions", "results": [{"label", "sample", "positions": [per layer
-(H_kv, n) int tensors], "match_error", "tokens", "prefill_s", "decode_s", "decode_steps"}]}.
+(H_kv, n) int tensors], "match_error", "tokens", "first_logits" (after the prompt), "prefill_s", "decode_s", "decode_steps"}]}.
 Greedy decoding follows kvpress's pipeline (``generate_answer``): explicit positions after
 the prompt, stop at EOS.
 """
@@ -37,6 +37,7 @@ def prefill_and_decode(model, ids: torch.Tensor, press, max_new_tokens: int) -> 
             out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
     prefill_end = time.perf_counter()
     keys = [layer.keys[0].clone() for layer in cache.layers]
+    out_first = out.logits[0, -1].float().clone()
     tokens = [int(out.logits[0, -1].argmax())]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -53,6 +54,7 @@ def prefill_and_decode(model, ids: torch.Tensor, press, max_new_tokens: int) -> 
     return {
         "keys": keys,
         "tokens": tokens,
+        "first_logits": out_first,
         "prefill_s": prefill_end - start,
         "decode_s": end - prefill_end,
         "decode_steps": len(tokens) - 1,
