@@ -131,7 +131,7 @@ class CacheMethod(Method):
                 handle.remove()
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if cache is None:
             return output
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -165,7 +165,7 @@ class CacheMethod(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """After prefill. hidden_states (B, S, hidden); keys/values (B, H_kv, S, D).
         Returns the tensors to store, (B, H_kv, S', D) with S' <= S. It may replace
-        ``kwargs["past_key_values"].layers[module.layer_idx]`` by its own cache layer class;
+        ``cache_of(kwargs).layers[module.layer_idx]`` by its own cache layer class;
         the returned tensors are then set as that new layer's ``keys``/``values``."""
         return keys, values
 
@@ -220,6 +220,13 @@ class Compose(Method):
 
     def flatten(self) -> list[Method]:
         return [leaf for m in self.methods for leaf in m.flatten()]
+
+
+def cache_of(kwargs: dict) -> Any:
+    """The KV cache (a transformers ``Cache``) an attention module was called with, or None:
+    transformers >= 5.24 passes it as ``cache``, earlier versions as ``past_key_values``."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

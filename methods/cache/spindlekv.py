@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import MethodConfigError
+from methods.base import MethodConfigError, cache_of
 from methods.cache.attention import layer_rope, pool, undo_rope
 from methods.cache.budget import allocate, layer_rank, require_ragged_ok
 from methods.cache.codebook import SCOPES, Codebook, CodebookLayer
@@ -220,7 +220,7 @@ class SpindleKV(SnapKV):
             kept_positions.int(),
             rope,
         )
-        kwargs["past_key_values"].layers[module.layer_idx] = layer
+        cache_of(kwargs).layers[module.layer_idx] = layer
         return layer.keys, layer.values
 
     def compress_decode(
@@ -231,7 +231,7 @@ class SpindleKV(SnapKV):
         values: torch.Tensor,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        layer = cache_of(kwargs).layers[module.layer_idx]
         if not isinstance(layer, CodebookLayer):
             return keys, values
         new = layer.keys.shape[-2]

@@ -113,8 +113,10 @@ class LatentAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
         position_ids: torch.Tensor | None = None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = past_key_values if cache is None else cache  # `cache` since transformers 5.24
         batch, seq = hidden_states.shape[:2]
         queries = self.q_proj(hidden_states).view(batch, seq, -1, self.d_qk).transpose(1, 2)
         keys = self.k_proj(hidden_states).view(batch, seq, -1, self.d_qk).transpose(1, 2)
@@ -124,12 +126,12 @@ class LatentAttention(nn.Module):
         if hasattr(self, "k_norm"):
             keys = self.k_norm(keys)
         if position_ids is None:
-            start = 0 if past_key_values is None else past_key_values.get_seq_length(self.layer_idx)
+            start = 0 if cache is None else cache.get_seq_length(self.layer_idx)
             position_ids = torch.arange(start, start + seq, device=hidden_states.device)[None]
         cos, sin = self.position_embeddings(position_ids, queries.dtype)
         queries, keys = modeling_llama.apply_rotary_pos_emb(queries, keys, cos, sin)
-        if past_key_values is not None:
-            keys, values = past_key_values.update(keys, values, self.layer_idx)
+        if cache is not None:
+            keys, values = cache.update(keys, values, self.layer_idx)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, self._eager
         )

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from methods.base import MethodConfigError, attention_modules
+from methods.base import MethodConfigError, attention_modules, cache_of
 from methods.cache.attention import accumulated_attention
 
 
@@ -135,7 +135,7 @@ class Compressor:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            keys = kwargs["past_key_values"].layers[module.layer_idx].keys
+            keys = cache_of(kwargs).layers[module.layer_idx].keys
             cols = accumulated_attention(module, hidden, keys, kwargs, self.query_chunk)
             received.add_(cols.sum(dim=(0, 1)))  # (B, H_kv, n) -> (n,)
 

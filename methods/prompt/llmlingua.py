@@ -3,10 +3,11 @@
 
 Why not the package itself: 0.2.2 does not run under transformers 5 (it passes caches as
 lists of (k, v) tuples) and its constructor fetches a tiktoken vocabulary from the network
-(only to count GPT-3.5 tokens for its report), which fails offline; running it in a second
-environment would need an older transformers next to our torch and a replay of its output
-through the harness. This implementation runs on the same compressor (the benchmarked model
-by default), the same requests and the same token accounting as DAC and the baselines.
+(only to count GPT-3.5 tokens for its report), which fails offline. It runs as a peer in its
+own venv instead (``bench/peers/compare_llmlingua.py``, table in BENCHMARKS.md): same
+demonstrations kept, 71-77 % of our kept tokens kept by the package too. This
+implementation runs on the same compressor (the benchmarked model by default), the same
+requests and the same token accounting as DAC and the baselines.
 
 1. **Budget controller** (``control_context_budget``): the compressible text is cut into
    demonstrations after each ``separator`` ("\\n\\n": a few-shot example, or a paragraph of
@@ -20,14 +21,17 @@ by default), the same requests and the same token accounting as DAC and the base
    segment's kept tokens re-fed with it), and its highest self-information tokens are kept,
    at the rate ``tau = target / kept_demonstration_tokens``.
 
-Choices (documented): the per-segment threshold is a top-k over the segment at ratio tau
-(the package estimates it from the loss distribution seen so far, so its achieved rate
-drifts; the rounding here is cumulative, so the total is exact); token t is kept by its own
-self-information (the package's ``need_idx`` is shifted by one: it keeps token t when token
-t + 1 is surprising); the first token is always kept; demonstrations are not reordered
-(``reorder_context="original"``) and no question conditioning is used (LLMLingua v1, not
-LongLLMLingua). When the compressed prefix would outgrow the compressor's window, the
-conditioning restarts from the current segment.
+Choices (documented): the per-segment threshold is a top-k over the segment at ratio tau,
+and the rounding is cumulative, so the total is exact (the package takes a quantile of the
+losses of the whole prompt, from a first pass with no compressed prefix, and its tau counts
+two extra tokens per demonstration: its achieved rate misses the target by up to ~10 % on
+one prompt, 3-4 % on average); token t is kept by its own self-information (the package's
+``need_idx`` is shifted by one: it keeps token t - 1 when token t is surprising); the first
+token is always kept; each demonstration is tokenised alone and ends with its "\\n\\n"
+separator token, which counts in its perplexity and its length; demonstrations are not
+reordered (``reorder_context="original"``) and no question conditioning is used (LLMLingua
+v1, not LongLLMLingua). When the compressed prefix would outgrow the compressor's window,
+the conditioning restarts from the current segment.
 """
 
 from __future__ import annotations
