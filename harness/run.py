@@ -171,7 +171,18 @@ def make_record(
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
-    return str(execute(cfg))
+    try:
+        return str(execute(cfg))
+    except Exception as exc:
+        # said at once: Hydra's launchers raise a failed job's error only after the whole sweep
+        log.error(
+            "run failed (method=%s, task=%s), no record written: %s: %s",
+            cfg.method.get("name"),
+            cfg.task.get("name"),
+            type(exc).__name__,
+            exc,
+        )
+        raise
 
 
 def main() -> None:

@@ -181,3 +181,22 @@ def test_a_method_whose_code_is_not_installed_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"method=full: .*nopkg.Method.* cannot be imported"):
         execute(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_job_is_reported_at_once_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """Job #0 fails (budget below the window), job #1 runs: the failure is logged when it
+    happens, not only when Hydra raises it after the whole sweep."""
+    args = ["-m", *TINY, "method=streamingllm", "method.window=16", "method.budget=8,64"]
+    done = subprocess.run(
+        kvbench(*args, "run.report=false", f"run.results_dir={tmp_path}"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    text = done.stdout + done.stderr
+    failed = text.index("run failed (method=streamingllm, task=gsm8k), no record written")
+    assert "exceed" in text[failed : failed + 500]
+    assert failed < text.index("#1 :")
+    assert len(records.find_records(tmp_path)) == 1
