@@ -289,4 +289,7 @@ def test_reference_answer_is_the_first_listed_answer():
     assert qasper.reference_answer({"answers": ["first", "second"]}) == "first"
     assert qasper.reference_answer({"answers": []}) is None
     assert qasper.reference_answer(None) is None
-    assert spec("gsm8k").reference_answer({"answer": "42"}) is None  # no reference_field
+    assert (
+        spec("gsm8k").reference_answer({"answer": "6 * 7 = 42\n#### 42"}) == "6 * 7 = 42\n#### 42"
+    )
+    assert spec("bbh").reference_answer({"target": "(A)"}) is None  # no reference_field
