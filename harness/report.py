@@ -29,6 +29,7 @@ from harness.records import find_records, read_record
 from harness.report_tables import (
     best_by_kv_ratio,
     check,
+    distinguishing_params,
     format_params,
     markdown,
     request_rows,
@@ -38,6 +39,7 @@ from harness.report_tables import (
 __all__ = [
     "Report",
     "best_by_kv_ratio",
+    "distinguishing_params",
     "format_params",
     "load_records",
     "load_report",
@@ -154,7 +156,11 @@ def load_records(root: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
-    """The compact table printed to the terminal (and heading ``report.md``)."""
+    """The compact table printed to the terminal (and heading ``report.md``): its
+    ``method_params`` shows only what tells a method's runs apart (every column, every
+    parameter: the report's CSV/parquet and the "All columns" table)."""
+    if "params_json" in table.columns and not table.empty:
+        table = table.assign(method_params=distinguishing_params(table))
     return markdown(table, SUMMARY_COLUMNS)
 
 

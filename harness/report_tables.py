@@ -40,21 +40,46 @@ def num(value: Any) -> float:
     return float(value)
 
 
-def format_params(params: dict[str, Any] | None, prefix: str = "") -> str:
-    """``{"ratio": 0.2, "sinks": 4}`` -> ``"ratio=0.2, sinks=4"``; nested dicts (composed
-    methods) become ``"snapkv.ratio=0.2"``. Only scalars are kept; ``None`` is left out."""
-    parts = []
+def flat_params(params: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """``{"ratio": 0.2, "training": {"lr": 0.003}}`` -> ``{"ratio": 0.2, "training.lr":
+    0.003}``: nested dicts (composed methods, training) flattened, only scalars kept."""
+    out: dict[str, Any] = {}
     for key, value in (params or {}).items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            nested = format_params(value, f"{name}.")
-            if nested:
-                parts.append(nested)
-        elif isinstance(value, float):
-            parts.append(f"{name}={value:g}")
-        elif isinstance(value, bool | int | str):
-            parts.append(f"{name}={value}")
+            out |= flat_params(value, f"{name}.")
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+    return out
+
+
+def format_params(params: dict[str, Any] | None, keys: set[str] | None = None) -> str:
+    """``{"ratio": 0.2, "sinks": 4}`` -> ``"ratio=0.2, sinks=4"``; nested dicts (composed
+    methods) become ``"snapkv.ratio=0.2"``. Only scalars are kept; ``None`` is left out.
+    With ``keys``, only those (flattened) parameters are shown."""
+    parts = []
+    for name, value in flat_params(params).items():
+        if keys is not None and name not in keys:
+            continue
+        parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
     return ", ".join(parts)
+
+
+def distinguishing_params(table: pd.DataFrame) -> pd.Series:
+    """Per run, the method parameters whose values differ between the runs of its method in
+    ``table`` (all of them for a method with a single run): the summary's short
+    ``method_params``, where e.g. KV-Latent's two dozen training settings would hide the
+    dim and RoPE mode that tell its runs apart."""
+    params = table["params_json"].map(lambda text: json.loads(text) if text else {})
+    shown = pd.Series("", index=table.index, dtype=object)
+    for _, group in params.groupby(table["method"]):
+        flat = [flat_params(p) for p in group]
+        keys = set().union(*flat)
+        if len(group) > 1:
+            keys = {k for k in keys if len({repr(f.get(k)) for f in flat}) > 1}
+        for index, p in group.items():
+            shown[index] = format_params(p, keys)
+    return shown
 
 
 def param_dicts(params: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from harness.plots_methods import layer_fractions
 from harness.records import SCHEMA_VERSION, write_record
 from harness.report import (
     best_by_kv_ratio,
+    distinguishing_params,
     format_params,
     load_records,
     load_report,
@@ -243,11 +244,26 @@ def test_write_report_files(results: Path, tmp_path: Path) -> None:
     assert "context__tiny_llama__gsm8k" not in paths  # no per-request table given
 
 
+def test_summary_shows_only_the_params_that_tell_a_methods_runs_apart() -> None:
+    table = pd.DataFrame(
+        {
+            "method": ["kvlatent_k", "kvlatent_k", "streamingllm"],
+            "params_json": [
+                json.dumps({"dim": 32, "rope": "standard", "training": {"lr": 0.003}}),
+                json.dumps({"dim": 16, "rope": "standard", "training": {"lr": 0.003}}),
+                json.dumps({"ratio": 0.2, "sinks": 4, "window": None}),
+            ],
+        }
+    )
+    assert list(distinguishing_params(table)) == ["dim=32", "dim=16", "ratio=0.2, sinks=4"]
+
+
 def test_summary_markdown(results: Path) -> None:
     table, _ = load_records(results)
     text = summary_markdown(table)
     assert text.splitlines()[0].startswith("| model")
-    assert "ratio=0.2, sinks=4" in text and "–" in text  # NaN shown as a dash
+    assert "ratio=0.2" in text and "–" in text  # NaN shown as a dash
+    assert "sinks=4" not in text  # the same in both streamingllm runs: left out
     assert summary_markdown(table.iloc[0:0]) == "(no finished runs)"
 
 
