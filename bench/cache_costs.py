@@ -20,21 +20,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import load  # noqa: E402
 from harness.generation import greedy_generate  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
 METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "spindlekv")
-
-
-def load(group: str, name: str, **overrides):
-    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"), overrides)
-    return instantiate(cfg, _convert_="all")
 
 
 def prompt_ids(tokenizer, length: int) -> torch.Tensor:

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_costs import load, prompt_ids  # noqa: E402
-
+from bench.cache_costs import prompt_ids  # noqa: E402
+from bench.common import load  # noqa: E402
 from harness.generation import greedy_generate  # noqa: E402
 from harness.measure import PeakMemory  # noqa: E402
 from harness.provenance import device_description  # noqa: E402

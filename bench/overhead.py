@@ -18,21 +18,15 @@ from pathlib import Path
 import lm_eval
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from lm_eval.models.huggingface import HFLM
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import load  # noqa: E402
 from harness.lm import KVBenchLM  # noqa: E402
 from harness.measure import KVLayout  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
-
-
-def load(group: str, name: str, **overrides):
-    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"), overrides)
-    return instantiate(cfg, _convert_="all")
 
 
 def timed_eval(lm, task, limit: int, max_gen_toks: int) -> tuple[float, list]:

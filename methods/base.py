@@ -132,8 +132,12 @@ class CacheMethod(Method):
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         cache = cache_of(kwargs)
-        if cache is None:
-            return output
+        if cache is None:  # never silently a no-op: the method would measure the full cache
+            raise RuntimeError(
+                f"{self.name}: attention layer {module.layer_idx} was called without a KV cache "
+                "(kvbench looks for `cache` or `past_key_values` in its arguments): run the model "
+                "with a Cache, or check how this transformers version passes it"
+            )
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         layer = cache.layers[module.layer_idx]
         q_len = hidden_states.shape[1]

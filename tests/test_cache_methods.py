@@ -20,6 +20,7 @@ from methods.cache.knorm import KeyNorm
 from methods.cache.pyramidkv import PyramidKV, pyramid_budgets
 from methods.cache.snapkv import SnapKV
 from methods.cache.spindlekv import SpindleKV, round_robin, spindle_budgets
+from methods.cache.streamingllm import StreamingLLM
 
 LLAMA = dict(
     model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -333,3 +334,12 @@ def test_gemma3_sliding_layers_are_left_alone():
             assert all(isinstance(layer, CodebookLayer) for layer in cache.layers[1::2])
         out = greedy_generate(model, ids, max_new_tokens=3, cache_methods=[make(ratio=0.4)])
         assert len(out.tokens) == 3 and out.kv_bytes_prefill < full_bytes, name
+
+
+@torch.inference_mode()
+def test_a_cache_method_run_without_a_cache_fails_instead_of_doing_nothing(tiny_gqa):
+    model, _ = tiny_gqa
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with cache_methods_applied(model, [StreamingLLM(budget=8)]):
+        with pytest.raises(RuntimeError, match="called without a KV cache"):
+            model(input_ids=ids, use_cache=False)

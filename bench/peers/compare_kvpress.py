@@ -26,22 +26,19 @@ the other).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import load  # noqa: E402
 from bench.peers.kept import kept_positions  # noqa: E402
+from bench.peers.peer_io import run_driver  # noqa: E402
 from harness.generation import cache_methods_applied, greedy_generate, new_cache  # noqa: E402
 from harness.lm import truncate  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
@@ -61,11 +58,6 @@ PAIRS = {
     # release) window 32, max-pool 7: the difference is a documented algorithm choice
     "snapkv_defaults": ("SnapKVPress", {}, lambda n: SnapKV(budget=n)),
 }  # fmt: skip
-
-
-def load(group: str, name: str, **overrides):
-    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"), overrides)
-    return instantiate(cfg, _convert_="all")
 
 
 def qasper_prompts(tokenizer, count: int, context: int) -> list[list[int]]:
@@ -116,19 +108,11 @@ def main() -> None:
          "kwargs": {**PAIRS[name][1], "compression_ratio": c}}
         for name in args.methods for c in args.ratios
     ]  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        request = Path(tmp) / "request.json"
-        request.write_text(json.dumps({
-            "model_dir": spec.resolved_path(), "threads": torch.get_num_threads(),
-            "max_new_tokens": args.max_new_tokens, "samples": samples, "presses": presses,
-        }))  # fmt: skip
-        out = Path(tmp) / "out.pt"
-        subprocess.run(
-            [args.peer_python, str(HERE / "kvpress_driver.py"), str(request), str(out)],
-            check=True,
-            cwd=HERE,
-        )
-        peer = torch.load(out)
+    request = {
+        "model_dir": spec.resolved_path(), "threads": torch.get_num_threads(),
+        "max_new_tokens": args.max_new_tokens, "samples": samples, "presses": presses,
+    }  # fmt: skip
+    peer = run_driver(args.peer_python, "kvpress_driver.py", request, "out.pt", torch.load)
     theirs = {(r["label"], r["sample"]): r for r in peer["results"]}
 
     eos = model.generation_config.eos_token_id

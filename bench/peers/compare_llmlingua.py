@@ -34,30 +34,23 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import load  # noqa: E402
+from bench.peers.peer_io import recording, run_driver  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 from methods.base import PromptParts  # noqa: E402
 
 PEER_PYTHON = HERE / ".venv-llmlingua" / "bin" / "python"
-
-
-def load(group: str, name: str, **overrides):
-    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"), overrides)
-    return instantiate(cfg, _convert_="all")
 
 
 def gsm8k_prompts(count: int) -> list[PromptParts]:
@@ -75,17 +68,6 @@ def gsm8k_prompts(count: int) -> list[PromptParts]:
 def split(text: str, separator: str) -> list[str]:
     """The demonstrations as kvbench's LLMLingua cuts them (each ends with the separator)."""
     return [p for p in re.split(f"(?<={re.escape(separator)})", text) if p]
-
-
-def recording(obj, name: str, record: dict) -> None:
-    """Wrap ``obj.<name>`` so that its last return value lands in ``record[name]``."""
-    method = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        record[name] = method(*args, **kwargs)
-        return record[name]
-
-    setattr(obj, name, wrapper)
 
 
 def kept_keys(tokenizer, text: str, starts: dict[int, int], positions: list[int]) -> Counter:
@@ -168,20 +150,13 @@ def main() -> None:
                 {"demonstrations": [p.removesuffix(method.separator) for p in pieces],
                  "question": parts.protected, "target_token": method.kept_count(len(ids))}
             )  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        request = Path(tmp) / "request.json"
-        request.write_text(json.dumps({
-            "model_dir": spec.resolved_path(), "threads": args.threads,
-            "iterative_size": method.iterative_size,
-            "context_budget": f"+{method.context_budget}", "prompts": requests,
-        }))  # fmt: skip
-        out = Path(tmp) / "out.json"
-        subprocess.run(
-            [args.peer_python, str(HERE / "llmlingua_driver.py"), str(request), str(out)],
-            check=True,
-            cwd=HERE,
-        )
-        peer = json.loads(out.read_text())
+    request = {
+        "model_dir": spec.resolved_path(), "threads": args.threads,
+        "iterative_size": method.iterative_size,
+        "context_budget": f"+{method.context_budget}", "prompts": requests,
+    }  # fmt: skip
+    peer = run_driver(args.peer_python, "llmlingua_driver.py", request, "out.json",
+                      lambda out: json.loads(out.read_text()))  # fmt: skip
 
     # both sides must run the same compressor: the mean NLL of one demonstration, each side
     first = method.scorer.encode(requests[0]["demonstrations"][0])

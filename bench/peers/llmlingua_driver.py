@@ -47,6 +47,7 @@ from pathlib import Path
 import tiktoken
 import torch
 import transformers
+from peer_io import recording  # this folder: the driver runs as a script
 from transformers import AutoTokenizer
 
 
@@ -75,17 +76,6 @@ def as_transformers4(model_dir: str, folder: Path) -> str:
     tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
     return str(folder)
-
-
-def recording(compressor, name: str, record: dict) -> None:
-    """Wrap ``compressor.<name>`` so that its last return value lands in ``record[name]``."""
-    method = getattr(compressor, name)
-
-    def wrapper(*args, **kwargs):
-        record[name] = method(*args, **kwargs)
-        return record[name]
-
-    setattr(compressor, name, wrapper)
 
 
 def track_positions(compressor, record: dict) -> None:
