@@ -11,7 +11,6 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from methods.storage import cache_root
+
 SOURCES = ("hub", "local", "gguf_package", "random")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,10 +29,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class ModelConfigError(ValueError):
     """The model section of the config is invalid; the message names the field and the fix."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
 
 
 @dataclass

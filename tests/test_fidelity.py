@@ -1,4 +1,4 @@
-"""harness.fidelity: output agreement and NLL increase against the full-cache reference."""
+"""harness.report.fidelity: output agreement and NLL increase against the full-cache reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from harness.fidelity import (
+from harness.report.fidelity import (
     add_fidelity,
     exact_match_rate,
     is_full_cache,

@@ -18,7 +18,6 @@ from harness.generation import greedy_generate
 from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from harness.run import CONF_DIR, build, execute
-from harness.tasks.local_data import read_jsonl
 from methods.base import MethodConfigError
 from methods.model import checkpoint as ckpt
 from methods.model import data, training
@@ -26,6 +25,7 @@ from methods.model.kvlatent import KVLatent
 from methods.model.latent import LatentAttention
 from methods.model.rope import frequency_aware_inv_freq, standard_inv_freq
 from methods.model.training import TrainConfig
+from methods.storage import read_jsonl
 
 FAST = {"stage1_steps": 6, "batch_size": 2, "seq_len": 32, "progress": False}
 

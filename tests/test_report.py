@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from harness.plots_methods import layer_fractions
 from harness.records import SCHEMA_VERSION, write_record
 from harness.report import (
     best_by_kv_ratio,
@@ -24,6 +23,7 @@ from harness.report import (
     summary_markdown,
     write_report,
 )
+from harness.report.plots_methods import layer_fractions
 
 MODEL, TASK = "tiny_llama", "gsm8k"
 

@@ -5,21 +5,19 @@ next to this file, as ``fn(**metadata, **dataset_kwargs)``; each returns a
 ``datasets.DatasetDict`` with the splits the YAML names. The ``metadata`` keys (``version``,
 ``config_source``, anything a caller passes to ``TaskManager(metadata=...)``) are ignored.
 
-The data folder is ``$KVBENCH_DATA`` if set, else ``<repo>/data``; it never depends on the
-current working directory. lm-eval loads this file by path (not as ``harness.tasks.local_data``),
-so it imports nothing from kvbench.
+The data folder is ``$KVBENCH_DATA`` if set, else ``<repo>/data`` (:mod:`methods.storage`); it
+never depends on the current working directory. lm-eval loads this file by path (not as
+``harness.tasks.local_data``), so it imports only :mod:`methods.storage` from kvbench.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import datasets
 
-DATA_ENV = "KVBENCH_DATA"
+from methods.storage import DATA_ENV, data_dir, data_file, read_jsonl  # noqa: F401 (re-exported)
 
 BBH_SUBTASKS: tuple[str, ...] = (
     "boolean_expressions",
@@ -54,26 +52,6 @@ BBH_SUBTASKS: tuple[str, ...] = (
 LONGBENCH_TASKS: tuple[str, ...] = ("qasper", "multi_news")
 
 
-def data_dir() -> Path:
-    """The offline data folder: ``$KVBENCH_DATA`` or ``<repo>/data``."""
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parents[2] / "data"
-
-
-def data_file(relative: str) -> Path:
-    """The path of ``relative`` inside the data folder; FileNotFoundError if it is missing."""
-    path = data_dir() / relative
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"kvbench offline data file {path} is missing: copy the benchmark data into "
-            f"{data_dir()} (see data/README.md), or set ${DATA_ENV} to the folder that holds "
-            f"{relative}, or use task.source=hub to load lm-eval's stock task from the hub"
-        )
-    return path
-
-
 def required_files(task: str, subtask: str | None = None) -> list[str]:
     """The data files (relative to :func:`data_dir`) a kvbench task needs.
 
@@ -88,12 +66,6 @@ def required_files(task: str, subtask: str | None = None) -> list[str]:
     if task.startswith("longbench_") and task.removeprefix("longbench_") in LONGBENCH_TASKS:
         return [f"longbench/{task.removeprefix('longbench_')}.jsonl"]
     raise KeyError(f"no offline data for task {task!r}")
-
-
-def read_jsonl(relative: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file in the data folder."""
-    with data_file(relative).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def gsm8k(**_metadata: Any) -> datasets.DatasetDict:

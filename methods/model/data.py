@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from harness.tasks.local_data import read_jsonl
+from methods.storage import read_jsonl
 
 HELDOUT_PROBLEMS = 500
 SOURCES = ("gsm8k_train", "teacher", "file:", "hub:")

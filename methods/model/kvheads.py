@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.models import cache_root
 from methods.base import MethodConfigError, ModelMethod
 from methods.model import data
 from methods.model.checkpoint import CheckpointStore, surgery_with_recovery
@@ -30,6 +29,7 @@ from methods.model.headmerge import Groups, collect_moments, merged_attention
 from methods.model.kvlatent import make_train_config
 from methods.model.layers import HeadShape, check_rotary, decoder_layers, text_config
 from methods.model.training import require_budget
+from methods.storage import cache_root
 
 KEY_MERGES = ("rope_pca", "mean")
 VALUE_MERGES = ("pca", "mean")

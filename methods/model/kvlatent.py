@@ -24,13 +24,13 @@ from typing import Any
 
 from torch import nn
 
-from harness.models import cache_root
 from methods.base import MethodConfigError, ModelMethod
 from methods.model.checkpoint import CheckpointStore, surgery_with_recovery
 from methods.model.latent import latent_surgery
 from methods.model.layers import HeadShape, check_rotary
 from methods.model.rope import ROPE_MODES
 from methods.model.training import TrainConfig, require_budget
+from methods.storage import cache_root
 
 VARIANTS = ("k", "v", "kv")
 

@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from harness.plot_common import FULL_METHOD
+from harness.report.plot_common import FULL_METHOD
 
 METHOD_TITLES = {
     "spindlekv_budgets": "SpindleKV per-layer KV budget",

@@ -160,7 +160,7 @@ def task_label(record: dict[str, Any]) -> str:
 
 
 def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
-    """One row of the report table (see ``harness.report.COLUMNS``)."""
+    """One row of the report table (see ``harness.report.build.COLUMNS``)."""
     meas = record.get("measurements") or {}
     prov = record.get("provenance") or {}
     method = record["method"]

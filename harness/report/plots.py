@@ -4,11 +4,11 @@
   of the KV cache kept, one line per method, with the runs' Pareto front (the accuracy /
   memory trade-off);
 * ``fidelity_vs_kv_ratio__<model>__<task>.png``: the same for the token F1 of the outputs
-  against the full-cache run's (:mod:`harness.fidelity`);
+  against the full-cache run's (:mod:`harness.report.fidelity`);
 * ``latency__<model>__<task>.png``: mean prefill time and decode throughput per run;
 * ``memory__<model>__<task>.png``: KV bytes stored vs a full cache, and peak memory, per run;
-* per request, against context length: :mod:`harness.plots_context`;
-* SpindleKV's per-layer budgets and KV-Latent's head dim: :mod:`harness.plots_methods`.
+* per request, against context length: :mod:`harness.report.plots_context`;
+* SpindleKV's per-layer budgets and KV-Latent's head dim: :mod:`harness.report.plots_methods`.
 
 Figures are built with :class:`matplotlib.figure.Figure` (rendered by Agg on save), so
 nothing here touches pyplot's global state or the backend a notebook has chosen.
@@ -27,10 +27,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from harness.plot_common import FULL_METHOD, MB, method_colors, no_data, run_labels
-from harness.plots_context import CONTEXT_TITLES, has_context, plot_context
-from harness.plots_methods import METHOD_PLOTS, METHOD_TITLES
 from harness.records import slug
+from harness.report.plot_common import FULL_METHOD, MB, method_colors, no_data, run_labels
+from harness.report.plots_context import CONTEXT_TITLES, has_context, plot_context
+from harness.report.plots_methods import METHOD_PLOTS, METHOD_TITLES
 
 log = logging.getLogger("kvbench")
 

@@ -7,10 +7,10 @@ One row per run (model x method x task): the task's score, the KV bytes actually
 against what a full cache holds, prefill and decode speed, peak memory, provenance, and
 fidelity against the full-cache run of the same model, task and slice (``reference``,
 ``score_delta``, ``exact_match``, ``token_f1``, ``nll_increase``; see
-:mod:`harness.fidelity`). A record that cannot be read is listed and skipped, never fatal.
+:mod:`harness.report.fidelity`). A record that cannot be read is listed and skipped, never fatal.
 ``report.md`` holds the summary, the best score of each method at each measured KV ratio,
-and embeds the plots (:mod:`harness.plots`, :mod:`harness.plots_context`,
-:mod:`harness.plots_methods`).
+and embeds the plots (:mod:`harness.report.plots`, :mod:`harness.report.plots_context`,
+:mod:`harness.report.plots_methods`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import fidelity
 from harness.records import find_records, read_record
-from harness.report_tables import (
+from harness.report import fidelity
+from harness.report.tables import (
     best_by_kv_ratio,
     check,
     distinguishing_params,
@@ -166,7 +166,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
 
 def _plots_markdown(plots: dict[str, Path]) -> str:
     """The plots as ``![title](file.png)`` images, one section per (model, task)."""
-    from harness.plots import PLOT_TITLES
+    from harness.report.plots import PLOT_TITLES
 
     sections: dict[str, list[str]] = {}
     for stem, path in plots.items():
@@ -212,7 +212,7 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.csv``, ``report.parquet``, ``summary_by_kv_ratio.csv``, ``report.md``
     and the plots into ``out_dir``; returns ``{kind: path}`` (plots keyed by file stem)."""
-    from harness.plots import write_plots
+    from harness.report.plots import write_plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

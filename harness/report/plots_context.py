@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from harness.plot_common import no_data
+from harness.report.plot_common import no_data
 
 CONTEXT_TITLES = {"context": "latency and memory vs context length"}
 PANELS = (
