@@ -24,8 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load  # noqa: E402
-from harness.generation import greedy_generate  # noqa: E402
+from bench.common import generate, load  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
 METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "spindlekv")
@@ -42,11 +41,9 @@ def prompt_ids(tokenizer, length: int) -> torch.Tensor:
     raise ValueError(f"not enough text for {length} tokens")
 
 
-def measure(model, ids, method, decode_tokens: int, repeats: int) -> dict:
-    cache_methods = [] if method is None else [method]
+def measure(model, tokenizer, ids, method, decode_tokens: int, repeats: int) -> dict:
     runs = [
-        greedy_generate(model, ids, max_new_tokens=decode_tokens, cache_methods=cache_methods)
-        for _ in range(repeats)
+        generate(model, tokenizer, method, ids, decode_tokens).generation for _ in range(repeats)
     ]
     return {
         "prefill_s": min(r.prefill_s for r in runs),
@@ -68,17 +65,17 @@ def main() -> None:
 
     spec = load("model", args.model)
     model, tokenizer = spec.load()
-    greedy_generate(model, prompt_ids(tokenizer, 256), max_new_tokens=4)  # warm-up
+    generate(model, tokenizer, None, prompt_ids(tokenizer, 256), 4)  # warm-up
     rows = []
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
-        base = measure(model, ids, None, args.decode_tokens, args.repeats)
+        base = measure(model, tokenizer, ids, None, args.decode_tokens, args.repeats)
         for name in args.methods:
             if name == "full":
                 result = base
             else:
                 method = load("method", name, ratio=args.ratio)
-                result = measure(model, ids, method, args.decode_tokens, args.repeats)
+                result = measure(model, tokenizer, ids, method, args.decode_tokens, args.repeats)
             rows.append(
                 {
                     "context": length,

@@ -1,18 +1,29 @@
-"""What every bench script needs: a config group entry built as kvbench builds it."""
+"""What every bench script needs: config entries built as kvbench builds them, and one measured
+generation under a method through kvbench's one way of applying methods."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from harness.api import build
+from harness.session import Generated, apply
+
+load = build  # ``load("model", "smollm2_135m")``: a config group entry, instantiated
 
 
-def load(group: str, name: str, **overrides: Any) -> Any:
-    """``conf/<group>/<name>.yaml`` with ``overrides``, instantiated (a ModelSpec, a method,
-    a TaskSpec) without Hydra's composition: one object, nothing loaded yet."""
-    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"), overrides)
-    return instantiate(cfg, _convert_="all")
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    method: Any,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    **generate_kwargs: Any,
+) -> Generated:
+    """Greedy generation of ``ids`` (1, S) under ``method`` (None: the full cache), measured
+    as kvbench measures a request (window sized so that nothing is truncated)."""
+    method = method if method is not None else build("method", "full")
+    window = ids.shape[1] + max_new_tokens
+    with apply(method, model, tokenizer, max_length=window) as session:
+        return session.generate(ids[0].tolist(), max_new_tokens=max_new_tokens, **generate_kwargs)

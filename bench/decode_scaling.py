@@ -29,9 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cache_costs import prompt_ids  # noqa: E402
-from bench.common import load  # noqa: E402
-from harness.generation import greedy_generate  # noqa: E402
-from harness.measure import PeakMemory  # noqa: E402
+from bench.common import generate, load  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
 METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "spindlekv", "knorm")
@@ -58,16 +56,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def measure(model, ids, method, decode_tokens: int, repeats: int) -> dict:
-    peak = PeakMemory(model.device)
+def measure(model, tokenizer, ids, method, decode_tokens: int, repeats: int) -> dict:
     best: dict = {}
     for _ in range(repeats):
-        peak.reset()
-        run = greedy_generate(
-            model, ids, max_new_tokens=decode_tokens, cache_methods=[method] if method else []
-        )
+        out = generate(model, tokenizer, method, ids, decode_tokens)
+        run = out.generation
         per_token = run.decode_s / max(run.decode_steps, 1)
-        peak_bytes = peak.peak_bytes()
+        peak_bytes = out.measurement.peak_memory_bytes
         if not best or per_token < best["decode_s"]:
             best |= {"decode_s": per_token, "kv_bytes": run.kv_bytes_final, "tokens": run.tokens}
         best["prefill_s"] = min(best.get("prefill_s", float("inf")), run.prefill_s)
@@ -86,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load("model", args.model).load()
-    greedy_generate(model, prompt_ids(tokenizer, 256), max_new_tokens=4)  # warm-up
+    generate(model, tokenizer, None, prompt_ids(tokenizer, 256), 4)  # warm-up
     bandwidth = copy_bandwidth()
     weights = weight_bytes(model)
     rows = []
@@ -95,7 +90,7 @@ def main() -> None:
         base = None
         for name in ["full"] + [m for m in args.methods if m != "full"]:
             method = None if name == "full" else load("method", name, ratio=args.ratio)
-            result = measure(model, ids, method, args.decode_tokens, args.repeats)
+            result = measure(model, tokenizer, ids, method, args.decode_tokens, args.repeats)
             bound = (weights + result["kv_bytes"]) / bandwidth
             base = base or {**result, "bound": bound}
             if name not in args.methods:

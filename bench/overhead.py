@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import load  # noqa: E402
 from harness.lm import KVBenchLM  # noqa: E402
-from harness.measure import KVLayout  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
+from harness.session import apply  # noqa: E402
 
 
 def timed_eval(lm, task, limit: int, max_gen_toks: int) -> tuple[float, list]:
@@ -62,16 +62,15 @@ def main() -> None:
     task = load("task", args.task)
     model, tokenizer = spec.load()
     config = spec.load_config()
-    ours = KVBenchLM(
-        model,
-        tokenizer,
-        max_length=spec.context_length(config),
-        kv_layout=KVLayout.from_config(config, spec.torch_dtype),
-        truncation=task.truncation,
-    )
     hf = HFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=spec.context_length(config)
     )
+    full = load("method", "full")
+    with apply(full, model, tokenizer, max_length=spec.context_length(config)) as session:
+        compare(KVBenchLM(session, truncation=task.truncation), hf, task, args, model)
+
+
+def compare(ours, hf, task, args, model) -> None:
     timed_eval(ours, task, 1, 8)  # warm-up: first-call allocations, task index
     times: dict[str, list[float]] = {"lm-eval hf": [], "kvbench": []}
     outputs = {}

@@ -1,15 +1,15 @@
-"""The generation loop kvbench owns: prefill, let cache methods shrink the cache, then
-greedy decoding with explicit positions that continue from the true sequence length.
+"""The generation loop kvbench owns: prefill (cache methods applied to the model shrink the
+cache through their hooks), then greedy decoding with explicit positions that continue from
+the true sequence length.
 
 Batch size is 1: every request gets its own cache, so per-request measurements (KV bytes,
 peak memory, prefill and decode time) are exact and methods may give each request a
-different budget.
+different budget. Methods are applied around these functions by :func:`harness.session.apply`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,6 @@ from torch import nn
 from transformers import DynamicCache
 
 from harness.measure import stored_kv_bytes, synchronized_clock
-from methods.base import CacheMethod
 
 
 @dataclass
@@ -36,15 +35,6 @@ class Generation:
     last_logits: torch.Tensor  # (vocab,) the logits the last token was chosen from
 
 
-@contextmanager
-def cache_methods_applied(model: nn.Module, methods: Sequence[CacheMethod]) -> Iterator[None]:
-    """Register every cache method's hooks; all are removed on exit, even on error."""
-    with ExitStack() as stack:
-        for method in methods:
-            stack.enter_context(method.apply(model))
-        yield
-
-
 def new_cache(model: nn.Module) -> DynamicCache:
     return DynamicCache(config=model.config)
 
@@ -59,7 +49,6 @@ def greedy_generate(
     input_ids: torch.Tensor,
     *,
     max_new_tokens: int,
-    cache_methods: Sequence[CacheMethod] = (),
     eos_token_ids: Sequence[int] = (),
     should_stop: Callable[[list[int]], bool] | None = None,
 ) -> Generation:
@@ -73,30 +62,29 @@ def greedy_generate(
     prompt_len = input_ids.shape[1]
     cache = new_cache(model)
     eos = set(eos_token_ids)
-    with cache_methods_applied(model, cache_methods):
-        start = synchronized_clock(device)
+    start = synchronized_clock(device)
+    logits = model(
+        input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+    ).logits
+    prefill_end = synchronized_clock(device)
+    kv_prefill = stored_kv_bytes(cache)
+    tokens: list[int] = []
+    position = prompt_len
+    while True:
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+        if token in eos or len(tokens) >= max_new_tokens:
+            break
+        if should_stop is not None and should_stop(tokens):
+            break
         logits = model(
-            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=torch.tensor([[token]], device=device),
+            position_ids=_position(position, device),
+            past_key_values=cache,
+            use_cache=True,
         ).logits
-        prefill_end = synchronized_clock(device)
-        kv_prefill = stored_kv_bytes(cache)
-        tokens: list[int] = []
-        position = prompt_len
-        while True:
-            token = int(logits[0, -1].argmax())
-            tokens.append(token)
-            if token in eos or len(tokens) >= max_new_tokens:
-                break
-            if should_stop is not None and should_stop(tokens):
-                break
-            logits = model(
-                input_ids=torch.tensor([[token]], device=device),
-                position_ids=_position(position, device),
-                past_key_values=cache,
-                use_cache=True,
-            ).logits
-            position += 1
-        end = synchronized_clock(device)
+        position += 1
+    end = synchronized_clock(device)
     return Generation(
         tokens=tokens,
         prompt_tokens=prompt_len,
@@ -126,42 +114,41 @@ def score_continuation(
     context_ids: list[int],
     continuation_ids: list[int],
     *,
-    cache_methods: Sequence[CacheMethod] = (),
+    stepwise: bool = False,
 ) -> Scored:
     """Sum of log p(continuation | context) under the model.
 
-    With no cache method the whole sequence goes through one forward pass (as lm-eval's
-    ``hf`` backend does). With cache methods the context is prefilled (and compressed),
-    then the continuation is fed one token at a time at its true positions, so every
-    layer sees exactly the keys the method kept.
+    By default the whole sequence goes through one forward pass (as lm-eval's ``hf``
+    backend does). ``stepwise`` (with cache methods applied) prefills the context (which the
+    methods compress), then feeds the continuation one token at a time at its true
+    positions, so every layer sees exactly the keys the method kept.
     """
     device = next(model.parameters()).device
     cache = new_cache(model)
     cont = torch.tensor(continuation_ids, device=device)
-    with cache_methods_applied(model, cache_methods):
-        start = synchronized_clock(device)
-        if not cache_methods:
-            ids = torch.tensor([context_ids + continuation_ids[:-1]], device=device)
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-            logits = logits[0, -len(continuation_ids) :]
-            prefill_end = synchronized_clock(device)
-        else:
-            ids = torch.tensor([context_ids], device=device)
-            steps = [
-                model(
-                    input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-                ).logits[0, -1]
+    start = synchronized_clock(device)
+    if not stepwise:
+        ids = torch.tensor([context_ids + continuation_ids[:-1]], device=device)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = logits[0, -len(continuation_ids) :]
+        prefill_end = synchronized_clock(device)
+    else:
+        ids = torch.tensor([context_ids], device=device)
+        steps = [
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[
+                0, -1
             ]
-            prefill_end = synchronized_clock(device)
-            for offset, token in enumerate(continuation_ids[:-1]):
-                out = model(
-                    input_ids=torch.tensor([[token]], device=device),
-                    position_ids=_position(len(context_ids) + offset, device),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                steps.append(out.logits[0, -1])
-            logits = torch.stack(steps)
+        ]
+        prefill_end = synchronized_clock(device)
+        for offset, token in enumerate(continuation_ids[:-1]):
+            out = model(
+                input_ids=torch.tensor([[token]], device=device),
+                position_ids=_position(len(context_ids) + offset, device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            steps.append(out.logits[0, -1])
+        logits = torch.stack(steps)
     logprobs = F.log_softmax(logits.float(), dim=-1)
     return Scored(
         logprob=float(logprobs.gather(1, cont.unsqueeze(1)).sum()),

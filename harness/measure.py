@@ -82,6 +82,43 @@ class KVLayout:
         return total * self.dtype_bytes
 
 
+@dataclass
+class RequestMeasurement:
+    """What one request cost. Byte counts are of the KV cache; ``kv_full_*`` is what an
+    unmodified model's full cache holds for the same (uncompressed) prompt."""
+
+    task: str
+    doc_id: int
+    request_type: str
+    prompt_tokens_original: int
+    prompt_tokens: int
+    truncated_tokens: int
+    prompt_method_s: float
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    generated_tokens: int
+    kv_bytes_prefill: int
+    kv_bytes_final: int
+    kv_full_bytes_prefill: int
+    kv_full_bytes_final: int
+    peak_memory_bytes: int
+    # with prompt methods only (None otherwise): the compressible part (demonstrations,
+    # context) in the target model's tokens before/after them, the rate of it they were
+    # asked to remove, the rate removed (in target tokens), the rate removed in the
+    # methods' own (compressor) tokens, and the compressor's forward passes
+    compressible_tokens_original: int | None = None
+    compressible_tokens: int | None = None
+    prompt_rate_requested: float | None = None
+    prompt_rate_achieved: float | None = None
+    compressor_rate_achieved: float | None = None
+    compressor_passes: int | None = None
+    # with a reference answer only (TaskSpec.reference_field): its mean NLL in nats per
+    # token, teacher-forced after the prompt the model saw, under the same cache methods
+    reference_nll: float | None = None
+    reference_tokens: int | None = None
+
+
 class PeakMemory:
     """Peak memory of one request: ``max_memory_allocated`` on CUDA, peak RSS on CPU.
 

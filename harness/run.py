@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import records, results
 from harness.lm import KVBenchLM
-from harness.measure import KVLayout
 from harness.models import ModelSpec
 from harness.provenance import now, provenance
+from harness.session import Session, apply
 from harness.taskspec import TaskSpec
-from methods.base import CacheMethod, Method, ModelMethod, PromptMethod
+from methods.base import Method
 
 log = logging.getLogger("kvbench")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -64,47 +64,40 @@ def execute(cfg: DictConfig) -> Path:
         return folder
     model_config = model_spec.load_config()
     method.validate_for(model_config)
-    methods = method.flatten()
     started, clock = now(), time.perf_counter()
 
     model, tokenizer = model_spec.load()
-    kv_layout = KVLayout.from_config(model_config, model_spec.torch_dtype)
-    for m in methods:
-        if isinstance(m, ModelMethod):
-            model = m.apply(model, tokenizer)
-    for m in methods:
-        if isinstance(m, PromptMethod):
-            m.prepare(model, tokenizer)
-    lm = KVBenchLM(
+    with apply(
+        method,
         model,
         tokenizer,
         max_length=model_spec.context_length(model_config),
-        kv_layout=kv_layout,
-        cache_methods=[m for m in methods if isinstance(m, CacheMethod)],
-        prompt_methods=[m for m in methods if isinstance(m, PromptMethod)],
-        split_prompt=task.split_prompt,
-        truncation=task.truncation,
-        max_gen_toks=cfg.run.max_gen_toks,
         add_bos_token=cfg.run.add_bos_token,
-        reference_answer=task.reference_answer,
-        reference_tokens=task.reference_tokens,
-    )
-    output = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=task.task_names(),
-        task_manager=task.task_manager(),
-        limit=task.limit,
-        num_fewshot=task.num_fewshot,
-        log_samples=True,
-        bootstrap_iters=cfg.run.bootstrap_iters,
-        random_seed=cfg.run.seed,
-        numpy_random_seed=cfg.run.seed,
-        torch_random_seed=cfg.run.seed,
-        fewshot_random_seed=cfg.run.seed,
-    )
-    record = make_record(cfg, model_spec, model_config, method, task, lm, output)
+    ) as session:
+        lm = KVBenchLM(
+            session,
+            split_prompt=task.split_prompt,
+            truncation=task.truncation,
+            max_gen_toks=cfg.run.max_gen_toks,
+            reference_answer=task.reference_answer,
+            reference_tokens=task.reference_tokens,
+        )
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task.task_names(),
+            task_manager=task.task_manager(),
+            limit=task.limit,
+            num_fewshot=task.num_fewshot,
+            log_samples=True,
+            bootstrap_iters=cfg.run.bootstrap_iters,
+            random_seed=cfg.run.seed,
+            numpy_random_seed=cfg.run.seed,
+            torch_random_seed=cfg.run.seed,
+            fewshot_random_seed=cfg.run.seed,
+        )
+    record = make_record(cfg, model_spec, model_config, method, task, session, output)
     record["provenance"] = {
-        **provenance(lm.device, cfg.run.seed),
+        **provenance(session.device, cfg.run.seed),
         "started_at": started,
         "finished_at": now(),
         "wall_s": time.perf_counter() - clock,
@@ -128,11 +121,11 @@ def make_record(
     model_config: Any,
     method: Method,
     task: TaskSpec,
-    lm: KVBenchLM,
+    session: Session,
     output: dict[str, Any],
 ) -> dict[str, Any]:
     text_config = model_config.get_text_config()
-    rows = lm.measurement_rows()
+    rows = session.measurement_rows()
     names = task.task_names()
     return {
         "schema_version": records.SCHEMA_VERSION,
@@ -142,15 +135,15 @@ def make_record(
             "name": model_spec.name,
             "num_layers": text_config.num_hidden_layers,
             "num_kv_heads": getattr(text_config, "num_key_value_heads", None),
-            "head_dim": lm.kv_layout.layers[0][1],
+            "head_dim": session.kv_layout.layers[0][1],
             "dtype": model_spec.dtype,
-            "device": str(lm.device),
+            "device": str(session.device),
             "attn_implementation": model_spec.attn_implementation,
-            "max_length": lm.max_length,
+            "max_length": session.max_length,
         },
         "method": {
             "name": method.name,
-            "kinds": sorted({m.kind for m in method.flatten()}),
+            "kinds": sorted(method.kinds()),
             "params": method.params(),
         },
         "task": {

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harness.session import TRUNCATIONS
 from harness.tasks import TASKS_DIR, local_data
 from methods.base import PromptParts
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
 SOURCES = ("local", "hub")
-TRUNCATIONS = ("left", "middle")
 # The most few-shot examples a task has: BBH ships 3 CoT examples per subtask, LongBench none.
 MAX_FEWSHOT = {"bbh": 3, "longbench_qasper": 0, "longbench_multi_news": 0}
 

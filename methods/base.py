@@ -1,10 +1,19 @@
-"""The method interface: three kinds of KV reduction, one small dataclass each.
+"""The method interface: three kinds of KV reduction, one small dataclass each, one way in.
 
-| kind   | acts on                                  | hook the runner calls                       |
+| kind   | acts on                                  | what it implements                          |
 |--------|------------------------------------------|---------------------------------------------|
 | prompt | the request text before tokenising        | ``prepare(model, tokenizer)``, ``compress(prompt)`` |
-| cache  | the KV cache while a request is processed | ``apply(model)`` context manager            |
-| model  | the attention weights and shapes, once    | ``apply(model, tokenizer)``                 |
+| cache  | the KV cache while a request is processed | ``apply(model)``: hooks, a context manager   |
+| model  | the attention weights and shapes, once    | ``apply(model, tokenizer)``: the new model  |
+
+Every method, of any kind, and every :class:`Compose` of methods is used the same way::
+
+    with method.applied(model, tokenizer) as model:   # model methods may return a new model
+        text = method.compress_prompt(parts).text      # prompt methods (others: unchanged)
+        model(...)                                     # cache methods act through their hooks
+
+:meth:`Method.enter` is the one mechanism underneath (``harness.session.apply`` builds its
+measured session on it); callers never ask what kind of method they hold.
 
 A method validates its own fields in ``__post_init__`` (so a bad config fails before
 any model loads) and, where it depends on the model's shapes, in
@@ -17,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,6 +76,36 @@ class Method:
     def flatten(self) -> list[Method]:
         return [self]
 
+    def kinds(self) -> set[str]:
+        """The kinds of method this is made of (``{"cache"}``, ``{"prompt", "cache"}``, ...)."""
+        return {m.kind for m in self.flatten()}
+
+    def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
+        """Apply the method to ``model`` until ``stack`` closes; return the model to run.
+
+        The one mechanism behind :meth:`applied` (and the harness's measured session):
+        each kind implements it once, :class:`Compose` enters its members in order.
+        """
+        raise NotImplementedError
+
+    @contextmanager
+    def applied(self, model: nn.Module, tokenizer: Any = None) -> Iterator[nn.Module]:
+        """``with method.applied(model, tokenizer) as model:`` the method acts on ``model``
+        inside the block; hooks are removed on exit, even on error. A model method changes
+        the model in place and for good (it is not restored on exit)."""
+        with ExitStack() as stack:
+            yield self.enter(stack, model, tokenizer)
+
+    def compress_prompt(self, prompt: PromptParts) -> PromptParts:
+        """The prompt to send: prompt methods shorten ``prompt.compressible``; other methods
+        return it unchanged. Call inside :meth:`applied`."""
+        return prompt
+
+    def prompt_stats(self) -> dict[str, float] | None:
+        """What the last :meth:`compress_prompt` asked for and did (see
+        :meth:`PromptMethod.last_stats`); None when no prompt method ran."""
+        return None
+
 
 @dataclass
 class PromptParts:
@@ -94,6 +133,21 @@ class PromptMethod(Method):
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
         """Called once with the benchmarked model (a compressor may reuse it)."""
 
+    def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
+        self.prepare(model, tokenizer)
+        return model
+
+    def compress_prompt(self, prompt: PromptParts) -> PromptParts:
+        text = self.compress(prompt)
+        if not text.endswith(prompt.protected):
+            raise RuntimeError(
+                f"prompt method {self.name!r} changed the protected end of the prompt"
+            )
+        return PromptParts(text[: len(text) - len(prompt.protected)], prompt.protected)
+
+    def prompt_stats(self) -> dict[str, float] | None:
+        return self.last_stats()
+
     def compress(self, prompt: PromptParts) -> str:
         """Return the prompt to send to the model (``prompt.protected`` kept verbatim)."""
         raise NotImplementedError
@@ -118,6 +172,10 @@ class CacheMethod(Method):
     """
 
     kind: ClassVar[str] = "cache"
+
+    def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
+        stack.enter_context(self.apply(model))
+        return model
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
@@ -191,16 +249,21 @@ class ModelMethod(Method):
 
     kind: ClassVar[str] = "model"
 
+    def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
+        return self.apply(model, tokenizer)
+
     def apply(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+        """Change ``model`` (in place where possible) and return the model to run."""
         raise NotImplementedError
 
 
 @dataclass
 class Compose(Method):
-    """Several methods at once, e.g. a prompt method and a cache method.
+    """Several methods at once, e.g. a prompt method and a cache method; itself a method.
 
-    Model methods are applied in list order; prompt methods run in list order on each
-    request; every cache method's hooks are registered and act in list order per layer.
+    Entering it applies the model methods first (in list order), then prepares the prompt
+    methods on the resulting model, then registers every cache method's hooks (acting in
+    list order per layer). Prompt methods shorten each request in list order.
     """
 
     methods: list[Method] = field(default_factory=list)
@@ -208,6 +271,7 @@ class Compose(Method):
     def __post_init__(self) -> None:
         if not self.name:
             self.name = "+".join(m.name for m in self.methods) or "full"
+        self._stats: list[dict[str, float]] = []  # the prompt members' last stats
         for m in self.methods:
             if not isinstance(m, Method):
                 raise MethodConfigError(
@@ -224,6 +288,40 @@ class Compose(Method):
 
     def flatten(self) -> list[Method]:
         return [leaf for m in self.methods for leaf in m.flatten()]
+
+    def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
+        leaves = self.flatten()
+        for kind in ("model", "prompt", "cache"):
+            for method in leaves:
+                if method.kind == kind:
+                    model = method.enter(stack, model, tokenizer)
+        return model
+
+    def compress_prompt(self, prompt: PromptParts) -> PromptParts:
+        self._stats = []
+        for method in self.flatten():
+            prompt = method.compress_prompt(prompt)
+            stats = method.prompt_stats()
+            if stats is not None:
+                self._stats.append(stats)
+        return prompt
+
+    def prompt_stats(self) -> dict[str, float] | None:
+        """The members' stats combined: rates compose multiplicatively (each removes its
+        share of what the previous left), passes and seconds add up."""
+        stats = self._stats
+        if not stats:
+            return None
+        kept_requested = kept_achieved = 1.0
+        for s in stats:
+            kept_requested *= 1.0 - s.get("requested_rate", 0.0)
+            kept_achieved *= 1.0 - s.get("achieved_rate", 0.0)
+        return {
+            "requested_rate": 1.0 - kept_requested,
+            "achieved_rate": 1.0 - kept_achieved,
+            "compressor_passes": sum(s.get("compressor_passes", 0) for s in stats),
+            "compress_s": sum(s.get("compress_s", 0.0) for s in stats),
+        }
 
 
 def cache_of(kwargs: dict) -> Any:

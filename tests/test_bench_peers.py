@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.peers.kept import kept_positions
-from harness.generation import cache_methods_applied, new_cache
+from harness.generation import new_cache
 from methods.cache.knorm import KeyNorm
 from methods.cache.scorer import top_indices
 
@@ -34,7 +34,7 @@ def test_kept_positions_of_a_method_are_its_top_scores(tiny_gqa):
     ids = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(1))
     full, kept = new_cache(model), new_cache(model)
     model(input_ids=ids, past_key_values=full, use_cache=True)
-    with cache_methods_applied(model, [KeyNorm(budget=20)]):
+    with KeyNorm(budget=20).applied(model):
         model(input_ids=ids, past_key_values=kept, use_cache=True)
     for full_layer, kept_layer in zip(full.layers, kept.layers, strict=True):
         positions, error = kept_positions(full_layer.keys[0], kept_layer.keys[0])

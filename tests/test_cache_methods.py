@@ -9,10 +9,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from harness.generation import cache_methods_applied, greedy_generate
+from harness.generation import greedy_generate
 from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
-from methods.base import CacheMethod, MethodConfigError
+from methods.base import CacheMethod, Compose, MethodConfigError
 from methods.cache.attention import apply_rope, attention_probs
 from methods.cache.codebook import Codebook, CodebookLayer, greedy_cover
 from methods.cache.h2o import H2O
@@ -56,7 +56,7 @@ def prompt(n: int = PROMPT, seed: int = 0) -> torch.Tensor:
 def run(model, ids, methods=(), steps=3, extra=None) -> tuple[torch.Tensor, DynamicCache]:
     """Greedy prefill + ``steps`` decoding steps at the true positions: (logits, cache)."""
     cache = DynamicCache(config=model.config)
-    with cache_methods_applied(model, methods):
+    with Compose(methods=list(methods)).applied(model):
         logits = [model(input_ids=ids, past_key_values=cache).logits[0, -1]]
         for t in range(steps):
             token = extra[t] if extra is not None else logits[-1].argmax()
@@ -143,9 +143,8 @@ def test_ratio_one_is_the_full_cache(kind, name):
     same, cache = run(model, ids, [METHODS[name](ratio=1.0)])
     assert torch.equal(full, same)
     assert lengths(cache)[1] == PROMPT + 3
-    generated = greedy_generate(
-        model, ids, max_new_tokens=5, cache_methods=[METHODS[name](ratio=1.0)]
-    )
+    with METHODS[name](ratio=1.0).applied(model):
+        generated = greedy_generate(model, ids, max_new_tokens=5)
     assert generated.tokens == greedy_generate(model, ids, max_new_tokens=5).tokens
 
 
@@ -332,7 +331,8 @@ def test_gemma3_sliding_layers_are_left_alone():
         assert max(full) < 40 + 2, name
         if name == "spindlekv":
             assert all(isinstance(layer, CodebookLayer) for layer in cache.layers[1::2])
-        out = greedy_generate(model, ids, max_new_tokens=3, cache_methods=[make(ratio=0.4)])
+        with make(ratio=0.4).applied(model):
+            out = greedy_generate(model, ids, max_new_tokens=3)
         assert len(out.tokens) == 3 and out.kv_bytes_prefill < full_bytes, name
 
 
@@ -340,6 +340,6 @@ def test_gemma3_sliding_layers_are_left_alone():
 def test_a_cache_method_run_without_a_cache_fails_instead_of_doing_nothing(tiny_gqa):
     model, _ = tiny_gqa
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
-    with cache_methods_applied(model, [StreamingLLM(budget=8)]):
+    with StreamingLLM(budget=8).applied(model):
         with pytest.raises(RuntimeError, match="called without a KV cache"):
             model(input_ids=ids, use_cache=False)

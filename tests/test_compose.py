@@ -22,10 +22,10 @@ def test_kvlatent_keys_under_an_attention_scoring_cache_method(cache_method):
     method = Compose(
         methods=[KVLatent(variant="kv", dim=8, rope="frequency_aware", train=False), cache_method]
     )
-    model = method.methods[0].apply(model, tokenizer)
     ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
-    full = greedy_generate(model, ids, max_new_tokens=4)
-    gen = greedy_generate(model, ids, max_new_tokens=4, cache_methods=[cache_method])
+    with method.applied(model, tokenizer) as reduced:  # KV-Latent's heads, then the hooks
+        gen = greedy_generate(reduced, ids, max_new_tokens=4)
+    full = greedy_generate(reduced, ids, max_new_tokens=4)  # hooks removed, the heads stay
     # 4 layers x 2 KV heads x (8 + 8) dims x 4 bytes per token
     assert full.kv_bytes_prefill == 4 * 2 * 16 * 4 * 64
     assert 0 < gen.kv_bytes_prefill < full.kv_bytes_prefill

@@ -72,9 +72,8 @@ def test_decoding_after_eviction_uses_true_positions(tiny_gqa):
     model, _ = tiny_gqa
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
     kept = torch.tensor([0, *range(33, 40)])
-    gen = greedy_generate(
-        model, ids, max_new_tokens=8, cache_methods=[StreamingLLM(budget=8, sinks=1)]
-    )
+    with StreamingLLM(budget=8, sinks=1).applied(model):
+        gen = greedy_generate(model, ids, max_new_tokens=8)
     true_tokens, true_logits = _manual_decode(model, ids, kept, first_position=40, steps=8)
     _, restarted_logits = _manual_decode(model, ids, kept, first_position=8, steps=8)
     assert gen.tokens == true_tokens
@@ -86,7 +85,8 @@ def test_decoding_after_eviction_uses_true_positions(tiny_gqa):
 def test_streamingllm_keeps_sinks_and_recent_tokens(tiny_gqa):
     model, _ = tiny_gqa
     ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(4))
-    gen = greedy_generate(model, ids, max_new_tokens=1, cache_methods=[StreamingLLM(ratio=0.2)])
+    with StreamingLLM(ratio=0.2).applied(model):
+        gen = greedy_generate(model, ids, max_new_tokens=1)
     assert gen.kv_bytes_prefill == full_cache_formula(model.config, 10)
     full = greedy_generate(model, ids, max_new_tokens=1)
     assert gen.kv_bytes_prefill / full.kv_bytes_prefill == pytest.approx(0.2)
@@ -101,9 +101,8 @@ def test_score_continuation_matches_single_pass_and_cache_path(tiny_mha):
     logprobs = torch.log_softmax(logits, -1)
     manual = sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(continuation))
     assert one_pass.logprob == pytest.approx(manual, abs=1e-4)
-    stepwise = score_continuation(
-        model, context, continuation, cache_methods=[StreamingLLM(ratio=1.0)]
-    )
+    with StreamingLLM(ratio=1.0).applied(model):
+        stepwise = score_continuation(model, context, continuation, stepwise=True)
     assert stepwise.logprob == pytest.approx(one_pass.logprob, abs=1e-4)
     assert stepwise.is_greedy == one_pass.is_greedy
 

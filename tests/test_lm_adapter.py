@@ -4,16 +4,19 @@ log-likelihoods as lm-eval's own `hf` backend on the same model, task and slice.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lm_eval
 import pytest
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from harness.lm import KVBenchLM, truncate
-from harness.measure import KVLayout
+from harness.lm import KVBenchLM
+from harness.session import apply, truncate
 from harness.taskspec import TaskSpec
 from methods.cache.streamingllm import StreamingLLM
+from methods.full import FullCache
 
 BOOLEAN_MC = {
     "task": "kvbench_test_boolean_mc",
@@ -48,14 +51,11 @@ def evaluate(lm, task: TaskSpec, limit: int, max_gen_toks: int) -> dict:
     )
 
 
-def adapter(model, tokenizer, **kwargs) -> KVBenchLM:
-    return KVBenchLM(
-        model,
-        tokenizer,
-        max_length=2048,
-        kv_layout=KVLayout.from_config(model.config, torch.float32),
-        **kwargs,
-    )
+@contextmanager
+def adapter(model, tokenizer, method=None, **kwargs) -> Iterator[KVBenchLM]:
+    """The adapter over a session with ``method`` (default: the full cache) applied."""
+    with apply(method or FullCache(), model, tokenizer, max_length=2048) as session:
+        yield KVBenchLM(session, **kwargs)
 
 
 def outputs(result: dict, task: str) -> list:
@@ -67,7 +67,8 @@ def outputs(result: dict, task: str) -> list:
 
 def assert_same_as_hf(model, tokenizer, limit: int, max_gen_toks: int) -> None:
     task = gsm8k_task()
-    ours = evaluate(adapter(model, tokenizer), task, limit, max_gen_toks)
+    with adapter(model, tokenizer) as lm:
+        ours = evaluate(lm, task, limit, max_gen_toks)
     hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=2048)
     theirs = evaluate(hf, task, limit, max_gen_toks)
     assert outputs(ours, "kvbench_gsm8k") == outputs(theirs, "kvbench_gsm8k")
@@ -93,9 +94,10 @@ def test_loglikelihood_matches_hf_backend(tiny_mha, tmp_path):
         )
     )
     config = {**BOOLEAN_MC, "dataset_kwargs": {"data_files": {"train": str(data)}}}
-    ours = lm_eval.simple_evaluate(
-        model=adapter(model, tokenizer), tasks=[config], log_samples=True, bootstrap_iters=0
-    )
+    with adapter(model, tokenizer) as lm:
+        ours = lm_eval.simple_evaluate(
+            model=lm, tasks=[config], log_samples=True, bootstrap_iters=0
+        )
     hf = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=2048)
     theirs = lm_eval.simple_evaluate(model=hf, tasks=[config], log_samples=True, bootstrap_iters=0)
     name = BOOLEAN_MC["task"]
@@ -108,8 +110,8 @@ def test_loglikelihood_matches_hf_backend(tiny_mha, tmp_path):
 
 def test_adapter_measures_every_request(tiny_gqa):
     model, tokenizer = tiny_gqa
-    lm = adapter(model, tokenizer, cache_methods=[StreamingLLM(ratio=0.25)])
-    evaluate(lm, gsm8k_task(), limit=2, max_gen_toks=8)
+    with adapter(model, tokenizer, StreamingLLM(ratio=0.25)) as lm:
+        evaluate(lm, gsm8k_task(), limit=2, max_gen_toks=8)
     rows = lm.measurement_rows()
     assert [r["doc_id"] for r in rows] == [0, 1]
     for r in rows:
@@ -123,11 +125,14 @@ def test_adapter_measures_every_request(tiny_gqa):
 def test_reference_nll_is_the_teacher_forced_answer_nll(tiny_gqa):
     model, tokenizer = tiny_gqa
     task = TaskSpec(**{**vars(gsm8k_task()), "reference_field": "answer", "reference_tokens": 6})
-    lm = adapter(model, tokenizer, reference_answer=task.reference_answer, reference_tokens=6)
-    request = type("Request", (), {"doc": {"answer": ["ab c", "ignored"]}})()
-    ids = lm.tok_encode("Q: 1+1\nA:")
-    got = lm._reference_nll(request, ids)
-    answer = lm.tok_encode(" ab c", add_special_tokens=False)
+    with adapter(
+        model, tokenizer, reference_answer=task.reference_answer, reference_tokens=6
+    ) as lm:
+        request = type("Request", (), {"doc": {"answer": ["ab c", "ignored"]}})()
+        ids = lm.tok_encode("Q: 1+1\nA:")
+        got = lm._reference_nll(request, ids)
+        answer = lm.tok_encode(" ab c", add_special_tokens=False)
+        empty = lm._reference_nll(type("Request", (), {"doc": {"answer": ""}})(), ids)
     with torch.no_grad():
         logits = model(torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1]
     expected = -torch.log_softmax(logits, -1).gather(1, torch.tensor([answer]).T).mean()
@@ -135,22 +140,22 @@ def test_reference_nll_is_the_teacher_forced_answer_nll(tiny_gqa):
         "reference_nll": pytest.approx(float(expected), rel=1e-4),
         "reference_tokens": len(answer),
     }
-    assert lm._reference_nll(type("Request", (), {"doc": {"answer": ""}})(), ids) == {}
+    assert empty == {}
 
 
 def test_reference_nll_is_measured_under_the_cache_method_without_changing_outputs(tiny_gqa):
     model, tokenizer = tiny_gqa
     task = TaskSpec(**{**vars(gsm8k_task()), "reference_field": "answer", "reference_tokens": 8})
     runs = {}
-    for name, methods, reference in [
-        ("plain", [StreamingLLM(ratio=0.25)], None),
-        ("full", [], task.reference_answer),
-        ("stream", [StreamingLLM(ratio=0.25)], task.reference_answer),
+    for name, method, reference in [
+        ("plain", StreamingLLM(ratio=0.25), None),
+        ("full", None, task.reference_answer),
+        ("stream", StreamingLLM(ratio=0.25), task.reference_answer),
     ]:
-        lm = adapter(
-            model, tokenizer, cache_methods=methods, reference_answer=reference, reference_tokens=8
-        )
-        result = evaluate(lm, task, limit=2, max_gen_toks=8)
+        with adapter(
+            model, tokenizer, method, reference_answer=reference, reference_tokens=8
+        ) as lm:
+            result = evaluate(lm, task, limit=2, max_gen_toks=8)
         runs[name] = (outputs(result, "kvbench_gsm8k"), lm.measurement_rows())
     assert runs["plain"][0] == runs["stream"][0]
     assert all(r["reference_nll"] is None for r in runs["plain"][1])

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness.lm import KVBenchLM
-from harness.measure import KVLayout
 from harness.results import aggregate
+from harness.session import apply
 from harness.tasks import TASKS_DIR
 from methods.base import Compose, MethodConfigError, PromptParts
 from methods.prompt.compressor import Compressor, chunk_spans
@@ -268,22 +268,16 @@ def test_the_adapter_records_requested_and_achieved_rates(tiny, rendered):
     method = build("random_deletion", rate=0.3)
     composed = Compose(methods=[method, build("streamingllm")])
     assert [m.kind for m in composed.flatten()] == ["prompt", "cache"]
-    method.prepare(model, tokenizer)
-    lm = KVBenchLM(
-        model,
-        tokenizer,
-        max_length=4096,
-        kv_layout=KVLayout.from_config(model.config, torch.float32),
-        prompt_methods=[method],
-        split_prompt=spec("gsm8k").split_prompt,
-    )
+    split = spec("gsm8k").split_prompt
     prompt, question = rendered["gsm8k"]
-    text, seconds, fields = lm._apply_prompt_methods(prompt)
+    with apply(method, model, tokenizer, max_length=4096) as session:
+        text, seconds, fields = session.compress(split(prompt))
+        blank = session.compress(split("   "))
     assert text.endswith(question) and seconds > 0
     assert fields["prompt_rate_requested"] == pytest.approx(0.3)
     assert abs(fields["prompt_rate_achieved"] - 0.3) <= 0.02  # byte tokenizer: same tokens
     assert fields["compressible_tokens"] < fields["compressible_tokens_original"]
-    assert lm._apply_prompt_methods("   ") == ("   ", 0.0, {})
+    assert blank == ("   ", 0.0, {})
     summary = aggregate([fields, {}])  # a request without prompt methods has no such fields
     assert summary["prompt_rate_requested"]["n"] == 1
     assert summary["compressible_ratio"] == pytest.approx(1 - fields["prompt_rate_achieved"])
@@ -296,18 +290,11 @@ def test_a_prompt_too_long_for_the_window_is_truncated_before_it_is_compressed(t
 
     model, tokenizer = tiny
     method = build("random_deletion", rate=0.5)
-    method.prepare(model, tokenizer)
-    lm = KVBenchLM(
-        model,
-        tokenizer,
-        max_length=304,
-        kv_layout=KVLayout.from_config(model.config, torch.float32),
-        prompt_methods=[method],
-        split_prompt=spec("gsm8k").split_prompt,
-        truncation="middle",
-        max_gen_toks=4,
-    )
-    lm._generate_one(None, TEXT * 3 + QUESTION, {"until": ["\n\n"]}, "</s>")
+    with apply(method, model, tokenizer, max_length=304) as session:
+        lm = KVBenchLM(
+            session, split_prompt=spec("gsm8k").split_prompt, truncation="middle", max_gen_toks=4
+        )
+        lm._generate_one(None, TEXT * 3 + QUESTION, {"until": ["\n\n"]}, "</s>")
     [row] = lm.measurement_rows()
     assert row["prompt_tokens_original"] == 300  # 304 - 4 generated
     assert row["compressible_tokens_original"] == 300 - len(QUESTION)

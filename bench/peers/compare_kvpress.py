@@ -36,12 +36,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load  # noqa: E402
+from bench.common import generate, load  # noqa: E402
 from bench.peers.kept import kept_positions  # noqa: E402
 from bench.peers.peer_io import run_driver  # noqa: E402
-from harness.generation import cache_methods_applied, greedy_generate, new_cache  # noqa: E402
-from harness.lm import truncate  # noqa: E402
+from harness.generation import new_cache  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
+from harness.session import truncate  # noqa: E402
 from methods.cache.knorm import KeyNorm  # noqa: E402
 from methods.cache.snapkv import SnapKV  # noqa: E402
 from methods.cache.streamingllm import StreamingLLM  # noqa: E402
@@ -80,10 +80,10 @@ def agreement(ours: list[int], theirs: list[int]) -> float:
 
 
 @torch.inference_mode()
-def prefill(model, ids: torch.Tensor, methods=()) -> tuple[list, torch.Tensor]:
+def prefill(model, ids: torch.Tensor, method=None) -> tuple[list, torch.Tensor]:
     """(per-layer keys (H_kv, n, D) the cache stores after the prompt, next-token logits)."""
     cache = new_cache(model)
-    with cache_methods_applied(model, methods):
+    with (method or load("method", "full")).applied(model):
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return [layer.keys[0].clone() for layer in cache.layers], out.logits[0, -1].float()
 
@@ -115,12 +115,10 @@ def main() -> None:
     peer = run_driver(args.peer_python, "kvpress_driver.py", request, "out.pt", torch.load)
     theirs = {(r["label"], r["sample"]): r for r in peer["results"]}
 
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
     rows = []
     for index, sample in enumerate(samples):
         ids = torch.tensor([sample])
-        full = greedy_generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
+        full = generate(model, tokenizer, None, ids, args.max_new_tokens).generation
         full_keys, logits = prefill(model, ids)
         peer_full = theirs[("full", index)]
         rows.append(row("full", 1.0, full.tokens, full, logits, peer_full, None, None, 0.0))
@@ -128,16 +126,10 @@ def main() -> None:
             name, c = press["label"].rsplit("@", 1)
             n_kept = max(1, int(len(sample) * (1 - float(c))))
             method = PAIRS[name][2](n_kept)
-            keys, logits = prefill(model, ids, [method])
+            keys, logits = prefill(model, ids, method)
             matched = [kept_positions(f, k) for f, k in zip(full_keys, keys, strict=True)]
             positions, error = [p for p, _ in matched], max(e for _, e in matched)
-            ours = greedy_generate(
-                model,
-                ids,
-                max_new_tokens=args.max_new_tokens,
-                cache_methods=[method],
-                eos_token_ids=eos,
-            )
+            ours = generate(model, tokenizer, method, ids, args.max_new_tokens).generation
             peer_run = theirs[(press["label"], index)]
             rows.append(
                 row(name, 1 - float(c), ours.tokens, ours, logits, peer_run, positions,

@@ -113,6 +113,29 @@ def package_keys(tokenizer, demos: list[str], result: dict) -> Counter:
     return kept_keys(tokenizer, text, starts, positions)
 
 
+def compress_all(method, prompts: list, rate: float) -> tuple[list[dict], list[dict]]:
+    """Our side: each prompt compressed by ``method`` (applied), with what it kept, and the
+    request the package's driver gets for the same prompt."""
+    ours, requests, record = [], [], {}
+    recording(method, "select_text", record)
+    recording(method, "control_context_budget", record)
+    for index, parts in enumerate(prompts):
+        record.clear()
+        text = method.compress(parts)
+        ids, kept = record["select_text"]
+        pieces = split(parts.compressible, method.separator)
+        ours.append(
+            {"rate": rate, "prompt": index, "stats": method.last_stats(), "pieces": pieces,
+             "text": text.removesuffix(parts.protected), "kept": kept,
+             "used": record.get("control_context_budget", list(range(len(pieces))))}
+        )  # fmt: skip
+        requests.append(
+            {"demonstrations": [p.removesuffix(method.separator) for p in pieces],
+             "question": parts.protected, "target_token": method.kept_count(len(ids))}
+        )  # fmt: skip
+    return ours, requests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=5)
@@ -132,24 +155,10 @@ def main() -> None:
     ours, requests = [], []
     for rate in args.rates:
         method = load("method", "llmlingua", rate=rate)
-        method.prepare(model, tokenizer)
-        record: dict = {}
-        recording(method, "select_text", record)
-        recording(method, "control_context_budget", record)
-        for index, parts in enumerate(prompts):
-            record.clear()
-            text = method.compress(parts)
-            ids, kept = record["select_text"]
-            pieces = split(parts.compressible, method.separator)
-            ours.append(
-                {"rate": rate, "prompt": index, "stats": method.last_stats(), "pieces": pieces,
-                 "text": text.removesuffix(parts.protected), "kept": kept,
-                 "used": record.get("control_context_budget", list(range(len(pieces))))}
-            )  # fmt: skip
-            requests.append(
-                {"demonstrations": [p.removesuffix(method.separator) for p in pieces],
-                 "question": parts.protected, "target_token": method.kept_count(len(ids))}
-            )  # fmt: skip
+        with method.applied(model, tokenizer):
+            ours_rate, requests_rate = compress_all(method, prompts, rate)
+        ours += ours_rate
+        requests += requests_rate
     request = {
         "model_dir": spec.resolved_path(), "threads": args.threads,
         "iterative_size": method.iterative_size,

@@ -1,0 +1,355 @@
+"""The one way to run a model under KV-reduction methods and measure every request.
+
+::
+
+    from harness.session import apply
+
+    with apply(method, model, tokenizer) as session:
+        out = session.generate("Some long document ... Question: ...", max_new_tokens=32)
+        print(out.text, out.measurement.kv_bytes_prefill / out.measurement.kv_full_bytes_prefill)
+        logprob, is_greedy = session.loglikelihood("The capital of France is", " Paris")
+
+:func:`apply` enters the method (``Method.enter``: model methods change the model, prompt
+methods are prepared, cache methods' hooks are registered until the block ends) and yields a
+:class:`Session`. The session owns the request path every front door shares (the Hydra runner,
+lm-eval's ``--model kvbench``, the bench scripts, the notebook): fit the prompt into the window,
+let prompt methods shorten what may be shortened, prefill and decode greedily with kvbench's
+own loop (:mod:`harness.generation`), and measure what the request cost
+(:class:`RequestMeasurement`: KV bytes stored against a full cache, prefill and decode time,
+peak memory, prompt tokens before and after).
+
+Batch size is 1: every request gets its own KV cache, so its measurements are its own and
+cache methods may give each request its own budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.generation import Generation, greedy_generate, score_continuation
+from harness.measure import KVLayout, PeakMemory, RequestMeasurement, synchronized_clock
+from methods.base import Method, PromptParts
+
+TRUNCATIONS = ("left", "middle")
+
+
+@dataclass
+class Generated:
+    """One generation request: the text (decoded new tokens), the prompt ids the model saw,
+    the raw generation and its measurement."""
+
+    text: str
+    prompt_ids: list[int]
+    generation: Generation
+    measurement: RequestMeasurement
+
+
+@dataclass
+class PromptFit:
+    """A prompt fitted into the window and passed through the prompt methods."""
+
+    ids: list[int]  # what the model sees
+    original_tokens: int  # the prompt in the window before prompt methods
+    truncated_tokens: int  # removed by the window after prompt methods
+    prompt_method_s: float
+    fields: dict[str, Any] = field(default_factory=dict)  # the prompt-method fields
+
+
+def truncate(ids: list[int], limit: int, how: str) -> list[int]:
+    """Fit ``ids`` into ``limit`` tokens: ``left`` drops the start (lm-eval's ``hf``),
+    ``middle`` keeps the first and last halves (LongBench's ``pred.py``)."""
+    if len(ids) <= limit:
+        return ids
+    if how == "left":
+        return ids[-limit:]
+    head = limit // 2
+    return ids[:head] + ids[len(ids) - (limit - head) :]
+
+
+class Session:
+    """A model with a method applied: generates, scores and measures one request at a time.
+
+    Built by :func:`apply`; ``model`` is the model the method returned (a model method's
+    reduced model), ``kv_layout`` the full cache of the model *before* any model method (the
+    denominator of every KV ratio), ``measurements`` one :class:`RequestMeasurement` per
+    request, in order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        method: Method,
+        *,
+        kv_layout: KVLayout,
+        max_length: int,
+        add_bos_token: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = method
+        self.kv_layout = kv_layout
+        self.max_length = max_length
+        self.add_bos_token = add_bos_token
+        self.device = next(model.parameters()).device
+        self.peak_memory = PeakMemory(self.device)
+        self.measurements: list[RequestMeasurement] = []
+        self.compresses_prompts = "prompt" in method.kinds()
+        # every method but the untouched model scores continuations token by token, so the
+        # full cache and the methods are measured along the same path
+        self.stepwise_scoring = bool(method.kinds() & {"cache"})
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+
+    # --- tokenisation (as lm-eval's hf backend) ------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        kwargs = {}
+        if add_special_tokens is not None:
+            kwargs["add_special_tokens"] = add_special_tokens
+        elif self.add_bos_token is not None:
+            kwargs["add_special_tokens"] = self.add_bos_token
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos is not None and text.startswith(bos):
+            kwargs["add_special_tokens"] = False
+        return self.tokenizer.encode(text, **kwargs)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    # --- prompts -------------------------------------------------------------------------
+    def compress(self, prompt: PromptParts) -> tuple[str, float, dict[str, Any]]:
+        """(text, seconds, prompt fields of :class:`RequestMeasurement`) of ``prompt`` after
+        the prompt methods; unchanged (and no fields) without one or for an empty prompt."""
+        if not self.compresses_prompts or not prompt.text.strip():
+            return prompt.text, 0.0, {}
+        start = synchronized_clock(self.device)
+        parts = self.method.compress_prompt(prompt)
+        seconds = synchronized_clock(self.device) - start
+        stats = self.method.prompt_stats() or {}
+        before = len(self.encode(prompt.compressible, add_special_tokens=False))
+        after = len(self.encode(parts.compressible, add_special_tokens=False))
+        return (
+            parts.text,
+            seconds,
+            {
+                "compressible_tokens_original": before,
+                "compressible_tokens": after,
+                "prompt_rate_requested": stats.get("requested_rate", 0.0),
+                "prompt_rate_achieved": 1.0 - after / before if before else 0.0,
+                "compressor_rate_achieved": stats.get("achieved_rate", 0.0),
+                "compressor_passes": int(stats.get("compressor_passes", 0)),
+            },
+        )
+
+    def fit(
+        self,
+        prompt: str | PromptParts,
+        *,
+        max_context: int,
+        truncation: str = "left",
+        split: Callable[[str], PromptParts] | None = None,
+    ) -> PromptFit:
+        """The token ids the model sees for ``prompt``: cut to ``max_context`` tokens (a
+        prompt too long for the window is truncated first, so prompt methods' rates are of
+        the tokens sent), shortened by the prompt methods, then cut again if needed.
+
+        ``split`` tells prompt methods what they may shorten (the task's ``split_prompt``);
+        a :class:`PromptParts` prompt carries its own split; a plain text without ``split``
+        is compressible as a whole.
+        """
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation={truncation!r}: use one of {TRUNCATIONS}")
+        if isinstance(prompt, PromptParts):
+            split, prompt = _keep_protected(prompt), prompt.text
+        split = split or (lambda text: PromptParts(text, ""))
+        full_ids = self.encode(prompt)
+        original_ids = truncate(full_ids, max_context, truncation)
+        seen = prompt if len(original_ids) == len(full_ids) else self.decode(original_ids)
+        text, seconds, fields = self.compress(split(seen))
+        encoded = self.encode(text) if text != seen else original_ids
+        ids = truncate(encoded, max_context, truncation)
+        return PromptFit(ids, len(original_ids), len(encoded) - len(ids), seconds, fields)
+
+    # --- requests ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | PromptParts | Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        truncation: str = "left",
+        split: Callable[[str], PromptParts] | None = None,
+        should_stop: Callable[[list[int]], bool] | None = None,
+        tag: dict[str, Any] | None = None,
+    ) -> Generated:
+        """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (text, a
+        :class:`PromptParts` whose ``protected`` end prompt methods keep verbatim, or token
+        ids sent as they are). Stops at EOS, at any of ``stop`` in the decoded text, or when
+        ``should_stop(tokens)``. ``split``: see :meth:`fit`. ``tag`` (e.g. task and doc_id)
+        labels the measurement."""
+        max_context = self.max_length - max_new_tokens
+        if max_context <= 0:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for the prompt in "
+                f"max_length={self.max_length}: raise model.max_length or lower the tokens "
+                "generated (run.max_gen_toks)"
+            )
+        if isinstance(prompt, str | PromptParts):
+            fit = self.fit(prompt, max_context=max_context, truncation=truncation, split=split)
+        else:
+            ids = truncate(list(prompt), max_context, truncation)
+            fit = PromptFit(ids, len(ids), 0, 0.0)
+        stops = [s for s in stop if s]
+
+        def stopped(tokens: list[int]) -> bool:
+            if should_stop is not None and should_stop(tokens):
+                return True
+            return bool(stops) and any(s in self.decode(tokens) for s in stops)
+
+        self.peak_memory.reset()
+        gen = greedy_generate(
+            self.model,
+            torch.tensor([fit.ids], device=self.device),
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            should_stop=stopped if (stops or should_stop) else None,
+        )
+        measurement = self._record(
+            tag,
+            "generate_until",
+            prompt_tokens_original=fit.original_tokens,
+            prompt_tokens=len(fit.ids),
+            truncated_tokens=fit.truncated_tokens,
+            prompt_method_s=fit.prompt_method_s,
+            prefill_s=gen.prefill_s,
+            decode_s=gen.decode_s,
+            decode_steps=gen.decode_steps,
+            generated_tokens=len(gen.tokens),
+            kv_bytes_prefill=gen.kv_bytes_prefill,
+            kv_bytes_final=gen.kv_bytes_final,
+            kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.original_tokens),
+            kv_full_bytes_final=self.kv_layout.full_bytes(fit.original_tokens + gen.decode_steps),
+            peak_memory_bytes=self.peak_memory.peak_bytes(),
+            **fit.fields,
+        )
+        return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
+
+    def score(
+        self,
+        context_ids: Sequence[int],
+        continuation_ids: Sequence[int],
+        *,
+        tag: dict[str, Any] | None = None,
+        measure: bool = True,
+        prompt_method_s: float = 0.0,
+        prompt_fields: dict[str, Any] | None = None,
+    ) -> tuple[float, bool]:
+        """(sum of log p(continuation | context), whether greedy decoding produces it), with
+        the context cut on the left to fit the window. ``measure=False`` scores without
+        recording a measurement (e.g. a reference answer scored after a generation)."""
+        continuation = list(continuation_ids)
+        whole = (list(context_ids) + continuation)[-(self.max_length + 1) :]
+        context = whole[: len(whole) - len(continuation)]
+        self.peak_memory.reset()
+        scored = score_continuation(
+            self.model, context, continuation, stepwise=self.stepwise_scoring
+        )
+        if measure:
+            full = self.kv_layout.full_bytes(len(context))
+            self._record(
+                tag,
+                "loglikelihood",
+                prompt_tokens_original=len(context_ids),
+                prompt_tokens=len(context),
+                truncated_tokens=len(context_ids) - len(context),
+                prompt_method_s=prompt_method_s,
+                prefill_s=scored.prefill_s,
+                decode_s=0.0,
+                decode_steps=0,
+                generated_tokens=0,
+                kv_bytes_prefill=scored.kv_bytes_prefill,
+                kv_bytes_final=scored.kv_bytes_prefill,
+                kv_full_bytes_prefill=full,
+                kv_full_bytes_final=full,
+                peak_memory_bytes=self.peak_memory.peak_bytes(),
+                **(prompt_fields or {}),
+            )
+        return scored.logprob, scored.is_greedy
+
+    def loglikelihood(
+        self, context: str, continuation: str, *, tag: dict[str, Any] | None = None
+    ) -> tuple[float, bool]:
+        """log p(continuation | context) of two texts; the context passes through the
+        prompt methods first (all of it compressible)."""
+        text, seconds, fields = self.compress(PromptParts(context, ""))
+        return self.score(
+            self.encode(text),
+            self.encode(continuation, add_special_tokens=False),
+            tag=tag,
+            prompt_method_s=seconds,
+            prompt_fields=fields,
+        )
+
+    def _record(self, tag: dict[str, Any] | None, request_type: str, **values: Any):
+        tag = tag or {}
+        measurement = RequestMeasurement(
+            task=str(tag.get("task") or ""),
+            doc_id=int(tag.get("doc_id", -1)),
+            request_type=request_type,
+            **values,
+        )
+        self.measurements.append(measurement)
+        return measurement
+
+    def measurement_rows(self) -> list[dict[str, Any]]:
+        return [asdict(m) for m in self.measurements]
+
+
+def _keep_protected(parts: PromptParts) -> Callable[[str], PromptParts]:
+    """A splitter for a prompt given as parts: the same parts for the whole text; after a
+    window cut, the protected end stays protected where it survived the cut."""
+
+    def split(text: str) -> PromptParts:
+        if parts.protected and text.endswith(parts.protected):
+            return PromptParts(text[: len(text) - len(parts.protected)], parts.protected)
+        return PromptParts(text, "") if parts.compressible else PromptParts("", text)
+
+    return split
+
+
+@contextmanager
+def apply(
+    method: Method,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+) -> Iterator[Session]:
+    """``with apply(method, model, tokenizer) as session:`` run ``model`` under ``method``.
+
+    ``max_length`` is the window (default: the model's ``max_position_embeddings``). The
+    full-cache reference is taken from ``model`` before the method acts on it. Cache hooks are
+    removed when the block ends, even on error; a model method's changes stay (it changes the
+    model in place), so load a fresh model to compare it with the original.
+    """
+    config = model.config.get_text_config()
+    dtype = next(model.parameters()).dtype
+    kv_layout = KVLayout.from_config(config, dtype)
+    window = max_length or getattr(config, "max_position_embeddings", None) or 2048
+    with method.applied(model, tokenizer) as applied_model:
+        yield Session(
+            applied_model,
+            tokenizer,
+            method,
+            kv_layout=kv_layout,
+            max_length=window,
+            add_bos_token=add_bos_token,
+        )
