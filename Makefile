@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # spinning threads made runs 10x slower here (set it yourself for `kvbench` outside make)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint compat
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,15 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=10
+
+# the cache-method and adapter tests against transformers at both ends of pyproject's range,
+# each version installed (with its own dependencies) into .compat/ ahead of the venv
+COMPAT_TRANSFORMERS ?= 5.3.0 5.24.0
+COMPAT_TESTS := tests/test_cache_methods.py tests/test_generation.py tests/test_session.py tests/test_lm_adapter.py
+compat: setup
+	@for v in $(COMPAT_TRANSFORMERS); do \
+	  echo "== transformers $$v"; \
+	  test -d .compat/transformers-$$v || $(BIN)/python -m pip install -q --target .compat/transformers-$$v transformers==$$v || exit 1; \
+	  PYTHONPATH=.compat/transformers-$$v:. $(BIN)/python -c "import transformers as t; assert t.__version__ == '$$v', t.__version__" || exit 1; \
+	  PYTHONPATH=.compat/transformers-$$v:. $(BIN)/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
+	done

@@ -26,9 +26,10 @@ from harness.provenance import now, provenance
 from harness.session import Session, apply
 from harness.taskspec import TaskSpec
 from methods.base import Method
+from methods.storage import conf_dir
 
 log = logging.getLogger("kvbench")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = conf_dir()
 
 
 class ConfigError(ValueError):

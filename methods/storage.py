@@ -6,6 +6,11 @@ runner.
 
 * :func:`cache_root`: ``$KVBENCH_CACHE``, default ``~/.cache/kvbench``.
 * :func:`data_dir`: ``$KVBENCH_DATA``, default the ``data/`` folder that ships with kvbench.
+* :func:`conf_dir`: the Hydra configs (``conf/``).
+
+In a source checkout ``conf/`` and ``data/`` sit at the repository root; an installed wheel
+carries them as ``harness/conf`` and ``harness/data`` (links to the root folders in the
+checkout), beside this package in site-packages.
 """
 
 from __future__ import annotations
@@ -24,12 +29,26 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "kvbench"))
 
 
+def _shipped(name: str) -> Path:
+    """``<repo>/<name>`` in a checkout, ``<site-packages>/harness/<name>`` when installed."""
+    root = Path(__file__).resolve().parents[1]
+    for candidate in (root / name, root / "harness" / name):
+        if candidate.is_dir():
+            return candidate
+    return root / name
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder (``config.yaml`` and the groups model/, method/, task/, ...)."""
+    return _shipped("conf")
+
+
 def data_dir() -> Path:
-    """The offline data folder: ``$KVBENCH_DATA`` or ``<repo>/data``; never the cwd."""
+    """The offline data folder: ``$KVBENCH_DATA`` or the one kvbench ships; never the cwd."""
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parents[1] / "data"
+    return _shipped("data")
 
 
 def data_file(relative: str) -> Path:

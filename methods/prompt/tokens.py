@@ -19,15 +19,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
 
 from methods.base import MethodConfigError, PromptMethod, PromptParts
 from methods.prompt.compressor import Compressor, chunk_spans
+from methods.storage import conf_dir
 
-MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+MODEL_CONF = conf_dir() / "model"
 
 
 @dataclass
