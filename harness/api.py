@@ -28,8 +28,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from harness import records
-from harness.run import CONF_DIR, execute
 from harness.session import Session, apply
+from methods.storage import conf_dir
+
+CONF_DIR = conf_dir()  # the same folder as harness.run.CONF_DIR, without importing lm-eval
 
 __all__ = ["CONF_DIR", "Session", "apply", "build", "compose_config", "evaluate", "load_model"]
 
@@ -78,5 +80,7 @@ def evaluate(
     run with the same config is read back, not recomputed, unless ``run.overwrite``).
     ``overrides`` are dotted config fields, e.g. ``{"method.ratio": 0.2, "task.limit": 5,
     "run.results_dir": "results"}``."""
+    from harness.run import execute  # lm-eval loads here: build/load_model/apply need none of it
+
     folder = execute(compose_config(model, method, task, overrides))
     return records.read_record(folder)

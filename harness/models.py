@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,11 +21,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from harness.dtypes import AUTO, is_cuda, resolve_dtype
 from methods.storage import cache_root
 
 SOURCES = ("hub", "local", "gguf_package", "random")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
 class ModelConfigError(ValueError):
@@ -47,7 +50,7 @@ class ModelSpec:
     assemble: bool = False
     architecture: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = AUTO
     device: str = "cpu"
     attn_implementation: str = "sdpa"
     max_length: int | None = None
@@ -58,23 +61,26 @@ class ModelSpec:
             raise ModelConfigError(
                 f"model.source={self.source!r} is unknown: use one of {', '.join(SOURCES)}"
             )
-        if self.dtype not in DTYPES:
+        if self.dtype != AUTO and self.dtype not in DTYPES:
             raise ModelConfigError(
-                f"model.dtype={self.dtype!r} is unknown: use one of {', '.join(DTYPES)}"
+                f"model.dtype={self.dtype!r} is unknown: use auto (bfloat16 on CUDA, float32 "
+                f"on the CPU) or one of {', '.join(DTYPES)}"
             )
         if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ModelConfigError(
                 f"model.attn_implementation={self.attn_implementation!r} is unknown: use "
                 f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
             )
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            raise ModelConfigError(
+                f"model.device={self.device!r} is not supported: use cpu, cuda or cuda:N "
+                "(kvbench times and measures memory on those two kinds of device)"
+            )
         if self.max_length is not None and self.max_length < 16:
             raise ModelConfigError(f"model.max_length={self.max_length} is too small (>= 16)")
         if self.threads is not None and self.threads < 1:
             raise ModelConfigError(f"model.threads={self.threads} must be >= 1 (or null)")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelConfigError(
-                f"model.device={self.device!r} but no CUDA device is visible: use model.device=cpu"
-            )
+        self._check_device()
         if self.source == "gguf_package":
             if importlib.util.find_spec(self.path) is None:
                 raise ModelConfigError(
@@ -90,9 +96,37 @@ class ModelSpec:
         elif self.source == "hub" and not self.path:
             raise ModelConfigError("model.path must be a hub id, e.g. meta-llama/Llama-3.1-8B")
 
+    def _check_device(self) -> None:
+        """The device exists and can run the dtype and attention implementation asked for."""
+        if is_cuda(self.device):
+            if not torch.cuda.is_available():
+                raise ModelConfigError(
+                    f"model.device={self.device!r} but no CUDA device is visible: use "
+                    "model.device=cpu"
+                )
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ModelConfigError(
+                    f"model.device={self.device!r}: only {torch.cuda.device_count()} CUDA "
+                    "device(s) are visible (cuda:0 is the first)"
+                )
+            if self.resolved_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+                raise ModelConfigError(
+                    f"model.dtype={self.dtype}: {torch.cuda.get_device_name(index)} has no "
+                    "bfloat16; pass model.dtype=float16 (or float32)"
+                )
+        if self.attn_implementation.startswith("flash_attention"):
+            check_flash_attention(self.attn_implementation, self.device, self.resolved_dtype)
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The dtype name the weights get: ``dtype``, with ``auto`` resolved from ``device``
+        (:func:`harness.dtypes.resolve_dtype`)."""
+        return resolve_dtype(self.dtype, self.device)
+
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.resolved_dtype]
 
     def load_config(self) -> Any:
         """The model's ``PretrainedConfig``, without loading weights."""
@@ -107,7 +141,11 @@ class ModelSpec:
         return self.path
 
     def load(self) -> tuple[torch.nn.Module, Any]:
-        """(model in eval mode on ``device``, tokenizer)."""
+        """(model in eval mode on ``device``, in ``resolved_dtype``, tokenizer).
+
+        Random weights are drawn on the CPU, so a seed gives the same model on every device;
+        pretrained weights on a GPU are loaded straight onto it (``device_map``), never
+        staged in host memory as a whole."""
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.source == "random":
@@ -120,8 +158,12 @@ class ModelSpec:
             tokenizer = byte_tokenizer()
         else:
             path = self.resolved_path()
+            placement = {"device_map": self.device} if is_cuda(self.device) else {}
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=self.torch_dtype, attn_implementation=self.attn_implementation
+                path,
+                dtype=self.torch_dtype,
+                attn_implementation=self.attn_implementation,
+                **placement,
             )
             tokenizer = AutoTokenizer.from_pretrained(path)
         model.to(self.device).eval()
@@ -133,6 +175,31 @@ class ModelSpec:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         native = getattr(config, "max_position_embeddings", None) or 2048
         return min(native, self.max_length) if self.max_length else native
+
+
+def check_flash_attention(implementation: str, device: str, dtype: str) -> None:
+    """Fail unless ``implementation`` (flash_attention_2 / _3) can run: its kernels need a
+    CUDA device, 16-bit weights and their package (transformers' own availability check)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    field = f"model.attn_implementation={implementation}"
+    if not is_cuda(device):
+        raise ModelConfigError(f"{field} runs on CUDA only: use model.attn_implementation=sdpa")
+    if dtype not in ("float16", "bfloat16"):
+        raise ModelConfigError(
+            f"{field} needs 16-bit weights, got model.dtype={dtype}: pass model.dtype=auto "
+            "(bfloat16 on CUDA) or use model.attn_implementation=sdpa"
+        )
+    available, package = (
+        (is_flash_attn_2_available(), "flash-attn")
+        if implementation == "flash_attention_2"
+        else (is_flash_attn_3_available(), "flash-attn-3")
+    )
+    if not available:
+        raise ModelConfigError(
+            f"{field} but the {package} package is not installed (or does not see CUDA): "
+            f"install it, or use model.attn_implementation=sdpa"
+        )
 
 
 def _random_config(architecture: dict[str, Any]) -> Any:

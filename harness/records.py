@@ -41,6 +41,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.dtypes import resolve_dtype
+
 SCHEMA_VERSION = 1
 RECORD_FILE = "record.json"
 CONFIG_FILE = "config.yaml"
@@ -49,11 +51,17 @@ BOOKKEEPING_FIELDS = ("results_dir", "overwrite", "report")
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
-    """Stable hash of the resolved config, bookkeeping fields excluded."""
+    """Stable hash of the resolved config, bookkeeping fields excluded. ``model.dtype: auto``
+    is hashed as the dtype it resolves to (:func:`harness.dtypes.resolve_dtype`, a function
+    of ``model.device`` alone), so ``auto`` and that dtype name the same run."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     data = {k: v for k, v in data.items() if k != "hydra"}
     run = {k: v for k, v in (data.get("run") or {}).items() if k not in BOOKKEEPING_FIELDS}
     data["run"] = run
+    model = data.get("model")
+    if isinstance(model, dict) and "dtype" in model:
+        dtype = resolve_dtype(model["dtype"], model.get("device", "cpu"))
+        data["model"] = {**model, "dtype": dtype}
     canonical = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

@@ -7,6 +7,7 @@ kvbench -m method=full,streamingllm method.ratio=0.1,0.2 task=longbench_qasper
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
@@ -17,7 +18,7 @@ import hydra
 import lm_eval
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import records, results
 from harness.lm import KVBenchLM
@@ -59,12 +60,16 @@ def build(cfg: DictConfig) -> tuple[ModelSpec, Method, TaskSpec]:
 def execute(cfg: DictConfig) -> Path:
     """Run one config, or skip it if its record exists. Returns the run folder."""
     model_spec, method, task = build(cfg)
+    cfg = with_resolved_dtype(cfg, model_spec)
     folder = records.run_dir(cfg)
     if records.is_finished(folder) and not cfg.run.overwrite:
         log.info("skipping %s: already finished (run.overwrite=true recomputes it)", folder)
         return folder
     model_config = model_spec.load_config()
     method.validate_for(model_config)
+    method.validate_runtime(
+        model_spec.device, model_spec.torch_dtype, model_spec.attn_implementation
+    )
     started, clock = now(), time.perf_counter()
 
     model, tokenizer = model_spec.load()
@@ -116,6 +121,16 @@ def execute(cfg: DictConfig) -> Path:
     return folder
 
 
+def with_resolved_dtype(cfg: DictConfig, model_spec: ModelSpec) -> DictConfig:
+    """A copy of ``cfg`` whose ``model.dtype`` is the dtype the weights get (``auto``
+    resolved), so the record's config says what ran; the run id is the same either way
+    (:func:`harness.records.config_hash`)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.model.dtype = model_spec.resolved_dtype
+    return cfg
+
+
 def make_record(
     cfg: DictConfig,
     model_spec: ModelSpec,
@@ -137,7 +152,8 @@ def make_record(
             "num_layers": text_config.num_hidden_layers,
             "num_kv_heads": getattr(text_config, "num_key_value_heads", None),
             "head_dim": session.kv_layout.layers[0][1],
-            "dtype": model_spec.dtype,
+            "dtype": model_spec.resolved_dtype,
+            "dtype_requested": model_spec.dtype,
             "device": str(session.device),
             "attn_implementation": model_spec.attn_implementation,
             "max_length": session.max_length,

@@ -341,8 +341,11 @@ def apply(
     model in place), so load a fresh model to compare it with the original.
     """
     config = model.config.get_text_config()
-    dtype = next(model.parameters()).dtype
-    kv_layout = KVLayout.from_config(config, dtype)
+    weights = next(model.parameters())
+    method.validate_runtime(
+        weights.device, weights.dtype, getattr(model.config, "_attn_implementation", None) or ""
+    )
+    kv_layout = KVLayout.from_config(config, weights.dtype)
     window = max_length or getattr(config, "max_position_embeddings", None) or 2048
     with method.applied(model, tokenizer) as applied_model:
         yield Session(

@@ -16,9 +16,11 @@ Every method, of any kind, and every :class:`Compose` of methods is used the sam
 measured session on it); callers never ask what kind of method they hold.
 
 A method validates its own fields in ``__post_init__`` (so a bad config fails before
-any model loads) and, where it depends on the model's shapes, in
-``validate_for(config)``, which the runner calls with the model's ``PretrainedConfig``
-before the weights load. Methods are built by Hydra from ``_target_``; several methods
+any model loads), where it depends on the model's shapes in ``validate_for(config)``, which
+the runner calls with the model's ``PretrainedConfig`` before the weights load, and where it
+depends on where the model runs in ``validate_runtime(device, dtype, attn_implementation)``,
+also called before the weights load (and again by ``harness.session.apply`` on the loaded
+model). Methods are built by Hydra from ``_target_``; several methods
 compose through :class:`Compose` (a list in the config).
 """
 
@@ -62,6 +64,13 @@ class Method:
 
     def validate_for(self, config: Any) -> None:
         """Check the method against the model's config before the weights load."""
+
+    def validate_runtime(
+        self, device: str | torch.device, dtype: torch.dtype, attn_implementation: str
+    ) -> None:
+        """Check the method can run where the model will: ``device`` (``cpu``, ``cuda``,
+        ``cuda:N``), the weights' ``dtype`` and the attention implementation. Raises
+        :class:`MethodConfigError` naming the field to change; by default anything goes."""
 
     def params(self) -> dict[str, Any]:
         """The method's fields, for records and reports (JSON-serialisable)."""
@@ -282,6 +291,12 @@ class Compose(Method):
     def validate_for(self, config: Any) -> None:
         for m in self.methods:
             m.validate_for(config)
+
+    def validate_runtime(
+        self, device: str | torch.device, dtype: torch.dtype, attn_implementation: str
+    ) -> None:
+        for m in self.methods:
+            m.validate_runtime(device, dtype, attn_implementation)
 
     def params(self) -> dict[str, Any]:
         return {m.name: m.params() for m in self.methods}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -31,7 +32,14 @@ def composed(tmp_path, *overrides: str):
         (["task=bbh", "task.subtask=no_such_task"], "subtask"),
         (["model.source=gguf_package", "model.path=not_installed_pkg"], "pip install"),
         (["model.dtype=float64"], "model.dtype"),
-        (["model.device=cuda"], "model.device"),
+        pytest.param(
+            ["model.device=cuda"],
+            "model.device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
+        ),
+        (["model.device=mps"], "model.device"),
+        (["model.attn_implementation=flash_attention_2"], "runs on CUDA only"),
+        (["method=pyramidkv", "model.attn_implementation=eager"], "eager attention"),
     ],
 )
 def test_bad_config_fails_before_loading_and_writes_nothing(tmp_path, overrides, message):

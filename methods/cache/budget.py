@@ -53,7 +53,12 @@ def allocate(shares: list[float], total: int, cap: int) -> list[int]:
 
 def require_ragged_ok(field_owner: str, config: Any) -> None:
     """Fail for eager attention, which cannot decode with per-layer cache lengths."""
-    if getattr(config, "_attn_implementation", None) == "eager":
+    refuse_eager(field_owner, getattr(config, "_attn_implementation", None))
+
+
+def refuse_eager(field_owner: str, attn_implementation: str | None) -> None:
+    """:func:`require_ragged_ok` for an attention implementation named before the model loads."""
+    if attn_implementation == "eager":
         raise MethodConfigError(
             f"method={field_owner} keeps a different number of tokens per layer, which "
             "transformers' eager attention cannot decode (one mask for all layers): use "

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from methods.base import MethodConfigError
-from methods.cache.budget import allocate, layer_rank, require_ragged_ok
+from methods.cache.budget import allocate, layer_rank, refuse_eager, require_ragged_ok
 from methods.cache.snapkv import SnapKV
 
 
@@ -57,6 +57,9 @@ class PyramidKV(SnapKV):
 
     def validate_for(self, config: Any) -> None:
         require_ragged_ok(self.name, config)
+
+    def validate_runtime(self, device: Any, dtype: Any, attn_implementation: str) -> None:
+        refuse_eager(self.name, attn_implementation)
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from methods.base import MethodConfigError, cache_of
 from methods.cache.attention import layer_rope, pool, undo_rope
-from methods.cache.budget import allocate, layer_rank, require_ragged_ok
+from methods.cache.budget import allocate, layer_rank, refuse_eager, require_ragged_ok
 from methods.cache.codebook import SCOPES, Codebook, CodebookLayer
 from methods.cache.scorer import gather_tokens, top_indices
 from methods.cache.snapkv import SnapKV
@@ -153,6 +153,9 @@ class SpindleKV(SnapKV):
 
     def validate_for(self, config: Any) -> None:
         require_ragged_ok(self.name, config)
+
+    def validate_runtime(self, device: Any, dtype: Any, attn_implementation: str) -> None:
+        refuse_eager(self.name, attn_implementation)
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:

@@ -88,7 +88,7 @@ def teacher_texts(model: Any, tokenizer: Any, samples: int, tokens: int, seed: i
 
     prompts = [" ".join(t.split()[:6]) for t in gsm8k_train_texts()[:samples]]
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     texts = []
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
@@ -125,15 +125,15 @@ def token_chunks(
         n = min(n, limit)
     if n == 0:
         raise ValueError(f"the training text holds {len(stream)} tokens, fewer than one chunk")
-    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+    return torch.tensor(stream[: n * seq_len], device="cpu").view(n, seq_len)
 
 
 def batches(chunks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless (batch_size, seq_len) batches: the chunks in a seeded random order, reshuffled
     after every pass."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     while True:
-        order = torch.randperm(len(chunks), generator=generator)
+        order = torch.randperm(len(chunks), generator=generator, device="cpu")
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield chunks[order[start : start + batch_size]]
         if len(order) < batch_size:

@@ -59,16 +59,17 @@ class Moments:
 
     values[j]: (g*D, g*D) float64, sum of v v^T over tokens (v: the members' values stacked);
     keys[j]: (D/2, g, g) complex128, per frequency the sum of z z^H (z: the members' keys).
+    Held on the CPU whatever the model's device (small, and float64 is slow on many GPUs).
     """
 
     def __init__(self, groups: Groups, head_dim: int) -> None:
         self.groups, self.head_dim = groups, head_dim
         self.values = [
-            torch.zeros(len(m) * head_dim, len(m) * head_dim, dtype=torch.float64)
+            torch.zeros(len(m) * head_dim, len(m) * head_dim, dtype=torch.float64, device="cpu")
             for m in groups.members
         ]
         self.keys = [
-            torch.zeros(head_dim // 2, len(m), len(m), dtype=torch.complex128)
+            torch.zeros(head_dim // 2, len(m), len(m), dtype=torch.complex128, device="cpu")
             for m in groups.members
         ]
 
@@ -120,8 +121,9 @@ def collect_moments(
 
 def _affine(linear: nn.Linear) -> torch.Tensor:
     """[W | b] (out, in + 1) in float64 (b = 0 when the layer has no bias)."""
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-    return torch.cat([linear.weight.double(), bias.double().to(linear.weight.device)[:, None]], 1)
+    weight = linear.weight.double()
+    bias = linear.bias if linear.bias is not None else weight.new_zeros(linear.out_features)
+    return torch.cat([weight, bias.double()[:, None]], 1)
 
 
 def _linear_from(affine: torch.Tensor, like: nn.Linear) -> nn.Linear:
@@ -147,30 +149,33 @@ def merged_attention(
     value_merge: str,
 ) -> nn.Module:
     """A copy of ``attn`` with ``len(groups.members)`` KV heads, the merge folded into
-    q/k/v/o (see the module doc). ``key_merge``: rope_pca | mean; ``value_merge``: pca | mean."""
+    q/k/v/o (see the module doc). ``key_merge``: rope_pca | mean; ``value_merge``: pca | mean.
+    The moments live on the CPU (float64); the eigenvectors move to the weights' device."""
     d = shape.head_dim
     wq, wk, wv = _affine(attn.q_proj), _affine(attn.k_proj), _affine(attn.v_proj)
     wo = attn.o_proj.weight.double()
+    device = wq.device
     new_q, new_k, new_v, new_o = wq.clone(), [], [], wo.clone()
     for j, members in enumerate(groups.members):
         g = len(members)
         if key_merge == "mean":
-            proj = torch.full((d // 2, g), 1.0 / g, dtype=torch.complex128)
-            recon = torch.ones(d // 2, g, dtype=torch.complex128)
+            proj = torch.full((d // 2, g), 1.0 / g, dtype=torch.complex128, device=device)
+            recon = torch.ones(d // 2, g, dtype=torch.complex128, device=device)
         else:
             _, vecs = torch.linalg.eigh(moments.keys[j])  # ascending: last is the top one
-            recon = vecs[..., -1]  # (D/2, g)
+            recon = vecs[..., -1].to(device)  # (D/2, g)
             proj = recon.conj()
         new_k.append(
             sum(_rotate_pairs(wk[m * d : (m + 1) * d], proj[:, p]) for p, m in enumerate(members))
         )
         stacked = torch.cat([wv[m * d : (m + 1) * d] for m in members])  # (g*D, in+1)
         if value_merge == "mean":
-            basis = torch.cat([torch.eye(d, dtype=torch.float64)] * g)  # recon U_p = I
+            eye = torch.eye(d, dtype=torch.float64, device=device)
+            basis = torch.cat([eye] * g)  # recon U_p = I
             new_v.append(stacked.reshape(g, d, -1).mean(0))
         else:
             _, vecs = torch.linalg.eigh(moments.values[j])
-            basis = vecs[:, -d:]  # (g*D, D), top D eigenvectors
+            basis = vecs[:, -d:].to(device)  # (g*D, D), top D eigenvectors
             new_v.append(basis.T @ stacked)
         for h, (group, p) in enumerate(groups.of_query):
             if group != j:

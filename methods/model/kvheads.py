@@ -28,7 +28,7 @@ from methods.model.checkpoint import CheckpointStore, surgery_with_recovery
 from methods.model.headmerge import Groups, collect_moments, merged_attention
 from methods.model.kvlatent import make_train_config
 from methods.model.layers import HeadShape, check_rotary, decoder_layers, text_config
-from methods.model.training import require_budget
+from methods.model.training import require_budget, require_trainable_dtype
 from methods.storage import cache_root
 
 KEY_MERGES = ("rope_pca", "mean")
@@ -97,6 +97,9 @@ class KVHeads(ModelMethod):
                 f"method={self.name} does not support {text_config(config).model_type}: its "
                 "per-head key normalisation (k_norm) sits between W_k and the cache"
             )
+
+    def validate_runtime(self, device: Any, dtype: Any, attn_implementation: str) -> None:
+        require_trainable_dtype(self.train, dtype, self.name)
 
     def params(self) -> dict[str, Any]:
         out = super().params()

@@ -29,7 +29,7 @@ from methods.model.checkpoint import CheckpointStore, surgery_with_recovery
 from methods.model.latent import latent_surgery
 from methods.model.layers import HeadShape, check_rotary
 from methods.model.rope import ROPE_MODES
-from methods.model.training import TrainConfig, require_budget
+from methods.model.training import TrainConfig, require_budget, require_trainable_dtype
 from methods.storage import cache_root
 
 VARIANTS = ("k", "v", "kv")
@@ -119,6 +119,15 @@ class KVLatent(ModelMethod):
                 f"method.dim={dim} does not divide the model's head_dim={head_dim}: the "
                 f"strided down-sampling keeps every (head_dim/dim)-th channel; use one of "
                 f"{divisors}"
+            )
+
+    def validate_runtime(self, device: Any, dtype: Any, attn_implementation: str) -> None:
+        require_trainable_dtype(self.train, dtype, self.name)
+        if self.variant != "kv" and attn_implementation.startswith("flash_attention"):
+            raise MethodConfigError(
+                f"method={self.name} (variant {self.variant}) gives keys and values different "
+                f"head dims, which the {attn_implementation} kernels do not take: use "
+                "model.attn_implementation=sdpa, or variant kv (method=kvlatent_kv)"
             )
 
     def params(self) -> dict[str, Any]:

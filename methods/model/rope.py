@@ -24,15 +24,15 @@ ROPE_MODES = ("frequency_aware", "standard")
 
 def standard_inv_freq(dim: int, theta: float) -> torch.Tensor:
     """(dim/2,) float32: ``theta ** (-[0, 2, ..., dim-2] / dim)``."""
-    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
 
 
 def frequency_aware_exponents(dim: int) -> torch.Tensor:
     """(dim/2,) float32 exponents ``a`` of the frequency-aware RoPE (see the module doc)."""
     if dim % 4:
         raise ValueError(f"frequency-aware RoPE needs a key dim divisible by 4, got {dim}")
-    middle = torch.arange(dim // 4, 3 * dim // 4, 2)
-    low = torch.arange(3 * dim // 4, dim)
+    middle = torch.arange(dim // 4, 3 * dim // 4, 2, device="cpu")
+    low = torch.arange(3 * dim // 4, dim, device="cpu")
     return torch.cat([middle, low]).float()
 
 

@@ -111,6 +111,18 @@ def require_budget(train: bool, cfg: TrainConfig, method: str) -> None:
         )
 
 
+def require_trainable_dtype(train: bool, dtype: torch.dtype, method: str) -> None:
+    """Fail for recovery training in float16: AdamW keeps its moments in the weights' dtype,
+    where its eps (1e-8) rounds to 0 and squared gradients underflow, so updates blow up
+    (there is no loss scaling or float32 master copy here). bfloat16 and float32 train."""
+    if train and dtype == torch.float16:
+        raise MethodConfigError(
+            f"method={method} with method.train=true cannot train float16 weights (AdamW's "
+            "state underflows without loss scaling): use model.dtype=bfloat16 (auto on CUDA) "
+            "or float32, or method.train=false"
+        )
+
+
 def _batches(cfg: TrainConfig, teacher: nn.Module, tokenizer: Any):
     if cfg.data == "teacher":
         texts = data.teacher_texts(teacher, tokenizer, cfg.teacher_samples, cfg.seq_len, cfg.seed)

@@ -82,18 +82,19 @@ class DAC(TokenDropMethod):
 
     def select(self, ids: list[int]) -> list[int]:
         n = len(ids)
-        kept = torch.arange(n)
         if self.kept_count(n) >= n:
-            return kept.tolist()
+            return list(range(n))
+        # bookkeeping of kept indices on the CPU; the compressor scores on its own device
+        kept = torch.arange(n, device="cpu")
         steps = self.steps(n)
-        tokens = torch.as_tensor(ids)
+        tokens = torch.as_tensor(ids, device="cpu")
         for step in range(1, steps + 1):
             target = max(1, round(n * (1.0 - self.rate) ** (step / steps)))
             if target >= len(kept):
                 continue
             score = self.score(tokens[kept].tolist())
             best = score[1:].topk(target - 1).indices.sort().values.cpu() + 1
-            kept = kept[torch.cat([torch.zeros(1, dtype=torch.long), best])]
+            kept = kept[torch.cat([kept.new_zeros(1), best])]
         return kept.tolist()
 
     def score(self, ids: list[int]) -> torch.Tensor:

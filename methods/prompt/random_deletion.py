@@ -31,7 +31,10 @@ class RandomDeletion(TokenDropMethod):
         keep = self.kept_count(n)
         if keep >= n:
             return list(range(n))
-        data = torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes()
-        generator = torch.Generator().manual_seed(zlib.crc32(data, self.seed & 0xFFFFFFFF))
-        chosen = torch.randperm(n - 1, generator=generator)[: keep - 1] + 1
+        data = torch.as_tensor(ids, dtype=torch.int64, device="cpu").numpy().tobytes()
+        # a CPU generator: the same draw whatever device the model is on
+        generator = torch.Generator(device="cpu").manual_seed(
+            zlib.crc32(data, self.seed & 0xFFFFFFFF)
+        )
+        chosen = torch.randperm(n - 1, generator=generator, device="cpu")[: keep - 1] + 1
         return [0, *chosen.sort().values.tolist()]

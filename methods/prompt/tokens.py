@@ -70,8 +70,9 @@ class TokenDropMethod(PromptMethod):
         self._stats: dict[str, float] | None = None
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
-        if self.compressor is not None:
-            model, tokenizer = load_compressor(self.compressor)
+        if self.compressor is not None:  # on the benchmarked model's device
+            device = next(model.parameters()).device if model is not None else "cpu"
+            model, tokenizer = load_compressor(self.compressor, str(device))
         self._compressor = Compressor(
             model if self.needs_model else None, tokenizer, attention=self.uses_attention()
         )
@@ -130,10 +131,13 @@ class TokenDropMethod(PromptMethod):
 
 
 @lru_cache(maxsize=2)
-def load_compressor(name: str) -> tuple[nn.Module, Any]:
-    """The model and tokenizer of ``conf/model/<name>.yaml``, loaded once per process."""
+def load_compressor(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """The model and tokenizer of ``conf/model/<name>.yaml`` on ``device`` (the benchmarked
+    model's; its dtype as the config says, ``auto``: bfloat16 on CUDA), loaded once per
+    process and device."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    spec = instantiate(OmegaConf.load(MODEL_CONF / f"{name}.yaml"), _convert_="all")
+    cfg = OmegaConf.merge(OmegaConf.load(MODEL_CONF / f"{name}.yaml"), {"device": device})
+    spec = instantiate(cfg, _convert_="all")
     return spec.load()
