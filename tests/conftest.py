@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ from omegaconf import OmegaConf
 from harness.models import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
+CUDA_REHEARSAL = "KVBENCH_CUDA_TESTS_ON"  # =cpu: run the cuda-marked tests' CPU rehearsal
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip where no GPU is visible (unless rehearsed on the CPU)."""
+    if torch.cuda.is_available() or os.environ.get(CUDA_REHEARSAL) == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); bench/gpu/run.sh runs it")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 def model_spec(name: str, **overrides) -> ModelSpec:

@@ -85,6 +85,11 @@ def test_auto_loads_float32_weights_on_the_cpu():
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_the_model_configs_default_to_auto():
+    for path in sorted((REPO / "conf" / "model").glob("*.yaml")):
+        assert OmegaConf.load(path).dtype == "auto", path.name
+
+
 # --- a fake CUDA device for the spec's checks ---------------------------------------------------
 @pytest.fixture
 def fake_cuda(monkeypatch):
