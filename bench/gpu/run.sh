@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# kvbench's GPU device check, one command on a bare GPU machine (README, section "GPU"):
+#
+#   bash bench/gpu/run.sh            # install the carried wheels (.whl/, from bench/gpu/wheels.sh)
+#                                    # offline, run the cuda-marked tests, then the speed table
+#   bash bench/gpu/run.sh --dry-run  # the same steps on the CPU, tiny shapes (CI runs this)
+#
+# Writes under $OUT (default bench/gpu/out): install.log, env.txt, tests.log, speed.log and the
+# table, gpu_speed.md + gpu_speed.csv (rewritten after every row, so a run cut short keeps what
+# it measured). Each step has its own time limit (TESTS_S, SPEED_S seconds) so the whole stays
+# inside one 10-minute device call; the exit status is 1 if a step failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DRY_RUN=()
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=(--dry-run)
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-bench/gpu/out}
+WHEELS=${KVBENCH_WHEELS:-.whl}
+SITE=${KVBENCH_SITE:-/tmp/kvbench-site}
+TESTS_S=${TESTS_S:-150}
+SPEED_S=${SPEED_S:-330}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+failed=0
+started=$SECONDS
+
+# 1. what the image lacks, offline, from the carried wheels (nothing is fetched)
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$WHEELS"/*.whl >"$OUT/install.log" 2>&1; then
+    echo "installed $(ls "$WHEELS"/*.whl | wc -l) wheels into $SITE" | tee -a "$OUT/install.log"
+  else
+    echo "wheel install FAILED (install.log)"; failed=1
+  fi
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "no wheels in $WHEELS: using the installed packages" | tee "$OUT/install.log"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 2. the machine: GPU, versions, what kvbench imports
+{
+  date -u
+  command -v nvidia-smi >/dev/null &&
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu \
+      --format=csv
+  "$PYTHON" - <<'EOF'
+import importlib, importlib.metadata as md, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "transformers", "huggingface_hub", "tokenizers", "numpy", "pandas",
+             "pyarrow", "fsspec", "lm_eval", "datasets", "hydra-core", "omegaconf", "peft"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "MISSING")
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+for module in ("harness.api", "harness.run", "bench.common", "methods.cache.spindlekv"):
+    try:
+        importlib.import_module(module)
+        print("import", module, "ok")
+    except Exception as exc:
+        print("import", module, "FAILED", type(exc).__name__, exc)
+EOF
+  compgen -G "$WHEELS/*.whl" >/dev/null && "$PYTHON" bench/gpu/check_wheels.py "$WHEELS" --on-machine
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 3. the cuda-marked tests (skipped on a machine without a GPU)
+mapfile -t test_files < <(grep -l "pytest.mark.cuda" tests/test_*.py)
+timeout "$TESTS_S" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs "${test_files[@]}" \
+  2>&1 | tee "$OUT/tests.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "cuda tests FAILED or timed out (tests.log)"; failed=1; }
+
+# 4. the speed and memory table
+timeout "$SPEED_S" "$PYTHON" bench/gpu/speed.py "${DRY_RUN[@]}" --out "$OUT" \
+  --budget-s "$((SPEED_S - 90))" 2>&1 | tee "$OUT/speed.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "speed table FAILED or timed out (speed.log)"; failed=1; }
+
+echo "bench/gpu/run.sh: $((SECONDS - started)) s, outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit "$failed"
