@@ -16,7 +16,9 @@ staging folder and renamed into place, so a killed run leaves nothing that looks
     schema_version  1
     run_id          the folder name
     config          resolved config (model, method, task, run)
-    model           {name, num_layers, num_kv_heads, head_dim, dtype, device, attn_implementation}
+    model           {name, num_layers, num_kv_heads, head_dim, dtype (resolved: ``auto`` is
+                    bfloat16 on CUDA, float32 on the CPU), dtype_requested, device,
+                    attn_implementation, max_length}
     method          {name, kinds, params}
     task            {name, lm_eval_tasks, limit, primary_metric}
     metrics         lm-eval's results, per lm-eval task / group

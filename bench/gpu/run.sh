@@ -17,8 +17,8 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-bench/gpu/out}
 WHEELS=${KVBENCH_WHEELS:-.whl}
 SITE=${KVBENCH_SITE:-/tmp/kvbench-site}
-TESTS_S=${TESTS_S:-150}
-SPEED_S=${SPEED_S:-330}
+TESTS_S=${TESTS_S:-120}
+SPEED_S=${SPEED_S:-270}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 failed=0
