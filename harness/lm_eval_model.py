@@ -68,13 +68,20 @@ class KVBenchEvalLM(KVBenchLM):
         method_obj = build("method", method, **method_fields)
         config = spec.load_config()
         method_obj.validate_for(config)
+        method_obj.validate_runtime(spec.device, spec.torch_dtype, spec.attn_implementation)
         loaded, tokenizer = spec.load()
         self._stack = ExitStack()
         session = self._stack.enter_context(
             apply(method_obj, loaded, tokenizer, max_length=spec.context_length(config))
         )
         super().__init__(session, truncation=truncation, max_gen_toks=max_gen_toks)
-        self.names = {"model": model, "method": method_obj.name, "params": method_obj.params()}
+        self.names = {
+            "model": model,
+            "method": method_obj.name,
+            "params": method_obj.params(),
+            "dtype": spec.resolved_dtype,  # model.dtype=auto resolved: bfloat16 on CUDA
+            "device": str(session.device),
+        }
         KVBenchEvalLM.instances.append(self)
 
     def close(self) -> None:
