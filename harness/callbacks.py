@@ -1,22 +1,38 @@
-"""Hydra callback: after the run(s) of one ``kvbench`` command, report what is in results_dir."""
+"""Hydra callback: before the run(s) of one ``kvbench`` command, check that results_dir can
+hold records; after them, report what is in it."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from harness.records import ResultsDirError, check_writable
 
 log = logging.getLogger("kvbench")
 
 
 class ReportCallback(Callback):
-    """Writes the report of ``run.results_dir`` and prints the summary table, after a single
-    run (``on_run_end``) or after a whole multirun (``on_multirun_end``)."""
+    """Checks ``run.results_dir`` before anything runs (Hydra puts its own output folder
+    there, before any kvbench code: an unusable folder would end in a raw traceback); writes
+    the report of it and prints the summary table after a single run that succeeded
+    (``on_run_end``) or after a whole multirun (``on_multirun_end``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_results_dir(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_results_dir(config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        job_return = kwargs.get("job_return")
+        if job_return is not None and job_return.status == JobStatus.FAILED:
+            return
         self._report(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -41,3 +57,14 @@ class ReportCallback(Callback):
         print(f"\nrecords: {root.resolve()}/<run>/record.json")
         for kind, path in paths.items():
             print(f"{kind}: {path}")
+
+
+def _check_results_dir(config: DictConfig) -> None:
+    """Exit with one line if ``run.results_dir`` cannot hold records. Hydra turns a callback's
+    exception into a warning and goes on to create its output folder there (a raw traceback),
+    so this exits the command itself."""
+    try:
+        check_writable(config.run.results_dir)
+    except ResultsDirError as exc:
+        print(f"kvbench: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

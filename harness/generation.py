@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from harness.measure import stored_kv_bytes, synchronized_clock
+from methods.base import cache_kwarg
 
 
 @dataclass
@@ -64,7 +65,7 @@ def greedy_generate(
     eos = set(eos_token_ids)
     start = synchronized_clock(device)
     logits = model(
-        input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+        input_ids=input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1
     ).logits
     prefill_end = synchronized_clock(device)
     kv_prefill = stored_kv_bytes(cache)
@@ -80,7 +81,7 @@ def greedy_generate(
         logits = model(
             input_ids=torch.tensor([[token]], device=device),
             position_ids=_position(position, device),
-            past_key_values=cache,
+            **cache_kwarg(model, cache),
             use_cache=True,
         ).logits
         position += 1
@@ -129,22 +130,22 @@ def score_continuation(
     start = synchronized_clock(device)
     if not stepwise:
         ids = torch.tensor([context_ids + continuation_ids[:-1]], device=device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True).logits
         logits = logits[0, -len(continuation_ids) :]
         prefill_end = synchronized_clock(device)
     else:
         ids = torch.tensor([context_ids], device=device)
         steps = [
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[
-                0, -1
-            ]
+            model(
+                input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1
+            ).logits[0, -1]
         ]
         prefill_end = synchronized_clock(device)
         for offset, token in enumerate(continuation_ids[:-1]):
             out = model(
                 input_ids=torch.tensor([[token]], device=device),
                 position_ids=_position(len(context_ids) + offset, device),
-                past_key_values=cache,
+                **cache_kwarg(model, cache),
                 use_cache=True,
             )
             steps.append(out.logits[0, -1])

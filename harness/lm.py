@@ -33,6 +33,7 @@ class _Scoring:
     request: Any
     prompt_method_s: float
     prompt_fields: dict[str, Any]
+    original_tokens: int | None = None  # the context's tokens before prompt methods
 
 
 def _tag(request: Any) -> dict[str, Any]:
@@ -42,8 +43,21 @@ def _tag(request: Any) -> dict[str, Any]:
     return {"task": getattr(request, "task_name", None), "doc_id": getattr(request, "doc_id", -1)}
 
 
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, for a task that sets no max_gen_toks
+
+
+def generation_limit(task_limit: int | None, cap: int | None) -> int:
+    """The most tokens a request generates: the task's own ``max_gen_toks`` (lm-eval's 256
+    when it sets none), capped by ``run.max_gen_toks`` (``cap``; None: no cap)."""
+    limit = DEFAULT_MAX_GEN_TOKS if task_limit is None else int(task_limit)
+    return limit if cap is None else min(limit, int(cap))
+
+
 class KVBenchLM(TemplateLM):
-    """An lm-eval model that runs every request through ``session`` (one method applied)."""
+    """An lm-eval model that runs every request through ``session`` (one method applied).
+
+    ``max_gen_toks`` caps every request's generation, the task's own limit included (None:
+    the task's own, or lm-eval's 256 for a task that sets none)."""
 
     backend = "causal"
 
@@ -53,7 +67,7 @@ class KVBenchLM(TemplateLM):
         *,
         split_prompt: Callable[[str], PromptParts] | None = None,
         truncation: str = "left",
-        max_gen_toks: int = 256,
+        max_gen_toks: int | None = None,
         reference_answer: Callable[[dict[str, Any] | None], str | None] | None = None,
         reference_tokens: int = 64,
     ) -> None:
@@ -104,9 +118,9 @@ class KVBenchLM(TemplateLM):
         return outputs
 
     def _generate_one(self, request: Any, context: str, gen_kwargs: dict, eos_text: str) -> str:
-        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks or DEFAULT_MAX_GEN_TOKS)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-        max_gen_toks = kwargs.pop("max_gen_toks")
+        max_gen_toks = generation_limit(kwargs.pop("max_gen_toks"), self.max_gen_toks)
         if kwargs.get("do_sample"):
             raise ValueError(
                 "kvbench decodes greedily; the task asks for do_sample=True. Set "
@@ -153,6 +167,9 @@ class KVBenchLM(TemplateLM):
         for request in requests:
             context, continuation = request.args
             text, seconds, fields = self.session.compress(self.split_prompt(context))
+            original = None  # no prompt method changed the context
+            if text != context:
+                original = len(self._encode_pair(context, continuation)[0]) if context else 0
             if text == "":
                 cont = self.tok_encode(continuation, add_special_tokens=False)
                 pair = (
@@ -162,7 +179,7 @@ class KVBenchLM(TemplateLM):
                 )
             else:
                 pair = self._encode_pair(text, continuation)
-            encoded.append((_Scoring(request, seconds, fields), *pair))
+            encoded.append((_Scoring(request, seconds, fields, original), *pair))
         return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(
@@ -181,6 +198,7 @@ class KVBenchLM(TemplateLM):
                     tag=_tag(meta.request),
                     prompt_method_s=meta.prompt_method_s,
                     prompt_fields=meta.prompt_fields,
+                    original_tokens=meta.original_tokens,
                 )
             )
         return results

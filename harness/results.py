@@ -44,6 +44,12 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     ``kv_ratio`` is stored KV bytes over full-cache KV bytes after prefill, summed over
     requests (``kv_ratio_final``: at the end of generation, generated tokens included).
+
+    Prompt tokens: ``prompt_tokens_original`` = ``prompt_tokens`` (seen) + ``truncated_tokens``
+    (cut by the model's window) + what prompt methods removed. ``prompt_ratio`` measures the
+    prompt methods only: tokens seen over tokens the window let through (1.0 without a prompt
+    method, however much the window cut); ``truncated_ratio`` is the window's share: tokens
+    cut over original tokens, and ``truncated_requests`` how many requests it cut.
     """
     out: dict[str, Any] = {"requests": len(rows)}
     for field in MEASURED_FIELDS:
@@ -54,7 +60,11 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     out["kv_ratio"] = _ratio(total("kv_bytes_prefill"), total("kv_full_bytes_prefill"))
     out["kv_ratio_final"] = _ratio(total("kv_bytes_final"), total("kv_full_bytes_final"))
-    out["prompt_ratio"] = _ratio(total("prompt_tokens"), total("prompt_tokens_original"))
+    out["prompt_ratio"] = _ratio(
+        total("prompt_tokens"), total("prompt_tokens_original") - total("truncated_tokens")
+    )
+    out["truncated_ratio"] = _ratio(total("truncated_tokens"), total("prompt_tokens_original"))
+    out["truncated_requests"] = sum(1 for row in rows if row.get("truncated_tokens"))
     out["compressible_ratio"] = _ratio(
         total("compressible_tokens"), total("compressible_tokens_original")
     )

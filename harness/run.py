@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,13 +18,16 @@ from typing import Any
 
 import hydra
 import lm_eval
-from hydra.errors import InstantiationException
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness import records, results
+from harness import preflight, records, results
 from harness.lm import KVBenchLM
 from harness.models import ModelSpec
+from harness.preflight import BAD_INPUT, ConfigError
 from harness.provenance import now, provenance
 from harness.session import Session, apply
 from harness.taskspec import TaskSpec
@@ -31,19 +36,30 @@ from methods.storage import conf_dir
 
 log = logging.getLogger("kvbench")
 CONF_DIR = conf_dir()
+# Hydra's own output folder of a single run is named by time and pid (conf/config.yaml), so
+# two runs started in the same second do not share it
+if not OmegaConf.has_resolver("kvbench_pid"):
+    OmegaConf.register_new_resolver("kvbench_pid", os.getpid, use_cache=True)
+
+__all__ = ["BAD_INPUT", "CONF_DIR", "ConfigError", "build", "execute", "main"]
 
 
-class ConfigError(ValueError):
-    """A config group entry is not what kvbench expects."""
+class RunFailed(CompactHydraException):
+    """A run that failed, said in one line (Hydra prints a compact exception as its text)."""
 
 
 def build(cfg: DictConfig) -> tuple[ModelSpec, Method, TaskSpec]:
-    """Instantiate and validate the three config groups; nothing is loaded yet."""
+    """Check and instantiate the three config groups and the ``run`` fields; nothing is
+    loaded yet. A value of the wrong type fails here naming its field (``method.ratio=abc``)."""
+    preflight.check_run(cfg.run)
     built = []
     for group, kind in (("model", ModelSpec), ("method", Method), ("task", TaskSpec)):
+        preflight.check_types(group, cfg[group])
         try:
             obj = instantiate(cfg[group], _convert_="all")
         except InstantiationException as exc:
+            if isinstance(exc.__cause__, BAD_INPUT):
+                raise exc.__cause__ from None  # the class's own one-line message
             if "Error locating target" not in str(exc):
                 raise
             raise ConfigError(
@@ -58,18 +74,30 @@ def build(cfg: DictConfig) -> tuple[ModelSpec, Method, TaskSpec]:
 
 
 def execute(cfg: DictConfig) -> Path:
-    """Run one config, or skip it if its record exists. Returns the run folder."""
+    """Run one config, or skip it if its record exists. Returns the run folder.
+
+    Everything that can fail without the model is checked before it loads: the config's
+    values, the results folder (writable), and the model's window against the tokens the task
+    generates (``run.max_gen_toks`` caps every task's own limit)."""
     model_spec, method, task = build(cfg)
     cfg = with_resolved_dtype(cfg, model_spec)
     folder = records.run_dir(cfg)
-    if records.is_finished(folder) and not cfg.run.overwrite:
+    if not cfg.run.overwrite and records.is_finished(folder):
         log.info("skipping %s: already finished (run.overwrite=true recomputes it)", folder)
         return folder
+    records.check_writable(cfg.run.results_dir)
+    cap = cfg.run.max_gen_toks
+    task_manager = task.task_manager()
+    limits = preflight.generation_limits(task_manager, task.task_names(), cap)
+    if model_spec.max_length is not None:  # before the config: a GGUF may need dequantising
+        preflight.check_window(model_spec.max_length, limits, cap, model_spec.max_length)
     model_config = model_spec.load_config()
     method.validate_for(model_config)
     method.validate_runtime(
         model_spec.device, model_spec.torch_dtype, model_spec.attn_implementation
     )
+    window = model_spec.context_length(model_config)
+    preflight.check_window(window, limits, cap, model_spec.max_length)
     started, clock = now(), time.perf_counter()
 
     model, tokenizer = model_spec.load()
@@ -84,14 +112,14 @@ def execute(cfg: DictConfig) -> Path:
             session,
             split_prompt=task.split_prompt,
             truncation=task.truncation,
-            max_gen_toks=cfg.run.max_gen_toks,
+            max_gen_toks=cap,
             reference_answer=task.reference_answer,
             reference_tokens=task.reference_tokens,
         )
         output = lm_eval.simple_evaluate(
             model=lm,
             tasks=task.task_names(),
-            task_manager=task.task_manager(),
+            task_manager=task_manager,
             limit=task.limit,
             num_fewshot=task.num_fewshot,
             log_samples=True,
@@ -101,6 +129,7 @@ def execute(cfg: DictConfig) -> Path:
             torch_random_seed=cfg.run.seed,
             fewshot_random_seed=cfg.run.seed,
         )
+    _log_truncation(session, model_spec.max_length)
     record = make_record(cfg, model_spec, model_config, method, task, session, output)
     record["provenance"] = {
         **provenance(session.device, cfg.run.seed),
@@ -179,28 +208,84 @@ def make_record(
     }
 
 
+def _log_truncation(session: Session, max_length: int | None) -> None:
+    """One line per run when the window cut prompts (each request's ``truncated_tokens``)."""
+    cut = [m for m in session.measurements if m.truncated_tokens]
+    if cut:
+        log.warning(
+            "%d of %d requests did not fit the window of %d tokens (model.max_length=%s, "
+            "less the tokens generated) and were truncated: %d of their %d prompt tokens "
+            "were cut (truncated_tokens in the record)",
+            len(cut),
+            len(session.measurements),
+            session.max_length,
+            max_length,
+            sum(m.truncated_tokens for m in cut),
+            sum(m.prompt_tokens_original for m in cut),
+        )
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
     try:
         return str(execute(cfg))
     except Exception as exc:
-        # said at once: Hydra's launchers raise a failed job's error only after the whole sweep
-        log.error(
-            "run failed (method=%s, task=%s), no record written: %s: %s",
-            cfg.method.get("name"),
-            cfg.task.get("name"),
-            type(exc).__name__,
-            exc,
+        bad_input = isinstance(exc, BAD_INPUT)
+        line = (
+            f"kvbench: {exc}"
+            if bad_input
+            else f"run failed (method={cfg.method.get('name')}, task={cfg.task.get('name')}), "
+            f"no record written: {type(exc).__name__}: {exc}"
         )
-        raise
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        if multirun:  # said at once: Hydra raises a failed job's error after the whole sweep
+            log.error(line)
+        if not bad_input or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _remove_hydra_output()  # nothing was computed: leave nothing behind
+        if multirun:
+            raise RunFailed(line) from exc
+        print(line, file=sys.stderr)  # one line: Hydra would add its own lines around it
+        raise SystemExit(1) from None
+
+
+def _remove_hydra_output() -> None:
+    """Remove this job's Hydra output folder (its log and config copies) and the ``.hydra``
+    folders above it that are left empty: a run refused before it started leaves nothing."""
+    output = Path(HydraConfig.get().runtime.output_dir)
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # Hydra's job log file is in that folder
+        if (
+            isinstance(handler, logging.FileHandler)
+            and output in Path(handler.baseFilename).parents
+        ):
+            root.removeHandler(handler)
+            handler.close()
+    shutil.rmtree(output, ignore_errors=True)
+    for parent in output.parents:
+        if parent.name not in (".hydra",) and not parent.name.startswith("multirun-"):
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def main() -> None:
     """Console entry point. With no arguments at all it runs the demo sweep (``sweep=demo``):
-    full cache vs StreamingLLM on a small LongBench and GSM8K slice."""
+    full cache vs StreamingLLM on a small LongBench and GSM8K slice. Ctrl-C ends it with one
+    line (finished runs are kept; the same command resumes)."""
     if len(sys.argv) == 1:
         sys.argv.append("sweep=demo")
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        print(
+            "\nkvbench: interrupted (Ctrl-C); finished runs are kept, and the same command "
+            "resumes the rest",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

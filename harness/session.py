@@ -52,13 +52,23 @@ class Generated:
 
 @dataclass
 class PromptFit:
-    """A prompt fitted into the window and passed through the prompt methods."""
+    """A prompt fitted into the window and passed through the prompt methods.
+
+    Token accounting: ``original_tokens`` = ``len(ids)`` + ``truncated_tokens`` + what the
+    prompt methods removed; ``window_tokens`` is what the prompt methods were given (the
+    prompt after the window's first cut), the full-cache reference of the KV ratios.
+    """
 
     ids: list[int]  # what the model sees
-    original_tokens: int  # the prompt in the window before prompt methods
-    truncated_tokens: int  # removed by the window after prompt methods
+    original_tokens: int  # the whole prompt, before any cut
+    truncated_tokens: int  # removed by the window (before and after prompt methods)
     prompt_method_s: float
     fields: dict[str, Any] = field(default_factory=dict)  # the prompt-method fields
+    window_tokens: int | None = None  # in the window before prompt methods (default: ids)
+
+    def __post_init__(self) -> None:
+        if self.window_tokens is None:
+            self.window_tokens = len(self.ids)
 
 
 def truncate(ids: list[int], limit: int, how: str) -> list[int]:
@@ -158,7 +168,8 @@ class Session:
     ) -> PromptFit:
         """The token ids the model sees for ``prompt``: cut to ``max_context`` tokens (a
         prompt too long for the window is truncated first, so prompt methods' rates are of
-        the tokens sent), shortened by the prompt methods, then cut again if needed.
+        the tokens sent), shortened by the prompt methods, then cut again if needed. Both
+        cuts count as ``truncated_tokens``; ``original_tokens`` is the prompt before either.
 
         ``split`` tells prompt methods what they may shorten (the task's ``split_prompt``);
         a :class:`PromptParts` prompt carries its own split; a plain text without ``split``
@@ -170,12 +181,13 @@ class Session:
             split, prompt = _keep_protected(prompt), prompt.text
         split = split or (lambda text: PromptParts(text, ""))
         full_ids = self.encode(prompt)
-        original_ids = truncate(full_ids, max_context, truncation)
-        seen = prompt if len(original_ids) == len(full_ids) else self.decode(original_ids)
+        window_ids = truncate(full_ids, max_context, truncation)
+        seen = prompt if len(window_ids) == len(full_ids) else self.decode(window_ids)
         text, seconds, fields = self.compress(split(seen))
-        encoded = self.encode(text) if text != seen else original_ids
+        encoded = self.encode(text) if text != seen else window_ids
         ids = truncate(encoded, max_context, truncation)
-        return PromptFit(ids, len(original_ids), len(encoded) - len(ids), seconds, fields)
+        cut = len(full_ids) - len(window_ids) + len(encoded) - len(ids)
+        return PromptFit(ids, len(full_ids), cut, seconds, fields, len(window_ids))
 
     # --- requests ------------------------------------------------------------------------
     def generate(
@@ -205,7 +217,7 @@ class Session:
             fit = self.fit(prompt, max_context=max_context, truncation=truncation, split=split)
         else:
             ids = truncate(list(prompt), max_context, truncation)
-            fit = PromptFit(ids, len(ids), 0, 0.0)
+            fit = PromptFit(ids, len(prompt), len(prompt) - len(ids), 0.0)
         stops = [s for s in stop if s]
 
         def stopped(tokens: list[int]) -> bool:
@@ -234,8 +246,8 @@ class Session:
             generated_tokens=len(gen.tokens),
             kv_bytes_prefill=gen.kv_bytes_prefill,
             kv_bytes_final=gen.kv_bytes_final,
-            kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.original_tokens),
-            kv_full_bytes_final=self.kv_layout.full_bytes(fit.original_tokens + gen.decode_steps),
+            kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
+            kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
             peak_memory_bytes=self.peak_memory.peak_bytes(),
             **fit.fields,
         )
@@ -250,23 +262,28 @@ class Session:
         measure: bool = True,
         prompt_method_s: float = 0.0,
         prompt_fields: dict[str, Any] | None = None,
+        original_tokens: int | None = None,
     ) -> tuple[float, bool]:
         """(sum of log p(continuation | context), whether greedy decoding produces it), with
         the context cut on the left to fit the window. ``measure=False`` scores without
-        recording a measurement (e.g. a reference answer scored after a generation)."""
+        recording a measurement (e.g. a reference answer scored after a generation).
+        ``original_tokens``: the context's length before prompt methods shortened it into
+        ``context_ids`` (default: ``len(context_ids)``, no prompt method)."""
         continuation = list(continuation_ids)
+        room = max(self.max_length + 1 - len(continuation), 0)  # context tokens that fit
         whole = (list(context_ids) + continuation)[-(self.max_length + 1) :]
         context = whole[: len(whole) - len(continuation)]
+        original = len(context_ids) if original_tokens is None else original_tokens
         self.peak_memory.reset()
         scored = score_continuation(
             self.model, context, continuation, stepwise=self.stepwise_scoring
         )
         if measure:
-            full = self.kv_layout.full_bytes(len(context))
+            full = self.kv_layout.full_bytes(min(original, room))  # the full cache's window
             self._record(
                 tag,
                 "loglikelihood",
-                prompt_tokens_original=len(context_ids),
+                prompt_tokens_original=original,
                 prompt_tokens=len(context),
                 truncated_tokens=len(context_ids) - len(context),
                 prompt_method_s=prompt_method_s,
@@ -295,6 +312,7 @@ class Session:
             tag=tag,
             prompt_method_s=seconds,
             prompt_fields=fields,
+            original_tokens=len(self.encode(context)) if text != context else None,
         )
 
     def _record(self, tag: dict[str, Any] | None, request_type: str, **values: Any):

@@ -27,6 +27,8 @@ compose through :class:`Compose` (a list in the config).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -344,6 +346,22 @@ def cache_of(kwargs: dict) -> Any:
     transformers >= 5.24 passes it as ``cache``, earlier versions as ``past_key_values``."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
+
+
+def cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``model(**cache_kwarg(model, cache), ...)`` passes the KV cache under the name the
+    installed transformers takes: ``cache`` since 5.24 (``past_key_values`` still works there
+    but warns, FutureWarning, and goes in 5.40), ``past_key_values`` before."""
+    return {_cache_name(type(model)): cache}
+
+
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    try:
+        parameters = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

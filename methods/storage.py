@@ -7,6 +7,9 @@ runner.
 * :func:`cache_root`: ``$KVBENCH_CACHE``, default ``~/.cache/kvbench``.
 * :func:`data_dir`: ``$KVBENCH_DATA``, default the ``data/`` folder that ships with kvbench.
 * :func:`conf_dir`: the Hydra configs (``conf/``).
+* :func:`staging_folder` / :func:`publish`: the one way a folder (a run record, a dequantised
+  model, trained weights) appears: assembled under a staging name, then renamed into place,
+  safe under concurrent writers; :func:`remove_stale_staging` clears what killed writers left.
 
 In a source checkout ``conf/`` and ``data/`` sit at the repository root; an installed wheel
 carries them as ``harness/conf`` and ``harness/data`` (links to the root folders in the
@@ -15,10 +18,18 @@ checkout), beside this package in site-packages.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 CACHE_ENV = "KVBENCH_CACHE"
 DATA_ENV = "KVBENCH_DATA"
@@ -67,3 +78,92 @@ def read_jsonl(relative: str) -> list[dict[str, Any]]:
     """The records of a JSON-lines file in the data folder."""
     with data_file(relative).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+# --- folders written whole: assembled under a staging name, then renamed into place ----------
+STAGING_PREFIX = ".staging-"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` sets it,
+    which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_folder(target: Path) -> Path:
+    """A new empty folder next to ``target`` to assemble it in, named
+    ``.staging-<name>-<pid>-<random>`` (the pid lets :func:`remove_stale_staging` tell a dead
+    writer's leftovers from a live one's). ``mkdtemp`` creates it 0700; it gets the permissions
+    a plain ``mkdir`` would (the user's umask), so the published folder does too."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{STAGING_PREFIX}{target.name}-{os.getpid()}-"
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    folder.chmod(0o777 & ~current_umask())
+    return folder
+
+
+def publish(
+    staging: Path, target: Path, *, complete: Callable[[Path], bool], replace: bool = False
+) -> bool:
+    """Rename ``staging`` to ``target`` atomically; True if ours is now in place.
+
+    A complete ``target`` (``complete(target)``) already there is kept unless ``replace``; one
+    completed by a concurrent writer while we worked is kept too (the loser of that race
+    succeeds: same key, same content); an incomplete one is moved aside and replaced.
+    ``staging`` is left for the caller to remove when it was not used.
+    """
+    if not replace and complete(target):
+        return False
+    moved_aside = False  # with replace: the target found first is replaced, later ones kept
+    for _ in range(8):
+        try:
+            staging.rename(target)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if (moved_aside or not replace) and complete(target):
+            return False  # a concurrent writer finished it while we worked: keep theirs
+        trash = target.with_name(f".trash-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            target.rename(trash)
+        except FileNotFoundError:  # another writer moved it first
+            pass
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+        moved_aside = True
+    raise OSError(f"{target} kept changing under concurrent writers; run again")
+
+
+def remove_stale_staging(parent: Path, name: str) -> list[Path]:
+    """Remove the ``.staging-<name>-<pid>-*`` folders in ``parent`` that writers killed
+    mid-write left: those whose process is gone, or older than the process now holding that
+    pid (the pid was reused). A live writer's folder is left alone. Returns what was removed."""
+    removed = []
+    for folder in Path(parent).glob(f"{STAGING_PREFIX}{name}-*"):
+        match = re.fullmatch(r"(\d+)-[^-]+", folder.name[len(STAGING_PREFIX + name) + 1 :])
+        if match and folder.is_dir() and older_than_process(folder, int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def older_than_process(path: Path, pid: int | None = None) -> bool:
+    """Whether ``path`` was last changed before process ``pid`` (default: this one) started;
+    True when no such process exists."""
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return True
+    try:
+        return path.stat().st_mtime < started
+    except FileNotFoundError:
+        return False

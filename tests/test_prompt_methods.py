@@ -296,7 +296,9 @@ def test_a_prompt_too_long_for_the_window_is_truncated_before_it_is_compressed(t
         )
         lm._generate_one(None, TEXT * 3 + QUESTION, {"until": ["\n\n"]}, "</s>")
     [row] = lm.measurement_rows()
-    assert row["prompt_tokens_original"] == 300  # 304 - 4 generated
+    whole = len(TEXT * 3 + QUESTION)  # byte tokenizer: one token per byte
+    assert row["prompt_tokens_original"] == whole  # before any cut
+    assert row["truncated_tokens"] == whole - 300  # the window: 304 - 4 generated
     assert row["compressible_tokens_original"] == 300 - len(QUESTION)
     assert row["prompt_tokens"] == 300 - round(0.5 * (300 - len(QUESTION)))
     assert method.last_stats()["compressor_tokens"] == 300 - len(QUESTION)

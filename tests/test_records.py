@@ -1,9 +1,15 @@
-"""Run records: stable names, atomic writes, no accidental overwrite."""
+"""Run records: stable names, atomic writes, no accidental overwrite; a record is finished
+only when it parses and carries its schema version and run id; concurrent writers of one run
+all succeed; folders get the user's umask."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
 
+import pytest
 from omegaconf import OmegaConf
 
 from harness import records
@@ -32,17 +38,22 @@ def test_hash_is_stable_and_ignores_bookkeeping(tmp_path):
     assert records.run_id(a).startswith("m__gsm8k__streamingllm__")
 
 
+def record(folder, **values):
+    """A minimal finished record of the run in ``folder``."""
+    return {"schema_version": records.SCHEMA_VERSION, "run_id": folder.name, **values}
+
+
 def test_write_is_atomic_and_never_overwrites_by_accident(tmp_path):
     c = cfg(tmp_path)
     folder = records.run_dir(c)
     assert not records.is_finished(folder)
-    records.write_record(folder, {"value": 1}, c, overwrite=False)
-    assert records.read_record(folder) == {"value": 1}
+    records.write_record(folder, record(folder, value=1), c, overwrite=False)
+    assert records.read_record(folder)["value"] == 1
     assert (folder / records.CONFIG_FILE).is_file()
-    records.write_record(folder, {"value": 2}, c, overwrite=False)
-    assert records.read_record(folder) == {"value": 1}
-    records.write_record(folder, {"value": 3}, c, overwrite=True)
-    assert records.read_record(folder) == {"value": 3}
+    records.write_record(folder, record(folder, value=2), c, overwrite=False)
+    assert records.read_record(folder)["value"] == 1
+    records.write_record(folder, record(folder, value=3), c, overwrite=True)
+    assert records.read_record(folder)["value"] == 3
     # no staging or trash folders are left behind
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]
     assert records.find_records(tmp_path) == [folder / records.RECORD_FILE]
@@ -54,6 +65,117 @@ def test_unfinished_folder_is_not_a_record(tmp_path):
     folder.mkdir(parents=True)
     (folder / "partial.json").write_text("{")
     assert not records.is_finished(folder)
-    records.write_record(folder, {"ok": True}, c, overwrite=False)
-    assert json.loads((folder / records.RECORD_FILE).read_text()) == {"ok": True}
+    records.write_record(folder, record(folder, ok=True), c, overwrite=False)
+    assert json.loads((folder / records.RECORD_FILE).read_text())["ok"] is True
     assert not (folder / "partial.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"schema_version": 1, "run_id": "RUN", "score": {"val', "unreadable"),
+        ("", "unreadable"),
+        ('["not", "an", "object"]', "not a JSON object"),
+        ('{"run_id": "RUN"}', "schema_version None"),
+        ('{"schema_version": 99, "run_id": "RUN"}', "schema_version 99"),
+        ('{"schema_version": 1, "run_id": "another__run"}', "run_id"),
+    ],
+)
+def test_a_record_that_does_not_parse_or_lacks_its_ids_is_not_finished(
+    tmp_path, caplog, text, reason
+):
+    """A truncated record.json used to mark the run finished for ever (only the report
+    warned): now it is recomputed, with a warning naming the file, and replaced."""
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    folder.mkdir(parents=True)
+    (folder / records.RECORD_FILE).write_text(text.replace("RUN", folder.name))
+    with caplog.at_level(logging.WARNING, logger="kvbench"):
+        assert not records.is_finished(folder)
+    assert str(folder / records.RECORD_FILE) in caplog.text and reason in caplog.text
+    records.write_record(folder, record(folder, value=1), c, overwrite=False)
+    assert records.is_finished(folder)
+    assert records.read_record(folder)["value"] == 1
+
+
+def test_concurrent_writers_of_one_run_all_succeed(tmp_path):
+    """Writers of one run finishing together: the losers of the race to the folder keep the
+    winner's record and succeed (they used to raise OSError: Directory not empty)."""
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    writers, trials = 4, 40
+    for trial in range(trials):
+        barrier = threading.Barrier(writers)
+        errors = []
+
+        def write(n, trial=trial, barrier=barrier, errors=errors):
+            barrier.wait()
+            try:
+                records.write_record(folder, record(folder, trial=trial, writer=n), c, False)
+            except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], f"trial {trial}: {errors}"
+        assert records.read_record(folder)["trial"] == trial
+        assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+        records.shutil.rmtree(folder)
+
+
+def test_a_loser_that_finds_a_finished_record_keeps_it(tmp_path, monkeypatch):
+    """The race made deterministic: another writer publishes between our check and our rename."""
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    real_rename = type(folder).rename
+
+    def rival_first(self, target):
+        if self.name.startswith(".staging-") and not folder.exists():
+            other = tmp_path / "rival"
+            other.mkdir()
+            (other / records.RECORD_FILE).write_text(json.dumps(record(folder, by="rival")))
+            real_rename(other, folder)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(folder), "rename", rival_first)
+    assert records.write_record(folder, record(folder, by="us"), c, overwrite=False) == folder
+    assert records.read_record(folder)["by"] == "rival"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_run_folders_get_the_users_umask(tmp_path):
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    old = os.umask(0o022)
+    try:
+        records.write_record(folder, record(folder), c, overwrite=False)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / records.RECORD_FILE).stat().st_mode & 0o777 == 0o644
+
+
+def test_staging_folders_of_killed_writers_are_removed(tmp_path):
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    dead = tmp_path / f".staging-{folder.name}-999999999-abcd1234"  # no such pid
+    live = tmp_path / f".staging-{folder.name}-{os.getpid()}-abcd1234"  # a live writer
+    dead.mkdir()
+    live.mkdir()
+    records.write_record(folder, record(folder), c, overwrite=False)
+    assert not dead.exists() and live.exists()
+
+
+def test_results_dir_that_is_a_file_or_unwritable_is_one_line_naming_it(tmp_path):
+    afile = tmp_path / "results.txt"
+    afile.write_text("x")
+    for bad in (afile, afile / "sub", "/sys/kvbench-not-writable"):
+        with pytest.raises(records.ResultsDirError) as excinfo:
+            records.check_writable(bad)
+        message = str(excinfo.value)
+        assert "run.results_dir=" in message and str(bad) in message and "\n" not in message
+    records.check_writable(tmp_path / "new" / "folder")
+    assert (tmp_path / "new" / "folder").is_dir()

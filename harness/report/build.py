@@ -72,6 +72,7 @@ COLUMNS = [
     "kv_ratio_final",
     "prompt_tokens",
     "prompt_ratio",
+    "truncated_ratio",
     "prefill_ms",
     "decode_tok_s",
     "peak_mem_mb",

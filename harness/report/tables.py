@@ -196,7 +196,8 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "kv_ratio": num(meas.get("kv_ratio")),
         "kv_ratio_final": num(meas.get("kv_ratio_final")),
         "prompt_tokens": mean("prompt_tokens"),
-        "prompt_ratio": num(meas.get("prompt_ratio")),
+        "prompt_ratio": num(meas.get("prompt_ratio")),  # what prompt methods kept
+        "truncated_ratio": num(meas.get("truncated_ratio")),  # what the window cut
         "prefill_ms": mean("prefill_s") * 1000.0,
         "decode_tok_s": num(meas.get("decode_tok_per_s")),
         "peak_mem_mb": num(get(meas, "peak_memory_bytes", "max")) / MB,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from methods.base import cache_kwarg
 from methods.storage import read_jsonl
 
 HELDOUT_PROBLEMS = 500
@@ -95,7 +96,7 @@ def teacher_texts(model: Any, tokenizer: Any, samples: int, tokens: int, seed: i
         cache = DynamicCache(config=model.config)
         step = torch.tensor([ids], device=device)
         for _ in range(tokens):
-            logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=step, **cache_kwarg(model, cache), use_cache=True).logits
             top = logits[0, -1].float().topk(min(50, logits.shape[-1]))
             pick = torch.multinomial(torch.softmax(top.values, -1).cpu(), 1, generator=generator)
             token = int(top.indices[int(pick)])

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from methods.base import MethodConfigError, attention_modules, cache_of
+from methods.base import MethodConfigError, attention_modules, cache_kwarg, cache_of
 from methods.cache.attention import accumulated_attention
 
 
@@ -117,7 +117,9 @@ class Compressor:
         with self._hooks(received) if attention else _nothing():
             out = self.model(
                 input_ids=input_ids,
-                past_key_values=DynamicCache(config=self.model.config) if attention else None,
+                **cache_kwarg(
+                    self.model, DynamicCache(config=self.model.config) if attention else None
+                ),
                 use_cache=attention,
             )
         return TokenScores(

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from methods.base import MethodConfigError
+from methods.base import MethodConfigError, cache_kwarg
 from methods.prompt.compressor import self_information
 from methods.prompt.tokens import TokenDropMethod
 
@@ -129,7 +129,7 @@ class LLMLingua(TokenDropMethod):
             logits = scorer.model(
                 input_ids=inputs[None],
                 position_ids=positions[None],
-                past_key_values=cache,
+                **cache_kwarg(scorer.model, cache),
                 use_cache=True,
             ).logits[0]
             scorer.forward_passes += 1
