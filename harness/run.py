@@ -231,27 +231,27 @@ def _hydra_main(cfg: DictConfig) -> str:
         return str(execute(cfg))
     except Exception as exc:
         bad_input = isinstance(exc, BAD_INPUT)
-        line = (
-            f"kvbench: {exc}"
-            if bad_input
-            else f"run failed (method={cfg.method.get('name')}, task={cfg.task.get('name')}), "
-            f"no record written: {type(exc).__name__}: {exc}"
-        )
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-        if multirun:  # said at once: Hydra raises a failed job's error after the whole sweep
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # said at once (Hydra raises a failed job's error only after the whole sweep),
+            # naming the job, which the error alone may not
+            line = (
+                f"run failed (method={cfg.method.get('name')}, task={cfg.task.get('name')}), "
+                f"no record written: {type(exc).__name__}: {exc}"
+            )
             log.error(line)
-        if not bad_input or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if bad_input:  # one line at the end too, not a traceback
+                raise RunFailed(line) from exc
             raise
+        if not bad_input or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # Hydra prints it once, with its traceback
         _remove_hydra_output()  # nothing was computed: leave nothing behind
-        if multirun:
-            raise RunFailed(line) from exc
-        print(line, file=sys.stderr)  # one line: Hydra would add its own lines around it
+        print(f"kvbench: {exc}", file=sys.stderr)  # one line (Hydra would add its own)
         raise SystemExit(1) from None
 
 
 def _remove_hydra_output() -> None:
-    """Remove this job's Hydra output folder (its log and config copies) and the ``.hydra``
-    folders above it that are left empty: a run refused before it started leaves nothing."""
+    """Remove this run's Hydra output folder (its log and config copies), and ``.hydra``
+    above it if that is left empty: a run refused before it started leaves nothing."""
     output = Path(HydraConfig.get().runtime.output_dir)
     root = logging.getLogger()
     for handler in list(root.handlers):  # Hydra's job log file is in that folder
@@ -262,13 +262,8 @@ def _remove_hydra_output() -> None:
             root.removeHandler(handler)
             handler.close()
     shutil.rmtree(output, ignore_errors=True)
-    for parent in output.parents:
-        if parent.name not in (".hydra",) and not parent.name.startswith("multirun-"):
-            break
-        try:
-            parent.rmdir()
-        except OSError:
-            break
+    if output.parent.name == ".hydra" and not any(output.parent.iterdir()):
+        output.parent.rmdir()
 
 
 def main() -> None:

@@ -18,10 +18,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import model_cache
 from harness.api import build
 from harness.generation import greedy_generate, score_continuation
-from harness.lm import KVBenchLM, generation_limit
+from harness.lm import KVBenchLM
 from harness.run import CONF_DIR
 from harness.session import apply
 
@@ -102,6 +101,8 @@ def test_run_max_gen_toks_caps_the_task_s_own_limit(tiny_gqa):
             lm._generate_one(None, "Q: 2+2?\nA:", request, eos)
             generated[cap] = session.measurements[-1].generated_tokens
     assert generated == {5: 5, None: 40}
+    from harness.lm import generation_limit
+
     assert generation_limit(1024, 5) == 5 and generation_limit(1024, None) == 1024
     assert generation_limit(None, None) == 256 and generation_limit(None, 12) == 12
 
@@ -124,6 +125,8 @@ def test_no_past_key_values_future_warning(tiny_gqa):
 
 def test_a_long_step_says_it_is_still_working(caplog):
     """Converting a large GGUF vocabulary takes minutes with no progress bar of its own."""
+    from harness import model_cache
+
     with caplog.at_level(logging.INFO, logger="kvbench"):
         with model_cache.heartbeat("model x: step 1/3, tokenizer", every=0.05):
             time.sleep(0.3)

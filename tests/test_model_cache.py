@@ -1,7 +1,9 @@
 """The dequantised-model cache never serves a partial or corrupt model: every file carries a
 checksum written with it and verified before use; a bad entry is rebuilt with a warning naming
 it; staging folders of killed writers are removed; dequantising says what it is doing.
-A tiny Llama GGUF written by the test (tests/tiny_gguf.py) stands in for SmolLM2/Gemma-3."""
+A tiny Llama GGUF written by the test (tests/tiny_gguf.py) stands in for SmolLM2/Gemma-3.
+(``harness.model_cache`` is imported inside the tests, so that each fails on its own on code
+without it.)"""
 
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import model_cache
 from harness.models import ModelConfigError, ModelSpec
 from tests.tiny_gguf import DISTRIBUTION, GGUF_FILE, PACKAGE, make_package
 
@@ -50,6 +51,8 @@ def test_first_use_dequantises_with_progress_and_checksums(tiny_gguf, caplog):
     assert "dequantising" in text and GGUF_FILE in text
     assert "step 1/3" in text and "step 2/3" in text and "step 3/3" in text
     assert f"cached in {folder}" in text
+    from harness import model_cache
+
     marker = json.loads((folder / model_cache.MARKER).read_text())
     files = marker["files"]
     assert "model.safetensors" in files and "config.json" in files
@@ -91,11 +94,15 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning_naming_it(tiny_gguf, caplog, 
     rebuilt = weights(model)
     assert rebuilt.keys() == reference.keys()
     assert all(torch.equal(rebuilt[k], reference[k]) for k in reference)
+    from harness import model_cache
+
     assert model_cache.problem(folder) is None
 
 
 def test_a_cache_without_checksums_is_rebuilt(tiny_gguf, caplog):
     """A folder from before the marker held checksums (or a partial one) is not trusted."""
+    from harness import model_cache
+
     folder = model_cache_folder(tiny_gguf)
     (folder / model_cache.MARKER).write_text("/some/file.gguf\n")  # the old marker
     with caplog.at_level(logging.WARNING, logger="kvbench"):
@@ -107,6 +114,7 @@ def test_a_cache_without_checksums_is_rebuilt(tiny_gguf, caplog):
 def test_staging_left_by_a_killed_dequantisation_is_removed(tiny_gguf, tmp_path):
     """SIGKILL in the middle of the first dequantisation (a real one, in a child process)
     used to leave its staging folder in the cache for ever."""
+
     script = textwrap.dedent(
         f"""
         import os, signal, sys

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from methods.storage import staging_folder
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class CheckpointStore:
     ) -> Path:
         """Write the checkpoint atomically (staging folder, checksums, marker, rename)."""
         target = self.folder(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        staging = staging_folder(target)  # the user's umask, not mkdtemp's 0700
         try:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / WEIGHTS
