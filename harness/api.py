@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from harness import records
+from harness.preflight import check_types
 from harness.session import Session, apply
 from methods.storage import conf_dir
 
@@ -45,6 +46,7 @@ def build(group: str, name: str, **fields: Any) -> Any:
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         raise ValueError(f"{group}={name!r} is not a config: use one of {', '.join(options)}")
     cfg = OmegaConf.merge(OmegaConf.load(path), fields)
+    check_types(group, cfg)  # `ratio="abc"` is named as method.ratio
     return instantiate(cfg, _convert_="all")
 
 

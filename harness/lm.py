@@ -21,6 +21,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
+from harness.preflight import DEFAULT_MAX_GEN_TOKS, generation_limit
 from harness.session import Session
 from methods.base import PromptParts
 
@@ -41,16 +42,6 @@ def _tag(request: Any) -> dict[str, Any]:
     if request is None:
         return {}
     return {"task": getattr(request, "task_name", None), "doc_id": getattr(request, "doc_id", -1)}
-
-
-DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, for a task that sets no max_gen_toks
-
-
-def generation_limit(task_limit: int | None, cap: int | None) -> int:
-    """The most tokens a request generates: the task's own ``max_gen_toks`` (lm-eval's 256
-    when it sets none), capped by ``run.max_gen_toks`` (``cap``; None: no cap)."""
-    limit = DEFAULT_MAX_GEN_TOKS if task_limit is None else int(task_limit)
-    return limit if cap is None else min(limit, int(cap))
 
 
 class KVBenchLM(TemplateLM):

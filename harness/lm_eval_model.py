@@ -47,7 +47,7 @@ class KVBenchEvalLM(KVBenchLM):
         model: str = "smollm2_135m",
         method: str = "full",
         truncation: str = "left",
-        max_gen_toks: int = 256,
+        max_gen_toks: int | None = None,  # caps every task; None: its own limit, or 256
         device: str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,

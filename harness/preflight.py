@@ -19,11 +19,19 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from harness.lm import DEFAULT_MAX_GEN_TOKS, generation_limit
 from harness.models import ModelConfigError
 from harness.records import ResultsDirError
 from harness.taskspec import TaskConfigError
 from methods.base import MethodConfigError
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, for a task that sets no max_gen_toks
+
+
+def generation_limit(task_limit: int | None, cap: int | None) -> int:
+    """The most tokens a request generates: the task's own ``max_gen_toks`` (lm-eval's 256
+    when it sets none), capped by ``run.max_gen_toks`` (``cap``; None: no cap)."""
+    limit = DEFAULT_MAX_GEN_TOKS if task_limit is None else int(task_limit)
+    return limit if cap is None else min(limit, int(cap))
 
 
 class ConfigError(ValueError):

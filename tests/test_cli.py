@@ -101,7 +101,7 @@ def test_run_max_gen_toks_caps_the_task_s_own_limit(tiny_gqa):
             lm._generate_one(None, "Q: 2+2?\nA:", request, eos)
             generated[cap] = session.measurements[-1].generated_tokens
     assert generated == {5: 5, None: 40}
-    from harness.lm import generation_limit
+    from harness.preflight import generation_limit
 
     assert generation_limit(1024, 5) == 5 and generation_limit(1024, None) == 1024
     assert generation_limit(None, None) == 256 and generation_limit(None, 12) == 12
