@@ -170,7 +170,6 @@ class ModelSpec:
                 dtype=self.torch_dtype,
                 attn_implementation=self.attn_implementation,
             )
-            tokenizer = byte_tokenizer()
         else:
             path = self.resolved_path()
             placement = {"device_map": self.device} if is_cuda(self.device) else {}
@@ -180,10 +179,17 @@ class ModelSpec:
                 attn_implementation=self.attn_implementation,
                 **placement,
             )
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = self.load_tokenizer()
         model.to(self.device).eval()
         model.requires_grad_(False)
         return model, tokenizer
+
+    def load_tokenizer(self) -> Any:
+        """The model's tokenizer alone (tasks that size their prompts in tokens check them
+        with it before the weights load)."""
+        if self.source == "random":
+            return byte_tokenizer()
+        return AutoTokenizer.from_pretrained(self.resolved_path())
 
     def context_length(self, config: Any) -> int:
         """Tokens the model may see: ``max_length`` capped by the model's own window."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from harness.measure import summarize
@@ -73,8 +74,11 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def samples(lm_eval_samples: dict[str, list[dict]], rows: list[dict]) -> list[dict[str, Any]]:
-    """One entry per evaluated document: output, target, per-sample metrics, and the
+def samples(
+    lm_eval_samples: dict[str, list[dict]], rows: list[dict], doc_fields: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """One entry per evaluated document: output, target, per-sample metrics, the document's
+    ``doc_fields`` (``doc``: e.g. a RULER sample's length and needle depth), and the
     measurements of its request(s) (documents are matched by task and doc_id)."""
     by_doc: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for row in rows:
@@ -95,6 +99,7 @@ def samples(lm_eval_samples: dict[str, list[dict]], rows: list[dict]) -> list[di
                     "filtered_output": (entry.get("filtered_resps") or [None])[0],
                     "metrics": {m: entry.get(m) for m in metrics},
                     "prompt_hash": entry.get("prompt_hash"),
+                    **_doc_fields(entry.get("doc") or {}, doc_fields),
                     "requests": [
                         {k: v for k, v in r.items() if k not in ("task", "doc_id")}
                         for r in by_doc.get((task, doc_id), [])
@@ -102,6 +107,10 @@ def samples(lm_eval_samples: dict[str, list[dict]], rows: list[dict]) -> list[di
                 }
             )
     return out
+
+
+def _doc_fields(doc: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    return {"doc": {name: doc.get(name) for name in names}} if names else {}
 
 
 def primary_score(results: dict[str, Any], task_names: list[str], metric: str) -> float | None:

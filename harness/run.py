@@ -87,7 +87,11 @@ def execute(cfg: DictConfig) -> Path:
         return folder
     records.check_writable(cfg.run.results_dir)
     cap = cfg.run.max_gen_toks
-    task_manager = task.task_manager()
+    tokenizer = None
+    if task.is_ruler:  # RULER is sized in the model's tokens: its tokenizer, before the weights
+        tokenizer = model_spec.load_tokenizer()
+        task.validate_for(model_spec.context_length(model_spec.load_config()), tokenizer)
+    task_manager = task.task_manager(tokenizer)
     limits = preflight.generation_limits(task_manager, task.task_names(), cap)
     if model_spec.max_length is not None:  # before the config: a GGUF may need dequantising
         preflight.check_window(model_spec.max_length, limits, cap, model_spec.max_length)
@@ -197,6 +201,7 @@ def make_record(
             "lm_eval_tasks": names,
             "limit": task.limit,
             "primary_metric": task.primary_metric,
+            **({"ruler": task.ruler_settings()} if task.is_ruler else {}),
         },
         "metrics": output["results"],
         "score": {
@@ -204,7 +209,7 @@ def make_record(
             "value": results.primary_score(output["results"], names, task.primary_metric),
         },
         "measurements": results.aggregate(rows),
-        "samples": results.samples(output.get("samples", {}), rows),
+        "samples": results.samples(output.get("samples", {}), rows, task.sample_fields),
     }
 
 

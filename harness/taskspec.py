@@ -10,16 +10,24 @@ prompt method which part of a request it may shorten.
 ``source=local`` runs kvbench's own task YAMLs (``harness/tasks``, named ``kvbench_*``) over the
 offline copies in ``data/``; they render the same prompts and compute the same metrics as
 lm-eval's stock tasks. ``source=hub`` runs lm-eval's stock tasks, which download their data.
+
+RULER tasks (``ruler`` and ``ruler_*``) are generated, not read: ``lengths``,
+``samples_per_length``, ``depths`` and ``seed`` say what to generate, and the model's tokenizer
+(passed to :meth:`TaskSpec.task_manager`) sizes the samples; :meth:`TaskSpec.validate_for` checks the
+lengths against the model's window and the task's template before the weights load.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.session import TRUNCATIONS
-from harness.tasks import TASKS_DIR, local_data
+from harness.tasks import TASKS_DIR, local_data, ruler
 from methods.base import PromptParts
 
 if TYPE_CHECKING:
@@ -60,6 +68,15 @@ class TaskSpec:
             per token): the fidelity signal that stays sensitive where task scores sit near
             the floor. None skips it (it costs one more prefill per request).
         reference_tokens: score at most this many leading tokens of the reference answer.
+        lengths: RULER only: the sequence lengths to generate samples for, in the model's
+            tokens (prompt + the tokens the task generates); each at most the model's window.
+        samples_per_length: RULER only: samples generated per length (``limit`` is not used).
+        depths: RULER only: where the needle goes, as fractions of the haystack in [0, 1];
+            sample i of a length uses ``depths[i % len(depths)]``. Tasks with one needle only
+            (the others, and null, keep lm-eval's random places).
+        seed: RULER only: the generator's seed (each length is drawn from it afresh).
+        sample_fields: document fields copied into each sample of the record (RULER: the
+            length, requested depth and where the needle is in tokens).
     """
 
     name: str
@@ -74,10 +91,20 @@ class TaskSpec:
     protect_from: str | None = None
     reference_field: str | None = None
     reference_tokens: int = 64
+    lengths: list[int] | None = None
+    samples_per_length: int | None = None
+    depths: list[float] | None = None
+    seed: int | None = None
+    sample_fields: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.local_tasks = _as_list(self.local_tasks)
         self.hub_tasks = _as_list(self.hub_tasks)
+        self.sample_fields = _as_list(self.sample_fields)
+        if self.is_ruler:
+            self._check_ruler()
+        else:
+            self._check_not_ruler()
         if self.source not in SOURCES:
             raise TaskConfigError(
                 f"task.source={self.source!r} is not one of {SOURCES}: use task.source=local "
@@ -101,7 +128,7 @@ class TaskSpec:
                 "task.truncation=left (drop the start) or task.truncation=middle (LongBench)"
             )
         self._check_subtask()
-        if self.source == "local":
+        if self.source == "local" and not self.is_ruler:
             self._check_local_data()
         if self.protect_from is not None:
             self._check_protect_from()
@@ -175,6 +202,122 @@ class TaskSpec:
             except FileNotFoundError as err:
                 raise TaskConfigError(f"task.source=local: {err}") from None
 
+    @property
+    def is_ruler(self) -> bool:
+        return self.name == ruler.GROUP or self.name.startswith("ruler_")
+
+    def ruler_tasks(self) -> list[str]:
+        """The RULER tasks (keys of ``ruler.TASKS``) this spec generates."""
+        if not self.is_ruler or self.source != "local":
+            return []
+        return list(ruler.TASKS) if self.name == ruler.GROUP else [self.name]
+
+    def _check_not_ruler(self) -> None:
+        for name in ("lengths", "samples_per_length", "depths", "seed"):
+            if getattr(self, name) is not None:
+                raise TaskConfigError(
+                    f"task.{name} is set, but only RULER tasks (task=ruler_*) are generated: "
+                    f"remove it (task.{name}=null)"
+                )
+
+    def _check_ruler(self) -> None:
+        known = [ruler.GROUP, *ruler.TASKS, *ruler.HUB_ONLY]
+        if self.name not in known:
+            raise TaskConfigError(
+                f"task.name={self.name!r} is not a RULER task: use one of {', '.join(known)}"
+            )
+        if self.source == "local" and self.name in ruler.HUB_ONLY:
+            raise TaskConfigError(
+                f"{self.name} reads SQuAD/HotpotQA, which kvbench has no offline copy of: "
+                "use task.source=hub (lm-eval's own task, network needed)"
+            )
+        substituted = [n for n in self.ruler_tasks() if n.endswith(ruler.GSM8K_HAYSTACK)]
+        if self.source == "hub" and self.name.endswith(ruler.GSM8K_HAYSTACK):
+            raise TaskConfigError(
+                f"task.source=hub: {self.name} is named for its offline GSM8K haystack, but "
+                f"lm-eval's {ruler.TASKS[self.name].stock} reads Paul Graham's essays: use "
+                "task.source=local, or run lm-eval's task under its own name"
+            )
+        if substituted:
+            try:
+                local_data.data_file("gsm8k/train.jsonl")
+            except FileNotFoundError as err:
+                raise TaskConfigError(f"{substituted[0]}'s haystack: {err}") from None
+        if self.limit is not None and self.source == "local":
+            raise TaskConfigError(
+                f"task.limit={self.limit}: RULER tasks are generated, task.limit is not used: "
+                "set task.samples_per_length instead (and task.limit=null)"
+            )
+        self.lengths = [int(x) for x in (self.lengths or [])]
+        if not self.lengths or min(self.lengths) <= 0 or len(set(self.lengths)) < len(self.lengths):
+            raise TaskConfigError(
+                f"task.lengths={self.lengths} must be distinct positive token counts: pass "
+                "e.g. task.lengths=[1024,2048,4096]"
+            )
+        if self.samples_per_length is None or int(self.samples_per_length) < 1:
+            raise TaskConfigError(
+                f"task.samples_per_length={self.samples_per_length} must be >= 1: pass e.g. "
+                "task.samples_per_length=10"
+            )
+        if self.seed is None:
+            raise TaskConfigError("task.seed is null: pass the generator's seed, e.g. task.seed=42")
+        self._check_depths()
+
+    def _check_depths(self) -> None:
+        if self.depths is None:
+            return
+        self.depths = [float(d) for d in self.depths]
+        outside = [d for d in self.depths if not 0.0 <= d <= 1.0]
+        if not self.depths or outside:
+            raise TaskConfigError(
+                f"task.depths={self.depths}: depths are fractions of the haystack in [0, 1] "
+                "(0 = start, 1 = end): pass e.g. task.depths=[0.1,0.3,0.5,0.7,0.9], or "
+                "task.depths=null for lm-eval's random places"
+            )
+        if self.source == "hub":
+            raise TaskConfigError(
+                "task.depths is set, but lm-eval's stock RULER (task.source=hub) places needles "
+                "at random: pass task.depths=null"
+            )
+        if not any(ruler.TASKS[name].takes_depths for name in self.ruler_tasks()):
+            raise TaskConfigError(
+                f"task.depths is set, but {self.name} has more than one needle (lm-eval places "
+                "them at random): pass task.depths=null"
+            )
+
+    def ruler_settings(self) -> dict[str, Any]:
+        """What the record says about a RULER run: the generator's settings and each task's
+        haystack (``gsm8k_haystack`` where it stands in for lm-eval's essays)."""
+        return {
+            "lengths": list(self.lengths or []),
+            "samples_per_length": self.samples_per_length,
+            "depths": self.depths,
+            "seed": self.seed,
+            "haystacks": {name: ruler.TASKS[name].haystack for name in self.ruler_tasks()},
+        }
+
+    def validate_for(self, context_length: int, tokenizer: Any) -> None:
+        """RULER: every length fits the model's window and holds the task's template, needles
+        and generated tokens (checked with the model's tokenizer, before the weights load)."""
+        if not self.is_ruler:
+            return
+        too_long = [n for n in self.lengths if n > context_length]
+        if too_long:
+            raise TaskConfigError(
+                f"task.lengths={self.lengths}: {too_long} exceed the model's window of "
+                f"{context_length} tokens: drop them, or raise model.max_length (up to the "
+                "model's max_position_embeddings)"
+            )
+        shortest = min(self.lengths)
+        for name in self.ruler_tasks():
+            needed = ruler.minimum_length(name, tokenizer, seed=int(self.seed))
+            if shortest < needed:
+                raise TaskConfigError(
+                    f"task.lengths={self.lengths}: {shortest} tokens cannot hold {name}'s "
+                    f"template, needle(s) and generated tokens ({needed} with this model's "
+                    f"tokenizer): use lengths of at least {needed}"
+                )
+
     def task_names(self) -> list[str]:
         """The names to pass to ``lm_eval.simple_evaluate(tasks=...)``.
 
@@ -185,17 +328,39 @@ class TaskSpec:
             return [f"{name}_{self.subtask}" for name in names]
         return list(names)
 
-    def task_manager(self) -> TaskManager:
+    def task_manager(self, tokenizer: Any = None) -> TaskManager:
         """The lm-eval TaskManager that knows :meth:`task_names`.
 
         ``local``: only kvbench's ``harness/tasks`` (lm-eval's ~15k stock YAMLs are not
-        indexed, which saves ~10 s); ``hub``: lm-eval's stock tasks.
+        indexed, which saves ~10 s); ``hub``: lm-eval's stock tasks. RULER tasks get their
+        generator settings as metadata, with ``tokenizer`` (the model's) saved to a temporary
+        folder that lives as long as the TaskManager (lm-eval's RULER reads a tokenizer by
+        name or folder).
         """
         from lm_eval.tasks import TaskManager
 
+        metadata, folder = None, None
+        if self.is_ruler:
+            if tokenizer is None:
+                raise ValueError(f"{self.name}: RULER tasks need the model's tokenizer")
+            folder = tempfile.mkdtemp(prefix="kvbench-tokenizer-")
+            tokenizer.save_pretrained(folder)
+            metadata = {"tokenizer": folder, "max_seq_lengths": list(self.lengths)}
+            if self.source == "local":
+                metadata |= {
+                    "samples_per_length": int(self.samples_per_length),
+                    "depths": self.depths,
+                    "seed": int(self.seed),
+                }
         if self.source == "local":
-            return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-        return TaskManager()
+            manager = TaskManager(
+                include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata
+            )
+        else:
+            manager = TaskManager(metadata=metadata)
+        if folder is not None:
+            weakref.finalize(manager, shutil.rmtree, folder, ignore_errors=True)
+        return manager
 
     def reference_answer(self, doc: dict[str, Any] | None) -> str | None:
         """The reference answer of ``doc`` to score teacher-forced, or None (no
