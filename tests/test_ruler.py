@@ -11,6 +11,7 @@ import socket
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -18,10 +19,10 @@ from omegaconf import OmegaConf
 from harness import records
 from harness.models import ModelSpec, byte_tokenizer
 from harness.run import CONF_DIR, execute
-from harness.taskspec import TaskConfigError
 from harness.tasks import ruler
 from harness.tasks.ruler import hooks, niah, vt
 from harness.tasks.ruler.words import AdjectiveNounWords
+from harness.taskspec import TaskConfigError
 
 LM_EVAL_FIELDS = ("index", "input", "outputs", "length", "max_length", "gen_prefix")
 # small word lists with the awkward cases of wonderwords' (a hyphenated adjective that
@@ -150,7 +151,9 @@ def test_variable_tracking_samples_equal_lm_evals(lm_eval_ruler):
     ours = vt.generate_samples(tokenizer, seed=3, max_seq_length=1200, num_samples=3)
     for mine, reference in zip(ours, theirs, strict=True):
         assert {k: mine[k] for k in LM_EVAL_FIELDS} == {k: reference[k] for k in LM_EVAL_FIELDS}
-        assert mine["input"][mine["input"].index("Memorize", 1) :].count("VAR ") == 1 + 4 * 2  # the value, then 4 hops
+        assert (
+            mine["input"][mine["input"].index("Memorize", 1) :].count("VAR ") == 1 + 4 * 2
+        )  # the value, then 4 hops
 
 
 @pytest.mark.parametrize(
@@ -179,7 +182,9 @@ def test_generation_is_deterministic_and_lengths_are_independent():
     first = ruler.generate("ruler_niah_multikey_2", tokenizer, lengths=[900, 1400], **kwargs)
     again = ruler.generate("ruler_niah_multikey_2", tokenizer, lengths=[900, 1400], **kwargs)
     alone = ruler.generate("ruler_niah_multikey_2", tokenizer, lengths=[1400], **kwargs)
-    other = ruler.generate("ruler_niah_multikey_2", tokenizer, lengths=[900, 1400], **{**kwargs, "seed": 12})
+    other = ruler.generate(
+        "ruler_niah_multikey_2", tokenizer, lengths=[900, 1400], **{**kwargs, "seed": 12}
+    )
     assert first == again
     assert first[3:] == alone
     assert [s["outputs"] for s in first] != [s["outputs"] for s in other]
@@ -226,7 +231,10 @@ def composed(tmp_path, *overrides: str):
         (["task.lengths=[200]"], "cannot hold ruler_niah_single_1's template"),
         (["task.name=ruler_niah_single_9"], "is not a RULER task"),
         (["task.depths=[0.5,1.5]"], "task.depths=[0.5, 1.5]"),
-        (["task=ruler_niah_multikey_1_gsm8k_haystack", "task.depths=[0.5]"], "more than one needle"),
+        (
+            ["task=ruler_niah_multikey_1_gsm8k_haystack", "task.depths=[0.5]"],
+            "more than one needle",
+        ),
         (["task.limit=5"], "task.samples_per_length"),
         (["task=ruler_qa_squad", "task.source=local"], "task.source=hub"),
         (["task=gsm8k", "+task.lengths=[1024]"], "only RULER tasks"),
@@ -266,3 +274,85 @@ def test_ruler_run_offline_on_the_tiny_model(tmp_path, no_network):
         assert request["prompt_tokens"] <= sample["doc"]["max_length"] - 128 + 80
         assert 0 < sample["doc"]["needle_position"] < request["prompt_tokens"]
     assert records.find_records(tmp_path) == [folder / "record.json"]
+
+
+def fake_record(method: str, passes: dict[tuple[int, float], list[int]], kv: float) -> dict:
+    """A record whose RULER samples pass as ``passes[(length, depth)]`` says (1 or 0 each)."""
+    samples = []
+    for (length, depth), outcomes in passes.items():
+        for passed in outcomes:
+            doc = {
+                "max_length": length,
+                "depth": depth,
+                "needle_depth": depth,
+                "needle_position": 9,
+            }
+            request = {"kv_bytes_prefill": kv * length, "kv_full_bytes_prefill": length}
+            samples.append(
+                {
+                    "task": "kvbench_ruler_niah_single_1",
+                    "doc_id": len(samples),
+                    "doc": doc,
+                    "metrics": {"score": float(passed), "passed": float(passed)},
+                    "requests": [request],
+                }
+            )
+    return {
+        "run_id": f"tiny__ruler__{method}",
+        "model": {"name": "tiny"},
+        "task": {"name": "ruler_niah_single_1"},
+        "method": {"name": method},
+        "samples": samples,
+    }
+
+
+def test_heatmap_data_and_summary_from_records():
+    from harness.report import plots_ruler
+
+    record = fake_record(
+        "snapkv",
+        {(1024, 0.1): [1, 1], (1024, 0.5): [0, 1], (2048, 0.1): [1, 0], (2048, 0.5): [0, 0]},
+        kv=0.25,
+    )
+    samples = pd.DataFrame(plots_ruler.sample_rows(record, "snapkv r=0.2"))
+    depths, lengths, share, count = plots_ruler.heatmap_cells(samples)
+    assert depths == [0.1, 0.5] and lengths == [1024, 2048]
+    assert share.tolist() == [[1.0, 0.5], [0.5, 0.0]]
+    assert count.tolist() == [[2, 2], [2, 2]]
+    table = plots_ruler.summary(samples).set_index("length")
+    assert table.loc[1024, "passed"] == 0.75 and table.loc["all", "n"] == 8
+    assert table.loc["all", "passed_mid_depth"] == 0.25  # depth 0.5: 1 of 4
+    assert table.loc["all", "passed_edges"] == 0.75  # depth 0.1: 3 of 4
+    assert table.loc[2048, "kv_ratio"] == pytest.approx(0.25)
+    low, high = plots_ruler.wilson(0.75, 4)
+    assert table.loc[1024, "passed_low"] == low and 0.3 < low < 0.75 < high <= 1.0
+
+
+def test_random_depths_fall_in_fifths():
+    from harness.report.plots_ruler import depth_bin
+
+    assert depth_bin(None, 0.05) == 0.1 and depth_bin(None, 0.55) == 0.5
+    assert depth_bin(None, 1.0) == 0.9 and depth_bin(0.25, 0.9) == 0.25
+    assert np.isnan(depth_bin(None, None))
+
+
+def test_report_draws_the_heatmaps(tmp_path):
+    from harness.report.build import main as report_main
+
+    for method, outcome, kv in (("full", 1, 1.0), ("streamingllm", 0, 0.2)):
+        folder = tmp_path / f"run_{method}"
+        folder.mkdir()
+        record = fake_record(method, {(1024, 0.5): [outcome] * 3}, kv)
+        record |= {
+            "schema_version": records.SCHEMA_VERSION,
+            "score": {"metric": "score,none", "value": float(outcome)},
+            "measurements": {"kv_ratio": kv},
+        }
+        (folder / "record.json").write_text(json.dumps(record))
+    assert report_main([str(tmp_path)]) == 0
+    out = tmp_path / "report"
+    assert (out / "ruler_heatmap__tiny__ruler_niah_single_1.png").is_file()
+    assert (out / "ruler_accuracy__tiny__ruler_niah_single_1.png").is_file()
+    summary = pd.read_csv(out / "ruler_summary.csv")
+    assert sorted(summary[summary["length"] == "all"]["passed"]) == [0.0, 1.0]
+    assert "RULER: share of samples passed" in (out / "report.md").read_text()

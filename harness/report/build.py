@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.records import find_records, read_record
-from harness.report import fidelity
+from harness.report import fidelity, plots_ruler
 from harness.report.tables import (
     best_by_kv_ratio,
     check,
@@ -223,7 +223,13 @@ def write_report(
     paths["by_kv_ratio"] = out_dir / "summary_by_kv_ratio.csv"
     best_by_kv_ratio(table).to_csv(paths["by_kv_ratio"], index=False)
     plots = write_plots(table, out_dir, requests)
-    paths["md"].write_text(report_markdown(table, plots, skipped or []))
+    ruler_path, ruler_table = plots_ruler.write_summary(table, out_dir)
+    text = report_markdown(table, plots, skipped or [])
+    if ruler_path is not None:
+        paths["ruler_summary"] = ruler_path
+        text += "\n## RULER: share of samples passed per run and length\n\n"
+        text += markdown(ruler_table) + "\n"
+    paths["md"].write_text(text)
     paths.update(plots)
     return paths
 

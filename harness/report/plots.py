@@ -8,7 +8,8 @@
 * ``latency__<model>__<task>.png``: mean prefill time and decode throughput per run;
 * ``memory__<model>__<task>.png``: KV bytes stored vs a full cache, and peak memory, per run;
 * per request, against context length: :mod:`harness.report.plots_context`;
-* SpindleKV's per-layer budgets and KV-Latent's head dim: :mod:`harness.report.plots_methods`.
+* SpindleKV's per-layer budgets and KV-Latent's head dim: :mod:`harness.report.plots_methods`;
+* RULER's needle heatmaps and needles found vs KV kept: :mod:`harness.report.plots_ruler`.
 
 Figures are built with :class:`matplotlib.figure.Figure` (rendered by Agg on save), so
 nothing here touches pyplot's global state or the backend a notebook has chosen.
@@ -31,6 +32,7 @@ from harness.records import slug
 from harness.report.plot_common import FULL_METHOD, MB, method_colors, no_data, run_labels
 from harness.report.plots_context import CONTEXT_TITLES, has_context, plot_context
 from harness.report.plots_methods import METHOD_PLOTS, METHOD_TITLES
+from harness.report.plots_ruler import RULER_PLOTS, RULER_TITLES
 
 log = logging.getLogger("kvbench")
 
@@ -243,6 +245,7 @@ PLOT_TITLES = {
     "memory": "memory per run",
     **CONTEXT_TITLES,
     **METHOD_TITLES,
+    **RULER_TITLES,
 }
 
 
@@ -276,6 +279,6 @@ def write_plots(
             if has_context(mine):
                 labels = dict(zip(group["run_id"], run_labels(group), strict=True))
                 save(f"context__{where}", partial(plot_context, mine, colors, labels))
-        for kind, plot in METHOD_PLOTS.items():
+        for kind, plot in {**METHOD_PLOTS, **RULER_PLOTS}.items():
             save(f"{kind}__{where}", partial(plot, group))
     return paths

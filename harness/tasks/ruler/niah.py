@@ -76,7 +76,9 @@ def generate_input_output(
         value = []
         for _ in range(num_needle_v):
             value.append(generate_random(type_needle_v, rng))
-            needles.append(NEEDLE.format(type_needle_v=type_needle_v, key=keys[-1], value=value[-1]))
+            needles.append(
+                NEEDLE.format(type_needle_v=type_needle_v, key=keys[-1], value=value[-1])
+            )
         values.append(value)
     random.Random(random_seed).shuffle(needles)
     if depth is not None and len(needles) != 1:
@@ -124,7 +126,11 @@ def generate_input_output(
         template = template.replace("Some", "A").replace("are all", "is").replace("are", "is")
         template = template.replace("answers", "answer")
         type_needle_v = type_needle_v[:-1]
-    return template.format(type_needle_v=type_needle_v, context=context, query=query), answers, query
+    return (
+        template.format(type_needle_v=type_needle_v, context=context, query=query),
+        answers,
+        query,
+    )
 
 
 def generate_samples(

@@ -1,0 +1,240 @@
+"""RULER in the report: which needles each method still finds, read from the records' samples.
+
+Every RULER sample in a record carries its target length, the needle's requested depth (or
+its measured depth where lm-eval places needles at random), where the needle sat in tokens,
+and lm-eval's score (``passed``: every expected value found). From those:
+
+* ``ruler_heatmap__<model>__<task>.png``: one panel per run, needle depth (rows) x length
+  (columns), each cell the share of its samples passed, with ``k/n`` written in it;
+* ``ruler_accuracy__<model>__<task>.png``: one panel per length, the share passed against
+  the KV cache kept at that length (measured from the samples' own requests), one line per
+  method, with 95 % Wilson intervals;
+* ``ruler_summary.csv`` (and a table in ``report.md``): per run and length, n, passed and
+  its interval, mid-depth (0.3-0.7) and edge passes, measured KV ratio.
+
+Only records are read (``runs["path"]``); nothing from ``methods``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from harness.records import read_record
+from harness.report.plot_common import FULL_METHOD, method_colors, run_labels
+
+RULER_TITLES = {
+    "ruler_heatmap": "RULER: needles found by depth and length",
+    "ruler_accuracy": "RULER: needles found vs KV cache kept, per length",
+}
+DEPTH_BINS = 5  # measured depths (random placement) are shown in fifths: 0.1, 0.3, ..., 0.9
+MID_DEPTHS = (0.3, 0.7)
+
+
+def depth_bin(depth: Any, needle_depth: Any) -> float:
+    """The heatmap row of a sample: its requested depth, else the centre of the fifth of
+    the prompt its needle sat in; NaN without either."""
+    if isinstance(depth, int | float) and not isinstance(depth, bool):
+        return float(depth)
+    if isinstance(needle_depth, int | float) and not isinstance(needle_depth, bool):
+        fifth = min(int(float(needle_depth) * DEPTH_BINS), DEPTH_BINS - 1)
+        return round((fifth + 0.5) / DEPTH_BINS, 2)
+    return math.nan
+
+
+def sample_rows(record: dict[str, Any], label: str = "") -> list[dict[str, Any]]:
+    """One row per RULER sample of ``record`` (none for other tasks)."""
+    rows = []
+    for sample in record.get("samples") or []:
+        doc = sample.get("doc") or {}
+        metrics = sample.get("metrics") or {}
+        if "max_length" not in doc or "score" not in metrics:
+            continue
+        requests = sample.get("requests") or []
+        rows.append(
+            {
+                "run_id": record["run_id"],
+                "model": record["model"]["name"],
+                "task": record["task"]["name"],
+                "method": record["method"]["name"],
+                "label": label,
+                "lm_eval_task": sample.get("task"),
+                "length": int(doc["max_length"]),
+                "depth": depth_bin(doc.get("depth"), doc.get("needle_depth")),
+                "needle_position": doc.get("needle_position"),
+                "score": float(metrics["score"]),
+                "passed": float(metrics.get("passed", float(metrics["score"] == 1.0))),
+                "kv_bytes": sum(r.get("kv_bytes_prefill") or 0 for r in requests),
+                "kv_full_bytes": sum(r.get("kv_full_bytes_prefill") or 0 for r in requests),
+            }
+        )
+    return rows
+
+
+def sample_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The RULER samples of every run in ``runs`` (read from the records at ``runs.path``),
+    labelled as the other plots label runs."""
+    rows: list[dict[str, Any]] = []
+    for (_, _), group in runs.groupby(["model", "task"], sort=True):
+        for path, label in zip(group["path"], run_labels(group), strict=True):
+            rows += sample_rows(read_record(Path(path)), label)
+    return pd.DataFrame(rows)
+
+
+def wilson(passed: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a share ``passed`` of ``n`` samples."""
+    if n == 0:
+        return math.nan, math.nan
+    centre = (passed + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(passed * (1 - passed) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def heatmap_cells(samples: pd.DataFrame) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
+    """(depths, lengths, share passed [depth, length], samples [depth, length]) of one run."""
+    depths = sorted(samples["depth"].dropna().unique())
+    lengths = sorted(samples["length"].unique())
+    share = np.full((len(depths), len(lengths)), np.nan)
+    count = np.zeros((len(depths), len(lengths)), dtype=int)
+    for (depth, length), cell in samples.groupby(["depth", "length"]):
+        i, j = depths.index(depth), lengths.index(length)
+        share[i, j], count[i, j] = cell["passed"].mean(), len(cell)
+    return depths, lengths, share, count
+
+
+def summary(samples: pd.DataFrame) -> pd.DataFrame:
+    """Per run and length (and ``all``): n, share passed with its 95 % interval, the shares
+    at mid depths (0.3-0.7) and at the edges, lm-eval's mean score, measured KV ratio."""
+    rows = []
+    if samples.empty:
+        return pd.DataFrame(rows)
+    for (model, task, label), run in samples.groupby(["model", "task", "label"], sort=True):
+        for length, part in [*run.groupby("length"), ("all", run)]:
+            low, high = wilson(part["passed"].mean(), len(part))
+            mid = part[part["depth"].between(*MID_DEPTHS)]
+            edge = part[~part["depth"].between(*MID_DEPTHS)]
+            rows.append(
+                {
+                    "model": model,
+                    "task": task,
+                    "run": label,
+                    "method": run["method"].iloc[0],
+                    "length": length,
+                    "n": len(part),
+                    "passed": part["passed"].mean(),
+                    "passed_low": low,
+                    "passed_high": high,
+                    "passed_mid_depth": mid["passed"].mean() if len(mid) else math.nan,
+                    "passed_edges": edge["passed"].mean() if len(edge) else math.nan,
+                    "score": part["score"].mean(),
+                    "kv_ratio": _kv_ratio(part),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _kv_ratio(part: pd.DataFrame) -> float:
+    full = part["kv_full_bytes"].sum()
+    return float(part["kv_bytes"].sum() / full) if full else math.nan
+
+
+def plot_heatmaps(group: pd.DataFrame) -> Figure | None:
+    """Needle heatmaps of every run of one (model, task), a panel each."""
+    samples = sample_table(group)
+    if samples.empty:
+        return None
+    model, task = group["model"].iloc[0], group["task"].iloc[0]
+    runs = list(samples.groupby("label", sort=False))
+    runs.sort(key=lambda item: (item[1]["method"].iloc[0] != FULL_METHOD, -_kv_ratio(item[1])))
+    cols = min(len(runs), 4)
+    rows = math.ceil(len(runs) / cols)
+    fig = Figure(figsize=(3.3 * cols + 1.2, 2.9 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    image = None
+    for ax, (label, run) in zip(axes.flat, runs, strict=False):
+        depths, lengths, share, count = heatmap_cells(run)
+        image = ax.imshow(share, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if count[i, j]:
+                    passed = round(share[i, j] * count[i, j])
+                    dark = not 0.2 <= share[i, j] <= 0.8
+                    ax.text(
+                        j,
+                        i,
+                        f"{passed}/{count[i, j]}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if dark else "black",
+                    )
+        ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(
+            f"{label}\nKV kept {_kv_ratio(run):.2f}, passed {run['passed'].mean():.0%}", fontsize=9
+        )
+    for ax in list(axes.flat)[len(runs) :]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="share of samples passed")
+    fig.suptitle(f"{model} · {task}: needle found, by depth and length")
+    return fig
+
+
+def plot_accuracy_vs_kv(group: pd.DataFrame) -> Figure | None:
+    """Share passed against measured KV kept, one panel per length, one line per method."""
+    table = summary(sample_table(group))
+    if table.empty:
+        return None
+    table = table[table["length"] != "all"]
+    model, task = group["model"].iloc[0], group["task"].iloc[0]
+    lengths = sorted(table["length"].unique())
+    fig = Figure(figsize=(4.2 * len(lengths) + 1.5, 4), layout="constrained")
+    axes = fig.subplots(1, len(lengths), squeeze=False, sharey=True)[0]
+    colors = method_colors(list(table["method"].unique()))
+    for ax, length in zip(axes, lengths, strict=True):
+        for method, rows in table[table["length"] == length].groupby("method", sort=True):
+            rows = rows.sort_values("kv_ratio")
+            full = method == FULL_METHOD
+            ax.errorbar(
+                rows["kv_ratio"],
+                rows["passed"],
+                yerr=[rows["passed"] - rows["passed_low"], rows["passed_high"] - rows["passed"]],
+                marker="*" if full else "o",
+                markersize=12 if full else 6,
+                capsize=3,
+                color=colors[method],
+                label=method,
+            )
+        ax.set_title(
+            f"{length:,} tokens (n = {int(table[table['length'] == length]['n'].max())} per run)"
+        )
+        ax.set_xlabel("KV cache kept (measured fraction)")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of samples passed (95 % interval)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{model} · {task}: needles found vs KV cache kept")
+    return fig
+
+
+RULER_PLOTS = {"ruler_heatmap": plot_heatmaps, "ruler_accuracy": plot_accuracy_vs_kv}
+
+
+def write_summary(runs: pd.DataFrame, out_dir: Path) -> tuple[Path | None, pd.DataFrame]:
+    """``ruler_summary.csv`` over every RULER run in ``runs`` (None when there is none)."""
+    table = summary(sample_table(runs)) if not runs.empty else pd.DataFrame()
+    if table.empty:
+        return None, table
+    path = Path(out_dir) / "ruler_summary.csv"
+    table.to_csv(path, index=False)
+    return path, table
