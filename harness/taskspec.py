@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from harness.session import TRUNCATIONS
-from harness.tasks import TASKS_DIR, local_data, ruler
+from harness.tasks import TASKS_DIR, local_data
+from harness.taskspec_ruler import RulerSpec
 from methods.base import PromptParts
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class TaskConfigError(ValueError):
 
 
 @dataclass
-class TaskSpec:
+class TaskSpec(RulerSpec):
     """One benchmark and how to run it.
 
     Attributes:
@@ -201,122 +202,6 @@ class TaskSpec:
                 local_data.data_file(relative)
             except FileNotFoundError as err:
                 raise TaskConfigError(f"task.source=local: {err}") from None
-
-    @property
-    def is_ruler(self) -> bool:
-        return self.name == ruler.GROUP or self.name.startswith("ruler_")
-
-    def ruler_tasks(self) -> list[str]:
-        """The RULER tasks (keys of ``ruler.TASKS``) this spec generates."""
-        if not self.is_ruler or self.source != "local":
-            return []
-        return list(ruler.TASKS) if self.name == ruler.GROUP else [self.name]
-
-    def _check_not_ruler(self) -> None:
-        for name in ("lengths", "samples_per_length", "depths", "seed"):
-            if getattr(self, name) is not None:
-                raise TaskConfigError(
-                    f"task.{name} is set, but only RULER tasks (task=ruler_*) are generated: "
-                    f"remove it (task.{name}=null)"
-                )
-
-    def _check_ruler(self) -> None:
-        known = [ruler.GROUP, *ruler.TASKS, *ruler.HUB_ONLY]
-        if self.name not in known:
-            raise TaskConfigError(
-                f"task.name={self.name!r} is not a RULER task: use one of {', '.join(known)}"
-            )
-        if self.source == "local" and self.name in ruler.HUB_ONLY:
-            raise TaskConfigError(
-                f"{self.name} reads SQuAD/HotpotQA, which kvbench has no offline copy of: "
-                "use task.source=hub (lm-eval's own task, network needed)"
-            )
-        substituted = [n for n in self.ruler_tasks() if n.endswith(ruler.GSM8K_HAYSTACK)]
-        if self.source == "hub" and self.name.endswith(ruler.GSM8K_HAYSTACK):
-            raise TaskConfigError(
-                f"task.source=hub: {self.name} is named for its offline GSM8K haystack, but "
-                f"lm-eval's {ruler.TASKS[self.name].stock} reads Paul Graham's essays: use "
-                "task.source=local, or run lm-eval's task under its own name"
-            )
-        if substituted:
-            try:
-                local_data.data_file("gsm8k/train.jsonl")
-            except FileNotFoundError as err:
-                raise TaskConfigError(f"{substituted[0]}'s haystack: {err}") from None
-        if self.limit is not None and self.source == "local":
-            raise TaskConfigError(
-                f"task.limit={self.limit}: RULER tasks are generated, task.limit is not used: "
-                "set task.samples_per_length instead (and task.limit=null)"
-            )
-        self.lengths = [int(x) for x in (self.lengths or [])]
-        if not self.lengths or min(self.lengths) <= 0 or len(set(self.lengths)) < len(self.lengths):
-            raise TaskConfigError(
-                f"task.lengths={self.lengths} must be distinct positive token counts: pass "
-                "e.g. task.lengths=[1024,2048,4096]"
-            )
-        if self.samples_per_length is None or int(self.samples_per_length) < 1:
-            raise TaskConfigError(
-                f"task.samples_per_length={self.samples_per_length} must be >= 1: pass e.g. "
-                "task.samples_per_length=10"
-            )
-        if self.seed is None:
-            raise TaskConfigError("task.seed is null: pass the generator's seed, e.g. task.seed=42")
-        self._check_depths()
-
-    def _check_depths(self) -> None:
-        if self.depths is None:
-            return
-        self.depths = [float(d) for d in self.depths]
-        outside = [d for d in self.depths if not 0.0 <= d <= 1.0]
-        if not self.depths or outside:
-            raise TaskConfigError(
-                f"task.depths={self.depths}: depths are fractions of the haystack in [0, 1] "
-                "(0 = start, 1 = end): pass e.g. task.depths=[0.1,0.3,0.5,0.7,0.9], or "
-                "task.depths=null for lm-eval's random places"
-            )
-        if self.source == "hub":
-            raise TaskConfigError(
-                "task.depths is set, but lm-eval's stock RULER (task.source=hub) places needles "
-                "at random: pass task.depths=null"
-            )
-        if not any(ruler.TASKS[name].takes_depths for name in self.ruler_tasks()):
-            raise TaskConfigError(
-                f"task.depths is set, but {self.name} has more than one needle (lm-eval places "
-                "them at random): pass task.depths=null"
-            )
-
-    def ruler_settings(self) -> dict[str, Any]:
-        """What the record says about a RULER run: the generator's settings and each task's
-        haystack (``gsm8k_haystack`` where it stands in for lm-eval's essays)."""
-        return {
-            "lengths": list(self.lengths or []),
-            "samples_per_length": self.samples_per_length,
-            "depths": self.depths,
-            "seed": self.seed,
-            "haystacks": {name: ruler.TASKS[name].haystack for name in self.ruler_tasks()},
-        }
-
-    def validate_for(self, context_length: int, tokenizer: Any) -> None:
-        """RULER: every length fits the model's window and holds the task's template, needles
-        and generated tokens (checked with the model's tokenizer, before the weights load)."""
-        if not self.is_ruler:
-            return
-        too_long = [n for n in self.lengths if n > context_length]
-        if too_long:
-            raise TaskConfigError(
-                f"task.lengths={self.lengths}: {too_long} exceed the model's window of "
-                f"{context_length} tokens: drop them, or raise model.max_length (up to the "
-                "model's max_position_embeddings)"
-            )
-        shortest = min(self.lengths)
-        for name in self.ruler_tasks():
-            needed = ruler.minimum_length(name, tokenizer, seed=int(self.seed))
-            if shortest < needed:
-                raise TaskConfigError(
-                    f"task.lengths={self.lengths}: {shortest} tokens cannot hold {name}'s "
-                    f"template, needle(s) and generated tokens ({needed} with this model's "
-                    f"tokenizer): use lengths of at least {needed}"
-                )
 
     def task_names(self) -> list[str]:
         """The names to pass to ``lm_eval.simple_evaluate(tasks=...)``.
