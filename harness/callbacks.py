@@ -57,6 +57,10 @@ class ReportCallback(Callback):
         print(f"\nrecords: {root.resolve()}/<run>/record.json")
         for kind, path in paths.items():
             print(f"{kind}: {path}")
+        heatmaps = [path for kind, path in paths.items() if kind.startswith("ruler_heatmap")]
+        if heatmaps:
+            print("\nRULER needle heatmaps (depth x length, share of samples passed, per run):")
+            print("\n".join(f"  {path}" for path in heatmaps))
 
 
 def _check_results_dir(config: DictConfig) -> None:

@@ -134,7 +134,10 @@ class RulerSpec:
             )
         shortest = min(self.lengths)
         for name in self.ruler_tasks():
-            needed = ruler.minimum_length(name, tokenizer, seed=int(self.seed))
+            try:
+                needed = ruler.minimum_length(name, tokenizer, seed=int(self.seed))
+            except ValueError as err:  # variable tracking: its worked example does not fit
+                _fail(f"task={name} cannot be generated with this model's tokenizer: {err}")
             if shortest < needed:
                 _fail(
                     f"task.lengths={self.lengths}: {shortest} tokens cannot hold {name}'s "

@@ -229,6 +229,7 @@ def composed(tmp_path, *overrides: str):
     [
         (["model.max_length=1024", "task.lengths=[900,2048]"], "exceed the model's window of 1024"),
         (["task.lengths=[200]"], "cannot hold ruler_niah_single_1's template"),
+        (["task=ruler_vt"], "worked example to 500 tokens"),  # bytes: it cannot fit
         (["task.name=ruler_niah_single_9"], "is not a RULER task"),
         (["task.depths=[0.5,1.5]"], "task.depths=[0.5, 1.5]"),
         (
@@ -356,3 +357,48 @@ def test_report_draws_the_heatmaps(tmp_path):
     summary = pd.read_csv(out / "ruler_summary.csv")
     assert sorted(summary[summary["length"] == "all"]["passed"]) == [0.0, 1.0]
     assert "RULER: share of samples passed" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        (["method=streamingllm", "method.ratio=0.3"], "cache"),
+        (["method=random_deletion", "method.rate=0.5"], "prompt"),
+        (["method=kvheads", "method.num_kv_heads=1", "method.calibration_tokens=512"], "model"),
+    ],
+)
+def test_every_method_kind_runs_on_ruler(tmp_path, monkeypatch, method, kind):
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))
+    cfg = composed(
+        tmp_path / "results",
+        "model=tiny_llama_gqa",
+        "task=ruler_niah_single_1",
+        "task.lengths=[800]",
+        "task.samples_per_length=1",
+        "task.depths=[0.5]",
+        *method,
+    )
+    record = records.read_record(execute(cfg))
+    assert record["method"]["kinds"] == [kind]
+    measured = record["measurements"]
+    (sample,) = record["samples"]
+    if kind == "prompt":  # the haystack shrank, the question (protected) did not
+        assert measured["compressible_ratio"] < 0.7
+        assert sample["doc"]["needle_position"] > 0
+    else:  # fewer KV bytes than the full cache for the same prompt
+        assert measured["kv_ratio"] < 0.75
+    assert set(sample["metrics"]) == {"score", "passed"}
+
+
+@pytest.mark.integration
+def test_smollm2_finds_the_needle_and_streamingllm_loses_the_early_ones(tmp_path):
+    """The done-when of RULER support, shortened: SmolLM2's full cache retrieves every needle
+    at 1k tokens; StreamingLLM at 20 % keeps only the start and the last fifth of the prompt,
+    so it loses the needles at depths 10-50 %."""
+    common = ["task=ruler_niah_single_1", "task.lengths=[1024]", "task.samples_per_length=5"]
+    passed = {}
+    for method in (["method=full"], ["method=streamingllm", "method.ratio=0.2"]):
+        record = records.read_record(execute(composed(tmp_path, *common, *method)))
+        passed[method[0]] = {s["doc"]["depth"]: s["metrics"]["passed"] for s in record["samples"]}
+    assert passed["method=full"] == dict.fromkeys([0.1, 0.3, 0.5, 0.7, 0.9], 1.0)
+    assert [passed["method=streamingllm"][d] for d in (0.1, 0.3, 0.5)] == [0.0, 0.0, 0.0]

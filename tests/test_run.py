@@ -99,8 +99,9 @@ def test_demo_sweep_is_multirun_over_methods_and_tasks():
         cfg = compose(config_name="config", overrides=["sweep=demo"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = cfg.hydra.sweeper.params
-    assert params.method == "full,streamingllm"
-    assert params.task == "longbench_qasper,gsm8k"
+    assert params.method == "full,streamingllm,snapkv"
+    assert params.task == "ruler_niah_single_1"
+    assert params["task.lengths"] == "[1024,2048]"
 
 
 @pytest.mark.integration

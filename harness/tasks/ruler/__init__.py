@@ -132,9 +132,15 @@ def minimum_length(name: str, tokenizer: Any, seed: int = 42) -> int:
     rng = random.Random(seed)
     if task.niah is None:
         np_rng = vt.np.random.RandomState(seed)
-        icl = vt.vartrack_samples(
-            tokenizer, rng=rng, np_rng=np_rng, num_samples=1, max_seq_length=500, incremental=5
-        )[0]
+        try:
+            icl = vt.vartrack_samples(
+                tokenizer, rng=rng, np_rng=np_rng, num_samples=1, max_seq_length=500, incremental=5
+            )[0]
+        except ValueError as err:  # lm-eval itself would loop for ever here
+            raise ValueError(
+                "lm-eval sizes variable tracking's worked example to 500 tokens, and this "
+                f"tokenizer cannot fit it there ({err})"
+            ) from err
         example = icl["input"] + " " + " ".join(icl["outputs"]) + "\n\n"
         text, _ = vt.generate_input_output(1, 1, 4, rng, np_rng)
         return len(tokenizer(example + text).input_ids) + task.tokens_to_generate

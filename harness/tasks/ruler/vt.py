@@ -111,6 +111,8 @@ def vartrack_samples(
             break
         num_noises += incremental
 
+    if num_noises < 1:  # lm-eval would fail (or loop) on an empty noise list
+        raise ValueError(f"not even {incremental} noise lines fit {max_seq_length} tokens")
     samples = []
     for index in range(num_samples):
         used_noises = num_noises
