@@ -57,6 +57,8 @@ class ReportCallback(Callback):
         print(f"\nrecords: {root.resolve()}/<run>/record.json")
         for kind, path in paths.items():
             print(f"{kind}: {path}")
+        if "ruler_summary" in paths:
+            print(ruler_markdown(paths["ruler_summary"]))
         heatmaps = [path for kind, path in paths.items() if kind.startswith("ruler_heatmap")]
         if heatmaps:
             print("\nRULER needle heatmaps (depth x length, share of samples passed, per run):")
@@ -72,3 +74,18 @@ def _check_results_dir(config: DictConfig) -> None:
     except ResultsDirError as exc:
         print(f"kvbench: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def ruler_markdown(summary_csv: Path) -> str:
+    """The RULER runs' share of samples passed per length, with 95 % intervals (from
+    ``ruler_summary.csv``), as a markdown table under a heading."""
+    import pandas as pd
+
+    from harness.report.tables import markdown
+
+    table = pd.read_csv(summary_csv)
+    columns = ["task", "run", "length", "n", "passed", "passed_low", "passed_high"]
+    columns += ["passed_mid_depth", "kv_ratio"]
+    return "\nRULER: share of samples passed (95 % interval: passed_low-passed_high)\n" + (
+        markdown(table, columns)
+    )
