@@ -24,6 +24,7 @@ import json
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -45,7 +46,8 @@ def build(group: str, name: str, **fields: Any) -> Any:
     if not path.is_file():
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         raise ValueError(f"{group}={name!r} is not a config: use one of {', '.join(options)}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), fields)
+    # composed as the CLI composes it, so an entry built on another (``defaults:``) resolves
+    cfg = OmegaConf.merge(_compose([f"{group}={name}"])[group], fields)
     check_types(group, cfg)  # `ratio="abc"` is named as method.ratio
     return instantiate(cfg, _convert_="all")
 
@@ -68,8 +70,15 @@ def compose_config(
             json.dumps(value) if isinstance(value, list | dict | bool) or value is None else value
         )
         args.append(f"{key}={'null' if value is None else text}")
+    return _compose(args)
+
+
+def _compose(overrides: list[str]) -> Any:
+    """``conf/config.yaml`` composed with ``overrides`` (inside a running Hydra app too)."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=args)
+        return compose(config_name="config", overrides=overrides)
 
 
 def evaluate(

@@ -97,3 +97,13 @@ def test_a_model_method_is_applied_once_and_stays():
     # KV-Latent halves every head's keys and values (16 -> 8 channels): half the bytes
     assert out.measurement.kv_bytes_prefill == out.measurement.kv_full_bytes_prefill // 2
     assert session.model.model.layers[0].self_attn.k_proj.out_features == 2 * 8
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("bbh_date_understanding", ["kvbench_bbh_cot_fewshot_date_understanding"]),
+     ("ruler_niah_single_1", ["kvbench_ruler_niah_single_1"])],
+)  # fmt: skip
+def test_build_composes_entries_built_on_another(name, expected):
+    """These task configs start from another entry (``defaults: [bbh]``, ``[ruler]``)."""
+    assert build("task", name).task_names() == expected
