@@ -23,9 +23,24 @@ from harness.report.fidelity import (
 )
 
 
-def sample(doc: int, output: str, nll: float | None = None, filt: str = "strict") -> dict:
+def sample(
+    doc: int,
+    output: str,
+    nll: float | None = None,
+    filt: str = "strict",
+    value: float = 0.0,
+    prompt: str | None = None,
+) -> dict:
     requests = [{"prompt_tokens": 10}] if nll is None else [{"reference_nll": nll}]
-    return {"task": "t", "doc_id": doc, "filter": filt, "output": output, "requests": requests}
+    return {
+        "task": "t",
+        "doc_id": doc,
+        "filter": filt,
+        "output": output,
+        "metrics": {"acc": value},
+        "prompt_hash": prompt or f"prompt{doc}",
+        "requests": requests,
+    }
 
 
 def record(
@@ -36,12 +51,17 @@ def record(
     limit: int = 2,
     kinds: tuple[str, ...] = ("cache",),
     score: float = 0.5,
+    values: list[float] | None = None,
+    prompts: list[str] | None = None,
+    data_hash: str | None = "data1",
 ) -> dict[str, Any]:
     samples = []
     for i, out in enumerate(outputs):
-        value = nll[i] if nll else None
+        nll_i = nll[i] if nll else None
+        v = values[i] if values else 0.0
+        p = prompts[i] if prompts else None
         # lm-eval logs one entry per filter: the same raw output twice
-        samples += [sample(i, out, value, "strict"), sample(i, out, value, "flexible")]
+        samples += [sample(i, out, nll_i, "strict", v, p), sample(i, out, nll_i, "flexible", v, p)]
     return {
         "config": {
             "model": {"name": "m", "max_length": 4096, "threads": 1},
@@ -50,7 +70,8 @@ def record(
             "run": {"seed": 1, "results_dir": "/x", "overwrite": False, "report": True},
         },
         "method": {"name": method, "kinds": list(kinds), "params": {}},
-        "score": {"value": score},
+        "task": {"name": "t", "limit": limit, "data_hash": data_hash},
+        "score": {"metric": "acc,strict", "value": score},
         "samples": samples,
         "provenance": {"finished_at": finished},
     }
@@ -119,3 +140,49 @@ def test_records_without_config_fall_back_to_model_task_and_limit() -> None:
     b = {**a, "method": {"name": "h2o"}}
     assert reference_key(a) == reference_key(b)
     assert reference_key(a) != reference_key({**a, "task": {"name": "t", "limit": 3}})
+
+
+def test_samples_pair_only_when_their_prompt_hashes_agree() -> None:
+    full = record("full", ["a", "b", "c"], values=[1.0, 0.0, 1.0], score=2 / 3)
+    run = record(
+        "h2o",
+        ["a", "x", "c"],
+        values=[0.0, 0.0, 0.0],
+        score=0.0,
+        prompts=["prompt0", "prompt1", "another prompt"],  # doc 2 was asked differently
+    )
+    inputs = {"full": summarize(full), "run": summarize(run)}
+    table = pd.DataFrame({"run_id": ["full", "run"], "path": ["full", "run"]})
+    out = add_fidelity(table, inputs).set_index("path")
+    assert out.at["run", "n_paired"] == 2  # docs 0 and 1
+    assert out.at["run", "score_diff"] == pytest.approx(-0.5)  # (0-1 + 0-0) / 2
+    assert out.at["run", "exact_match"] == pytest.approx(0.5)  # "a" == "a", "x" != "b"
+    assert out.at["full", "verdict"] == "reference"
+
+
+def test_a_run_over_other_data_is_never_paired_with_the_standard_reference() -> None:
+    full = record("full", ["a", "b"], data_hash="standard")
+    other = record("h2o", ["a", "b"], data_hash="my-own-files")
+    assert reference_key(full) != reference_key(other)
+    inputs = {"full": summarize(full), "other": summarize(other)}
+    assert "other" not in references(inputs)
+    table = pd.DataFrame({"run_id": ["full", "other"], "path": ["full", "other"]})
+    out = add_fidelity(table, inputs).set_index("path")
+    assert out.at["other", "reference"] is None and math.isnan(out.at["other", "n_paired"])
+
+
+def test_paired_difference_outside_noise_only_when_the_interval_excludes_zero() -> None:
+    n = 30
+    ref_values = [float(i % 2) for i in range(n)]
+    full = record("full", ["o"] * n, values=ref_values, score=0.5)
+    worse = record("h2o", ["o"] * n, values=[0.0] * n, score=0.0)  # loses every 1
+    same = record("snapkv", ["o"] * n, values=ref_values[1:] + ref_values[:1], score=0.5)
+    inputs = {"full": summarize(full), "worse": summarize(worse), "same": summarize(same)}
+    table = pd.DataFrame({"run_id": list(inputs), "path": list(inputs)})
+    out = add_fidelity(table, inputs).set_index("path")
+    assert out.at["worse", "verdict"] == "lower"
+    assert out.at["worse", "score_diff_hi"] < 0
+    # every sample changes by ±1 but the mean does not move: the interval holds 0
+    assert out.at["same", "score_diff"] == pytest.approx(0.0)
+    assert out.at["same", "score_diff_lo"] < 0 < out.at["same", "score_diff_hi"]
+    assert out.at["same", "verdict"] == "within noise"

@@ -235,7 +235,8 @@ def test_write_report_files(results: Path, tmp_path: Path) -> None:
     back = pd.read_parquet(paths["parquet"])
     assert back["kv_ratio"].iloc[2] == pytest.approx(0.21)
     assert "streamingllm" in paths["md"].read_text()
-    for kind in ("score_vs_kv_ratio", "fidelity_vs_kv_ratio", "latency", "memory"):
+    kinds = ("score_vs_kv_ratio", "paired_difference", "fidelity_vs_kv_ratio", "latency", "memory")
+    for kind in kinds:
         png = out / f"{kind}__{MODEL}__{TASK}.png"
         assert paths[png.stem] == png and png.stat().st_size > 0
         image = matplotlib.image.imread(png)
@@ -394,3 +395,33 @@ def test_a_plot_that_fails_is_left_out_not_fatal(
     assert f"score_vs_kv_ratio__{MODEL}__{TASK}" in paths
     assert f"spindlekv_budgets__{MODEL}__{TASK}" not in paths
     assert "spindlekv_budgets" in caplog.text and "left out" in caplog.text
+
+
+def test_scores_carry_n_intervals_and_paired_differences(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    n = 12
+    full = make_record("full", "full", {"ratio": 1.0}, 0.5, 1.0, ["o"] * n)
+    worse = make_record("bad", "streamingllm", {"ratio": 0.1}, 0.0, 0.1, ["x"] * n)
+    for i, s in enumerate(full["samples"]):
+        s["metrics"]["exact_match"] = float(i % 2)  # half right
+    full["metrics"]["kvbench_gsm8k"]["exact_match_stderr"] = 0.15
+    full["metrics"]["kvbench_gsm8k"]["sample_len"] = n
+    dump(root, full, "full")
+    dump(root, worse, "bad")  # every sample 0: loses each one the full cache got right
+    report = load_report(root)
+    rows = report.runs.set_index("run_id")
+    assert rows.at["full", "score_ci"] == "lm-eval stderr"
+    assert rows.at["full", "score_lo"] == pytest.approx(0.5 - 1.959964 * 0.15)
+    assert rows.at["bad", "score_ci"] == "bootstrap" and rows.at["bad", "score_n"] == n
+    assert rows.at["bad", "n_paired"] == n and rows.at["bad", "score_diff"] == -0.5
+    assert rows.at["bad", "score_diff_hi"] < 0 and rows.at["bad", "verdict"] == "lower"
+    assert rows.at["full", "verdict"] == "reference"
+    # per-request p50 / p95 for the cost bars
+    assert rows.at["bad", "prefill_ms_p50"] == pytest.approx(200.0 + 50 * (n - 1) / 2)
+    assert rows.at["bad", "prefill_ms_p95"] > rows.at["bad", "prefill_ms_p50"]
+    text = summary_markdown(report.runs)
+    assert "score (95% CI)" in text and "Δ vs full (95% CI)" in text and "| lower" in text
+    assert "0.5 [0.206, 0.794]" in text  # lm-eval's stderr: 0.5 ± 1.96 * 0.15
+    paths = write_report(report.runs, tmp_path / "rep", report.requests)
+    assert f"paired_difference__{MODEL}__{TASK}" in paths
+    assert "paired bootstrap" in paths["md"].read_text()

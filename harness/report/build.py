@@ -27,13 +27,16 @@ import pandas as pd
 from harness.records import find_records, read_record
 from harness.report import fidelity, plots_ruler
 from harness.report.tables import (
+    PERCENTILE_COLUMNS,
     best_by_kv_ratio,
     check,
     distinguishing_params,
     format_params,
     markdown,
+    request_percentiles,
     request_rows,
     run_row,
+    with_intervals,
 )
 
 __all__ = [
@@ -59,9 +62,14 @@ COLUMNS = [
     "rate",
     "d_qk",
     "d_vo",
+    "trained",
     "task",
     "metric",
     "score",
+    "score_lo",
+    "score_hi",
+    "score_n",
+    "score_ci",
     *fidelity.FIDELITY_COLUMNS,
     "perplexity",
     "n_samples",
@@ -76,6 +84,7 @@ COLUMNS = [
     "prefill_ms",
     "decode_tok_s",
     "peak_mem_mb",
+    *[f"{c}_p{q}" for c in PERCENTILE_COLUMNS for q in (50, 95)],
     "num_layers",
     "wall_s",
     "device",
@@ -91,18 +100,33 @@ SUMMARY_COLUMNS = [
     "method",
     "method_params",
     "metric",
-    "score",
-    "score_delta",
+    "n",
+    "score (95% CI)",
+    "CI from",
+    "Δ vs full (95% CI)",
+    "paired",
+    "verdict",
     "exact_match",
     "token_f1",
-    "nll_increase",
+    "NLL increase (95% CI)",
     "kv_ratio",
     "prompt_tokens",
     "prefill_ms",
     "decode_tok_s",
     "peak_mem_mb",
-    "n_samples",
 ]
+STATISTICS_NOTE = (
+    "How to read the summary. `n`: samples the score is over. `score (95% CI)`: the task "
+    "score with its 95 % interval, from lm-eval's standard error (score ± 1.96 se) where "
+    "lm-eval gives one, else a seeded percentile bootstrap over the per-sample metric "
+    "(`CI from` says which). `Δ vs full (95% CI)`: the paired difference from the full-cache "
+    "run of the same model, task, slice and data, mean over the `paired` samples (same "
+    "document and the same `prompt_hash`) of run − full, with a paired bootstrap interval; "
+    "`verdict` is `higher`/`lower` only when that interval excludes 0, `within noise` "
+    "otherwise. Fidelity against the same full-cache run: `exact_match` (identical "
+    "outputs), `token_f1` (token overlap), `NLL increase` (reference-answer NLL per token, "
+    "run − full, paired bootstrap interval). An interval needs n ≥ 2."
+)
 SORT_BY = ["model", "task", "method", "ratio", "rate", "d_qk", "d_vo"]
 HIDDEN_IN_MARKDOWN = ("path", "params_json")
 
@@ -134,6 +158,7 @@ def load_report(root: Path) -> Report:
             try:
                 row = run_row(record, str(path))
                 runs_requests = request_rows(record, row)
+                row |= request_percentiles(runs_requests)
                 summary = fidelity.summarize(record)
             except (TypeError, KeyError, AttributeError, ValueError) as exc:
                 reason = f"malformed: {exc!r}"
@@ -162,6 +187,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
     parameter: the report's CSV/parquet and the "All columns" table)."""
     if "params_json" in table.columns and not table.empty:
         table = table.assign(method_params=distinguishing_params(table))
+    if not table.empty:
+        table = with_intervals(table)
     return markdown(table, SUMMARY_COLUMNS)
 
 
@@ -187,10 +214,8 @@ def report_markdown(
     every column."""
     parts = [
         "# kvbench report",
-        f"{len(table)} run(s), {len(skipped)} record(s) skipped. Fidelity columns compare each "
-        "run's outputs with the full-cache run of the same model, task and slice "
-        "(`exact_match`: identical outputs, `token_f1`: token overlap, `nll_increase`: "
-        "reference-answer NLL per token, run − full).",
+        f"{len(table)} run(s), {len(skipped)} record(s) skipped.",
+        STATISTICS_NOTE,
         "## Summary",
         summary_markdown(table),
         "## Best score per method at each measured KV ratio",

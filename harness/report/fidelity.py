@@ -5,16 +5,27 @@ For every run the report finds its *reference*: the latest full-cache record (me
 once the ``method`` section and the bookkeeping fields (``run.results_dir``,
 ``run.overwrite``, ``run.report``, ``model.threads``) are set aside: the same model, task,
 subtask, slice (``task.limit``), few-shot count, window (``model.max_length``), seed and
-generation length. Samples are matched by (lm-eval task, doc_id); lm-eval logs one entry
-per filter for the same generation, so the raw ``output`` of the first entry is used.
+generation length, and the same task data (``task.data_hash``, the content hash of the data
+files the task read). Samples are paired by (lm-eval task, doc_id) **and only when their
+``prompt_hash`` values agree** (the prompt lm-eval built, before any prompt method): a sample
+whose prompt differs is a different question, and is left out (``n_paired`` says how many
+were paired). lm-eval logs one entry per filter for the same generation, so the raw
+``output`` of the first entry is used.
 
-* ``exact_match``: fraction of matched samples whose output equals the reference's
+* ``score_diff`` (with ``score_diff_lo``/``score_diff_hi``): the paired difference of the
+  primary metric, mean over paired samples of (run − reference), with its paired-bootstrap
+  95 % interval (:mod:`harness.report.stats`); ``verdict`` says whether it is outside noise
+  (``higher`` / ``lower``: the interval excludes 0) or ``within noise`` (``reference`` for
+  the full-cache run itself); ``score_delta`` is the plain difference of the two scores;
+* ``exact_match``: fraction of paired samples whose output equals the reference's
   (surrounding whitespace ignored);
-* ``token_f1``: mean over matched samples of SQuAD's F1 between the two outputs' bags of
-  whitespace tokens (case and punctuation kept: both texts come from the same model);
-* ``nll_increase``: mean over matched samples of (run - reference) of ``reference_nll``,
-  the teacher-forced mean NLL per token of the reference answer that the adapter records per
-  request (LongBench); NaN when either run lacks it.
+* ``token_f1`` (with ``token_f1_lo``/``_hi``, bootstrap): mean over paired samples of
+  SQuAD's F1 between the two outputs' bags of whitespace tokens (case and punctuation
+  kept: both texts come from the same model);
+* ``nll_increase`` (with ``nll_increase_lo``/``_hi``): mean over paired samples of (run −
+  reference) of ``reference_nll``, the teacher-forced mean NLL per token of the reference
+  answer that the adapter records per request, with its paired-bootstrap interval; NaN
+  when either run lacks it.
 
 Everything here is a pure function of record dicts; :mod:`harness.report` calls
 :func:`summarize` once per record and :func:`add_fidelity` once per table.
@@ -31,10 +42,27 @@ from typing import Any
 import pandas as pd
 
 from harness.records import BOOKKEEPING_FIELDS
+from harness.report import stats
 
 FULL_METHOD = "full"
 NLL_FIELD = "reference_nll"
-FIDELITY_COLUMNS = ("reference", "score_delta", "exact_match", "token_f1", "nll_increase")
+FIDELITY_COLUMNS = (
+    "reference",
+    "n_paired",
+    "score_delta",
+    "score_diff",
+    "score_diff_lo",
+    "score_diff_hi",
+    "verdict",
+    "exact_match",
+    "token_f1",
+    "token_f1_lo",
+    "token_f1_hi",
+    "nll_increase",
+    "nll_increase_lo",
+    "nll_increase_hi",
+)
+TEXT_COLUMNS = ("reference", "verdict")
 # fields that change how fast a run is, never what it computes
 IGNORED_MODEL_FIELDS = ("threads",)
 
@@ -111,7 +139,8 @@ def nll_increase(mine: dict[SampleKey, float], reference: dict[SampleKey, float]
 
 def reference_key(record: dict[str, Any]) -> str:
     """What a run and its full-cache reference share: the resolved config without the
-    ``method`` section and the bookkeeping fields, as canonical JSON."""
+    ``method`` section and the bookkeeping fields, and the task data's content hash
+    (``task.data_hash``), as canonical JSON."""
     config = record.get("config")
     if not isinstance(config, dict):
         config = {
@@ -123,6 +152,7 @@ def reference_key(record: dict[str, Any]) -> str:
         data["run"] = {k: v for k, v in data["run"].items() if k not in BOOKKEEPING_FIELDS}
     if isinstance(data.get("model"), dict):
         data["model"] = {k: v for k, v in data["model"].items() if k not in IGNORED_MODEL_FIELDS}
+    data["data_hash"] = _get(record, "task", "data_hash")
     return json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
 
 
@@ -131,6 +161,15 @@ def is_full_cache(record: dict[str, Any]) -> bool:
     method = record.get("method") or {}
     kinds = set(method.get("kinds") or [])
     return method.get("name") == FULL_METHOD and not kinds & {"prompt", "model"}
+
+
+def prompt_hashes(samples: list[dict[str, Any]] | None) -> dict[SampleKey, str]:
+    """``{(task, doc_id): prompt_hash}`` for the samples that recorded one."""
+    out: dict[SampleKey, str] = {}
+    for s in samples or []:
+        if isinstance(s, dict) and s.get("doc_id") is not None and s.get("prompt_hash"):
+            out.setdefault((str(s.get("task")), int(s["doc_id"])), str(s["prompt_hash"]))
+    return out
 
 
 @dataclass
@@ -143,6 +182,8 @@ class FidelityInputs:
     score: float
     outputs: dict[SampleKey, str] = field(default_factory=dict)
     nll: dict[SampleKey, float] = field(default_factory=dict)
+    scores: dict[SampleKey, float] = field(default_factory=dict)
+    hashes: dict[SampleKey, str] = field(default_factory=dict)
 
 
 def summarize(record: dict[str, Any]) -> FidelityInputs:
@@ -155,16 +196,42 @@ def summarize(record: dict[str, Any]) -> FidelityInputs:
         score=float(score) if _is_number(score) else math.nan,
         outputs=sample_outputs(samples),
         nll=sample_values(samples, NLL_FIELD),
+        scores=stats.sample_scores(record),
+        hashes=prompt_hashes(samples),
     )
 
 
-def compare(run: FidelityInputs, reference: FidelityInputs) -> dict[str, float]:
-    """The fidelity columns of ``run`` against ``reference``."""
+def paired_keys(run: FidelityInputs, reference: FidelityInputs) -> set[SampleKey]:
+    """The samples of ``run`` that pair with ``reference``'s: the same (task, doc_id) and the
+    same ``prompt_hash`` (a sample without one pairs with nothing)."""
+    return {k for k, h in run.hashes.items() if reference.hashes.get(k) == h}
+
+
+def _only(values: dict[SampleKey, Any], keys: set[SampleKey]) -> dict[SampleKey, Any]:
+    return {k: v for k, v in values.items() if k in keys}
+
+
+def compare(run: FidelityInputs, reference: FidelityInputs) -> dict[str, Any]:
+    """The fidelity columns of ``run`` against ``reference``, over the paired samples."""
+    keys = paired_keys(run, reference)
+    outputs = _only(run.outputs, keys)
+    diff = stats.paired_difference(_only(run.scores, keys), reference.scores)
+    nll = stats.paired_difference(_only(run.nll, keys), reference.nll)
+    f1 = stats.bootstrap_mean([token_f1(out, reference.outputs[k]) for k, out in outputs.items()])
     return {
+        "n_paired": float(len(keys)),
         "score_delta": run.score - reference.score,
-        "exact_match": exact_match_rate(run.outputs, reference.outputs),
-        "token_f1": mean_token_f1(run.outputs, reference.outputs),
-        "nll_increase": nll_increase(run.nll, reference.nll),
+        "score_diff": diff.estimate,
+        "score_diff_lo": diff.lo,
+        "score_diff_hi": diff.hi,
+        "verdict": stats.verdict(diff),
+        "exact_match": exact_match_rate(outputs, reference.outputs),
+        "token_f1": mean_token_f1(outputs, reference.outputs),
+        "token_f1_lo": f1.lo,
+        "token_f1_hi": f1.hi,
+        "nll_increase": nll.estimate,
+        "nll_increase_lo": nll.lo,
+        "nll_increase_hi": nll.hi,
     }
 
 
@@ -183,9 +250,8 @@ def add_fidelity(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> pd.D
     ``path``) with :data:`FIDELITY_COLUMNS` filled in; NaN / None where a run has no
     reference."""
     table = table.copy()
-    table["reference"] = None
-    for column in FIDELITY_COLUMNS[1:]:
-        table[column] = math.nan
+    for column in FIDELITY_COLUMNS:
+        table[column] = None if column in TEXT_COLUMNS else math.nan
     refs = references(inputs)
     run_ids = dict(zip(table["path"], table["run_id"], strict=True))
     for idx, path in table["path"].items():
@@ -195,6 +261,8 @@ def add_fidelity(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> pd.D
         table.at[idx, "reference"] = run_ids.get(ref)
         for column, value in compare(inputs[path], inputs[ref]).items():
             table.at[idx, column] = value
+        if ref == path:
+            table.at[idx, "verdict"] = "reference"
     return table
 
 

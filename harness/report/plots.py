@@ -1,17 +1,20 @@
 """The report's plots, one PNG per (model, task) and kind, from the table ``load_report`` builds.
 
-* ``score_vs_kv_ratio__<model>__<task>.png``: the task score against the measured fraction
-  of the KV cache kept, one line per method, with the runs' Pareto front (the accuracy /
-  memory trade-off);
+* ``score_vs_kv_ratio__<model>__<task>.png``: the task score with its 95 % interval
+  against the measured fraction of the KV cache kept, one line per method, with the runs'
+  Pareto front (the accuracy / memory trade-off) and n;
+* ``paired_difference__<model>__<task>.png``: each run's paired difference from the
+  full-cache run with its interval, outside noise or not (:mod:`harness.report.stats`);
 * ``fidelity_vs_kv_ratio__<model>__<task>.png``: the same for the token F1 of the outputs
   against the full-cache run's (:mod:`harness.report.fidelity`);
-* ``latency__<model>__<task>.png``: mean prefill time and decode throughput per run;
-* ``memory__<model>__<task>.png``: KV bytes stored vs a full cache, and peak memory, per run;
+* latency and memory per run (bars at the median request, whiskers to p95):
+  :mod:`harness.report.plots_costs`;
 * per request, against context length: :mod:`harness.report.plots_context`;
 * SpindleKV's per-layer budgets and KV-Latent's head dim: :mod:`harness.report.plots_methods`;
 * RULER's needle heatmaps and needles found vs KV kept: :mod:`harness.report.plots_ruler`.
 
-Figures are built with :class:`matplotlib.figure.Figure` (rendered by Agg on save), so
+Axis labels are words ("qasper F1"), fractions are drawn on [0, 1] and legends sit beside
+the axes, off the data. Figures are built with :class:`matplotlib.figure.Figure` (rendered by Agg on save), so
 nothing here touches pyplot's global state or the backend a notebook has chosen.
 """
 
@@ -26,25 +29,24 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from harness.records import slug
-from harness.report.plot_common import FULL_METHOD, MB, method_colors, no_data, run_labels
+from harness.report.plot_common import (
+    FULL_METHOD,
+    errors,
+    is_bounded,
+    method_colors,
+    metric_words,
+    n_text,
+    no_data,
+    run_labels,
+)
 from harness.report.plots_context import CONTEXT_TITLES, has_context, plot_context
+from harness.report.plots_costs import COST_PLOTS, COST_TITLES
 from harness.report.plots_methods import METHOD_PLOTS, METHOD_TITLES
 from harness.report.plots_ruler import RULER_PLOTS, RULER_TITLES
 
 log = logging.getLogger("kvbench")
-
-
-def _annotate(ax: Any, bars: Any, values: list[float], ys: list[float]) -> None:
-    """Each bar's value at its end; "n/a" at zero where the run recorded none."""
-    ax.bar_label(
-        bars, labels=["" if math.isnan(v) else f"{v:.3g}" for v in values], padding=3, fontsize=8
-    )
-    for y, v in zip(ys, values, strict=True):
-        if math.isnan(v):
-            ax.text(0, y, " n/a", va="center", ha="left", fontsize=8, color="gray")
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -57,25 +59,41 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
+def _outside_legend(ax: Any, title: str) -> None:
+    """The legend to the right of the axes, never over the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+
+
 def plot_vs_kv_ratio(
-    group: pd.DataFrame, colors: dict[str, Any], column: str, ylabel: str, what: str
+    group: pd.DataFrame,
+    colors: dict[str, Any],
+    column: str,
+    ylabel: str,
+    what: str,
+    bounded: bool = True,
 ) -> Figure:
-    """``column`` against the measured KV ratio, one line (sorted by ratio) per method, the
-    Pareto front of all runs dotted, the full-cache value dashed."""
+    """``column`` against the measured KV ratio with its 95 % interval (``<column>_lo`` /
+    ``_hi`` where the table has them), one line (sorted by ratio) per method, the Pareto
+    front of all runs dotted, the full-cache value dashed; n in the title."""
     model, task = group["model"].iloc[0], group["task"].iloc[0]
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    fig = Figure(figsize=(8.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     plotted = group.dropna(subset=["kv_ratio", column])
+    lo, hi = f"{column}_lo", f"{column}_hi"
     for method, rows in plotted.groupby("method", sort=True):
         rows = rows.sort_values("kv_ratio")
         full = method == FULL_METHOD
-        ax.plot(
+        yerr = errors(rows[column], rows[lo], rows[hi]) if lo in rows else None
+        ax.errorbar(
             rows["kv_ratio"],
             rows[column],
+            yerr=yerr,
             marker="*" if full else "o",
             markersize=14 if full else 7,
             linestyle="-" if len(rows) > 1 else "none",
             color=colors[method],
+            capsize=3,
             label=method,
         )
     if len(plotted) > 1:
@@ -111,138 +129,88 @@ def plot_vs_kv_ratio(
             color="gray",
         )
     ax.set_xlim(0, 1.05)
-    ax.set_xlabel("KV cache kept (stored / full-cache bytes after prefill, measured)")
+    if bounded:
+        ax.set_ylim(0, 1.0)
+    ax.set_xlabel("KV cache kept (measured fraction of the full cache's bytes after prefill)")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{model} · {task}: {what} vs KV cache kept")
+    ax.set_title(
+        f"{model} · {task}: {what} vs KV cache kept\n(bars: 95 % interval; {n_text(group)})"
+    )
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(title="method", loc="best", fontsize=8)
+    _outside_legend(ax, "method")
     return fig
 
 
 def plot_score_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
     """Task score against the measured KV ratio (the accuracy / memory trade-off)."""
     metric = group["metric"].dropna().iloc[0] if group["metric"].notna().any() else "score"
-    return plot_vs_kv_ratio(group, colors, "score", f"{metric} (task score)", str(metric))
+    words = metric_words(group["task"].iloc[0], metric)
+    return plot_vs_kv_ratio(group, colors, "score", words, words, is_bounded(metric))
 
 
 def plot_fidelity_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
     """Token F1 of each run's outputs against the full-cache run's, vs the measured KV ratio."""
     return plot_vs_kv_ratio(
-        group, colors, "token_f1", "token F1 vs full-cache outputs (0-1)", "output fidelity"
-    )
-
-
-def _barh(
-    ax: Any, labels: list[str], values: list[float], colors: list[Any], xlabel: str, what: str
-) -> None:
-    bars = ax.barh(labels, values, color=colors)
-    _annotate(ax, bars, values, list(range(len(values))))
-    ax.set_xlabel(xlabel)
-    ax.margins(x=0.15)
-    ax.grid(True, axis="x", alpha=0.3)
-    if all(math.isnan(v) for v in values):
-        no_data(ax, what)
-
-
-def _height(n: int) -> float:
-    return 1.8 + 0.45 * n
-
-
-def _method_legend(
-    fig: Figure, group: pd.DataFrame, colors: dict[str, Any], extra: list[Patch] | None = None
-) -> None:
-    methods = sorted(group["method"].unique())
-    handles = [Patch(color=colors[m], label=m) for m in methods] + (extra or [])
-    fig.legend(
-        handles=handles, title="method", loc="outside lower center", ncols=min(len(handles), 5)
-    )
-
-
-def plot_latency(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
-    """Mean prefill time per request and decode throughput, one bar per run."""
-    model, task = group["model"].iloc[0], group["task"].iloc[0]
-    labels = run_labels(group)
-    bar_colors = [colors[m] for m in group["method"]]
-    fig = Figure(figsize=(11, _height(len(group))), layout="constrained")
-    left, right = fig.subplots(1, 2, sharey=True)
-    _barh(
-        left,
-        labels,
-        group["prefill_ms"].tolist(),
-        bar_colors,
-        "prefill time per request, mean (ms)",
-        "prefill time",
-    )
-    _barh(
-        right,
-        labels,
-        group["decode_tok_s"].tolist(),
-        bar_colors,
-        "decode throughput (tokens/s)",
-        "decode throughput",
-    )
-    left.invert_yaxis()  # shared y axis: the first run on top
-    left.set_title("prefill (lower is better)")
-    right.set_title("decode (higher is better)")
-    fig.suptitle(f"{model} · {task}: latency per run")
-    _method_legend(fig, group, colors)
-    return fig
-
-
-def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
-    """KV cache stored vs a full cache (mean per request, after prefill), and peak memory."""
-    model, task = group["model"].iloc[0], group["task"].iloc[0]
-    labels = run_labels(group)
-    fig = Figure(figsize=(11, _height(len(group))), layout="constrained")
-    left, right = fig.subplots(1, 2, sharey=True)
-    y = list(range(len(group)))
-    stored = (group["kv_bytes_stored"] / MB).tolist()
-    full = (group["kv_bytes_full"] / MB).tolist()
-    h = 0.4
-    y_full, y_stored = [i - h / 2 for i in y], [i + h / 2 for i in y]
-    bars_full = left.barh(y_full, full, height=h, color="lightgray", edgecolor="gray")
-    bars_stored = left.barh(y_stored, stored, height=h, color=[colors[m] for m in group["method"]])
-    _annotate(left, bars_full, full, y_full)
-    _annotate(left, bars_stored, stored, y_stored)
-    left.set_yticks(y, labels)
-    left.invert_yaxis()
-    left.margins(x=0.15)
-    left.grid(True, axis="x", alpha=0.3)
-    left.set_xlabel("KV cache per request after prefill, mean (MB)")
-    left.set_title("KV cache: stored (method colour) vs full cache (grey)")
-    if all(math.isnan(v) for v in stored + full):
-        no_data(left, "KV bytes")
-    peak = group["peak_mem_mb"].tolist()
-    bars = right.barh(y, peak, color=[colors[m] for m in group["method"]])
-    _annotate(right, bars, peak, y)
-    right.margins(x=0.15)
-    right.grid(True, axis="x", alpha=0.3)
-    right.set_xlabel("peak memory over the run (MB)")
-    right.set_title("peak memory")
-    if all(math.isnan(v) for v in peak):
-        no_data(right, "peak memory")
-    fig.suptitle(f"{model} · {task}: memory per run")
-    _method_legend(
-        fig,
         group,
         colors,
-        [Patch(facecolor="lightgray", edgecolor="gray", label="full cache (KV)")],
+        "token_f1",
+        "token F1 of the outputs vs the full cache's (1 = identical)",
+        "output fidelity",
     )
+
+
+def plot_paired_difference(group: pd.DataFrame, colors: dict[str, Any]) -> Figure | None:
+    """Each run's paired score difference from the full-cache run (mean over the samples both
+    scored, run − full) with its 95 % interval; a filled marker when the interval excludes 0
+    (outside noise), a hollow one when it holds 0. None when no run has a reference."""
+    rows = group[group["score_diff"].notna() & (group["verdict"] != "reference")]
+    if rows.empty:
+        return None
+    model, task = group["model"].iloc[0], group["task"].iloc[0]
+    metric = group["metric"].dropna().iloc[0] if group["metric"].notna().any() else "score"
+    labels = dict(zip(group.index, run_labels(group), strict=True))
+    fig = Figure(figsize=(8.5, 1.6 + 0.4 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
+    y = list(range(len(rows)))
+    for i, (_, row) in zip(y, rows.iterrows(), strict=True):
+        outside = row["verdict"] in ("higher", "lower")
+        xerr = errors(
+            pd.Series([row["score_diff"]]),
+            pd.Series([row["score_diff_lo"]]),
+            pd.Series([row["score_diff_hi"]]),
+        )
+        ax.errorbar(
+            row["score_diff"],
+            i,
+            xerr=xerr,
+            fmt="o",
+            color=colors[row["method"]],
+            markerfacecolor=colors[row["method"]] if outside else "white",
+            capsize=3,
+        )
+    ax.axvline(0, color="gray", linestyle="--", linewidth=1)
+    ax.set_yticks(y, [f"{labels[i]} (n={int(n)})" for i, n in rows["n_paired"].items()])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric_words(task, metric)}: run − full cache, paired over samples")
+    ax.set_title(
+        f"{model} · {task}: difference from the full cache\n"
+        "95 % paired-bootstrap interval; filled: outside noise (excludes 0), hollow: within"
+    )
+    ax.grid(True, axis="x", alpha=0.3)
     return fig
 
 
 PLOTS = {
     "score_vs_kv_ratio": plot_score_vs_kv_ratio,
+    "paired_difference": plot_paired_difference,
     "fidelity_vs_kv_ratio": plot_fidelity_vs_kv_ratio,
-    "latency": plot_latency,
-    "memory": plot_memory,
+    **COST_PLOTS,
 }
 PLOT_TITLES = {
     "score_vs_kv_ratio": "score vs KV cache kept",
+    "paired_difference": "paired difference from the full cache",
     "fidelity_vs_kv_ratio": "output fidelity (token F1) vs KV cache kept",
-    "latency": "latency per run",
-    "memory": "memory per run",
+    **COST_TITLES,
     **CONTEXT_TITLES,
     **METHOD_TITLES,
     **RULER_TITLES,

@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from harness.report.plot_common import FULL_METHOD
+from harness.report.plot_common import FULL_METHOD, trained_suffix
 
 METHOD_TITLES = {
     "spindlekv_budgets": "SpindleKV per-layer KV budget",
@@ -95,7 +95,8 @@ def plot_kvlatent(group: pd.DataFrame) -> Figure | None:
     rope = rows["params_json"].map(lambda text: json.loads(text).get("rope"))
     several = rope.nunique(dropna=True) > 1
     rows["series"] = [
-        f"{m} ({r} RoPE)" if several and r else m for m, r in zip(rows["method"], rope, strict=True)
+        (f"{m} ({r} RoPE)" if several and r else m) + trained_suffix(row)
+        for m, r, row in zip(rows["method"], rope, rows.itertuples(), strict=True)
     ]
     quality = "perplexity" if rows["perplexity"].notna().any() else "score"
     metric = rows["metric"].dropna().iloc[0] if rows["metric"].notna().any() else "score"
@@ -109,7 +110,15 @@ def plot_kvlatent(group: pd.DataFrame) -> Figure | None:
     for ax, (column, ylabel) in zip(axes, panels, strict=True):
         for name, series in rows.groupby("series", sort=True):
             series = series.sort_values("d")
-            ax.plot(series["d"], series[column], marker="o", label=name)
+            untrained = name.endswith(" untrained")
+            ax.plot(
+                series["d"],
+                series[column],
+                marker="o",
+                linestyle="--" if untrained else "-",
+                markerfacecolor="white" if untrained else None,
+                label=name,
+            )
         if column in (quality,) and full[column].notna().any():
             ax.axhline(full[column].dropna().iloc[-1], color="gray", ls="--", label="full cache")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

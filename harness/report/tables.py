@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.records import SCHEMA_VERSION
+from harness.report.stats import score_interval
 
 FULL_METHOD = "full"
 REQUIRED = (("run_id",), ("model", "name"), ("method", "name"), ("task", "name"), ("score",))
@@ -125,6 +126,15 @@ def latent_dims(params: dict[str, Any] | None, head_dim: Any) -> tuple[float, fl
     return math.nan, math.nan
 
 
+def trained(params: dict[str, Any] | None) -> Any:
+    """Whether a model method's weights were trained after the surgery (``train``), None
+    for methods without that choice."""
+    for p in param_dicts(params):
+        if isinstance(p.get("train"), bool):
+            return p["train"]
+    return None
+
+
 def perplexity(metrics: Any) -> float:
     """The first perplexity-like metric of lm-eval's results (:data:`PERPLEXITY_METRICS`)."""
     for wanted in PERPLEXITY_METRICS:
@@ -170,6 +180,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
     samples = record.get("samples") or []
     docs = {(s.get("task"), s.get("doc_id")) for s in samples if isinstance(s, dict)}
     limit = num(get(record, "task", "limit"))
+    interval = score_interval(record)
 
     def mean(field: str) -> float:
         return num(get(meas, field, "mean"))
@@ -185,9 +196,14 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "rate": prompt_rate(params),
         "d_qk": d_qk,
         "d_vo": d_vo,
+        "trained": trained(params),
         "task": task_label(record),
         "metric": get(record, "score", "metric"),
         "score": num(get(record, "score", "value")),
+        "score_lo": interval.lo,
+        "score_hi": interval.hi,
+        "score_n": float(interval.n) if interval.n else math.nan,
+        "score_ci": interval.source,
         "perplexity": perplexity(record.get("metrics")),
         "n_samples": float(len(docs)) if docs else limit,
         "limit": limit,
@@ -238,12 +254,29 @@ def request_rows(record: dict[str, Any], row: dict[str, Any]) -> list[dict[str, 
                     "prompt_tokens_original": num(r.get("prompt_tokens_original")),
                     "prefill_ms": num(r.get("prefill_s")) * 1000.0,
                     "decode_tok_s": steps / decode_s if decode_s > 0 else math.nan,
+                    "decode_ms_tok": decode_s * 1000.0 / steps if steps > 0 else math.nan,
                     "peak_mem_mb": num(r.get("peak_memory_bytes")) / MB,
+                    "peak_rise_mb": num(r.get("peak_memory_rise_bytes")) / MB,
                     "kv_mb": num(r.get("kv_bytes_prefill")) / MB,
                     "kv_full_mb": num(r.get("kv_full_bytes_prefill")) / MB,
                     "reference_nll": num(r.get("reference_nll")),
                 }
             )
+    return out
+
+
+# per-request columns of :func:`request_rows` summarised per run as p50 / p95
+PERCENTILE_COLUMNS = ("prefill_ms", "decode_ms_tok", "kv_mb", "kv_full_mb", "peak_rise_mb")
+
+
+def request_percentiles(requests: list[dict[str, Any]]) -> dict[str, float]:
+    """``<column>_p50`` and ``<column>_p95`` over a run's requests for each of
+    :data:`PERCENTILE_COLUMNS` (NaN where no request has the value)."""
+    out = {}
+    for column in PERCENTILE_COLUMNS:
+        values = pd.Series([r.get(column) for r in requests], dtype=float).dropna()
+        for q in (50, 95):
+            out[f"{column}_p{q}"] = float(values.quantile(q / 100)) if len(values) else math.nan
     return out
 
 
@@ -277,6 +310,35 @@ def fmt(value: Any) -> str:
             return "–"
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def fmt_interval(estimate: Any, lo: Any, hi: Any) -> str:
+    """``"0.143 [0.0476, 0.238]"``; the estimate alone when there is no interval."""
+    if not isinstance(estimate, float | int) or math.isnan(estimate):
+        return "–"
+    if not isinstance(lo, float | int) or math.isnan(lo) or math.isnan(hi):
+        return f"{fmt(float(estimate))} [n/a]"
+    return f"{fmt(float(estimate))} [{fmt(float(lo))}, {fmt(float(hi))}]"
+
+
+def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with display columns for the summary: ``n`` (samples the score is over),
+    ``score (95% CI)``, ``CI from`` (lm-eval stderr or bootstrap), ``Δ vs full (95% CI)``
+    (the paired difference over the ``paired`` samples) and ``NLL increase (95% CI)``."""
+    out = table.copy()
+
+    def joined(prefix: str, lo: str, hi: str) -> list[str]:
+        return [
+            fmt_interval(e, a, b) for e, a, b in zip(out[prefix], out[lo], out[hi], strict=True)
+        ]
+
+    out["n"] = out["score_n"].where(out["score_n"].notna(), out["n_samples"])
+    out["score (95% CI)"] = joined("score", "score_lo", "score_hi")
+    out["CI from"] = out["score_ci"]
+    out["Δ vs full (95% CI)"] = joined("score_diff", "score_diff_lo", "score_diff_hi")
+    out["paired"] = out["n_paired"]
+    out["NLL increase (95% CI)"] = joined("nll_increase", "nll_increase_lo", "nll_increase_hi")
+    return out
 
 
 def markdown(table: pd.DataFrame, columns: list[str] | None = None) -> str:
