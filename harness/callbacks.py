@@ -47,6 +47,8 @@ class ReportCallback(Callback):
         report = load_report(root)
         for path, reason in report.skipped:
             log.warning("report: skipped %s (%s)", path, reason)
+        for warning in report.warnings:
+            log.warning("report: %s", warning)
         if report.runs.empty:
             log.warning("report: no finished record under %s", root)
             return

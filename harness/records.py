@@ -7,8 +7,10 @@ Layout::
         config.yaml    # the resolved config that produced it
 
 The folder's name ends with a stable hash of the resolved config (``run.*`` bookkeeping
-fields and Hydra's own settings excluded), so the same config always maps to the same
-folder. The folder appears only once the record is complete: it is written into a
+fields and Hydra's own settings excluded) and of the task's data (the content hash of the
+data files it reads, ``TaskSpec.data_hash``), so the same config over the same data always
+maps to the same folder, and the same config over other data (``$KVBENCH_DATA``) to another.
+The folder appears only once the record is complete: it is written into a
 staging folder and renamed into place (:func:`methods.storage.publish`), so a killed run
 leaves nothing that looks finished, and two writers of one run finishing together both
 succeed (the second keeps the first's record). A run is finished only when its
@@ -24,14 +26,15 @@ succeed (the second keeps the first's record). A run is finished only when its
                     bfloat16 on CUDA, float32 on the CPU), dtype_requested, device,
                     attn_implementation, max_length}
     method          {name, kinds, params}
-    task            {name, lm_eval_tasks, limit, primary_metric}
+    task            {name, lm_eval_tasks, limit, primary_metric, data_hash}
     metrics         lm-eval's results, per lm-eval task / group
     score           {metric, value}: the task's primary metric
     measurements    per-request values aggregated: {field: {n, mean, p50, p95, min, max, total}}
                     plus totals: kv_ratio, decode_tok_per_s, prefill_tok_per_s
     samples         per-sample outputs with lm-eval's per-sample metrics and the request's
                     own measurements
-    provenance      git commit, package versions, device, threads, seed, times
+    provenance      git commit, package versions, device, threads, seed, times, and
+                    ``code``: hashes of the methods' and the harness's measuring source
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ CONFIG_FILE = "config.yaml"
 BOOKKEEPING_FIELDS = ("results_dir", "overwrite", "report")
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """Stable hash of the resolved config, bookkeeping fields excluded. ``model.dtype: auto``
-    is hashed as the dtype it resolves to (:func:`harness.dtypes.resolve_dtype`, a function
-    of ``model.device`` alone), so ``auto`` and that dtype name the same run."""
+def config_hash(cfg: DictConfig | dict, data_hash: str | None = None) -> str:
+    """Stable hash of the resolved config, bookkeeping fields excluded, and of the task's
+    data (``data_hash``, when the task has offline data). ``model.dtype: auto`` is hashed as
+    the dtype it resolves to (:func:`harness.dtypes.resolve_dtype`, a function of
+    ``model.device`` alone), so ``auto`` and that dtype name the same run."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     data = {k: v for k, v in data.items() if k != "hydra"}
     run = {k: v for k, v in (data.get("run") or {}).items() if k not in BOOKKEEPING_FIELDS}
@@ -72,6 +76,8 @@ def config_hash(cfg: DictConfig | dict) -> str:
     if isinstance(model, dict) and "dtype" in model:
         dtype = resolve_dtype(model["dtype"], model.get("device", "cpu"))
         data["model"] = {**model, "dtype": dtype}
+    if data_hash is not None:
+        data["data_hash"] = data_hash
     canonical = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
@@ -81,14 +87,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(text)).strip("-") or "x"
 
 
-def run_id(cfg: DictConfig) -> str:
-    """``<model>__<task>__<method>__<hash>``: readable, and unique per config."""
+def run_id(cfg: DictConfig, data_hash: str | None = None) -> str:
+    """``<model>__<task>__<method>__<hash>``: readable, and unique per config and data."""
     parts = [cfg.model.name, cfg.task.name, cfg.method.name]
-    return "__".join(slug(p) for p in parts) + "__" + config_hash(cfg)
+    return "__".join(slug(p) for p in parts) + "__" + config_hash(cfg, data_hash)
 
 
-def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.run.results_dir) / run_id(cfg)
+def run_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
+    return Path(cfg.run.results_dir) / run_id(cfg, data_hash)
 
 
 def record_problem(folder: Path) -> str | None:

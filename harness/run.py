@@ -28,7 +28,7 @@ from harness import preflight, records, results
 from harness.lm import KVBenchLM
 from harness.models import ModelSpec
 from harness.preflight import BAD_INPUT, ConfigError
-from harness.provenance import now, provenance
+from harness.provenance import code_hashes, now, provenance
 from harness.session import Session, apply
 from harness.taskspec import TaskSpec
 from methods.base import Method
@@ -81,7 +81,8 @@ def execute(cfg: DictConfig) -> Path:
     generates (``run.max_gen_toks`` caps every task's own limit)."""
     model_spec, method, task = build(cfg)
     cfg = with_resolved_dtype(cfg, model_spec)
-    folder = records.run_dir(cfg)
+    data_hash = task.data_hash()
+    folder = records.run_dir(cfg, data_hash)
     if not cfg.run.overwrite and records.is_finished(folder):
         log.info("skipping %s: already finished (run.overwrite=true recomputes it)", folder)
         return folder
@@ -134,9 +135,10 @@ def execute(cfg: DictConfig) -> Path:
             fewshot_random_seed=cfg.run.seed,
         )
     _log_truncation(session, model_spec.max_length)
-    record = make_record(cfg, model_spec, model_config, method, task, session, output)
+    record = make_record(cfg, model_spec, model_config, method, task, session, output, data_hash)
     record["provenance"] = {
         **provenance(session.device, cfg.run.seed),
+        "code": code_hashes(method.flatten()),
         "started_at": started,
         "finished_at": now(),
         "wall_s": time.perf_counter() - clock,
@@ -172,13 +174,14 @@ def make_record(
     task: TaskSpec,
     session: Session,
     output: dict[str, Any],
+    data_hash: str | None = None,
 ) -> dict[str, Any]:
     text_config = model_config.get_text_config()
     rows = session.measurement_rows()
     names = task.task_names()
     return {
         "schema_version": records.SCHEMA_VERSION,
-        "run_id": records.run_id(cfg),
+        "run_id": records.run_id(cfg, data_hash),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model": {
             "name": model_spec.name,
@@ -202,6 +205,7 @@ def make_record(
             "limit": task.limit,
             "primary_metric": task.primary_metric,
             **({"ruler": task.ruler_settings()} if task.is_ruler else {}),
+            "data_hash": data_hash,
         },
         "metrics": output["results"],
         "score": {

@@ -19,6 +19,7 @@ lengths against the model's window and the task's template before the weights lo
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import tempfile
@@ -202,6 +203,24 @@ class TaskSpec(RulerSpec):
                 local_data.data_file(relative)
             except FileNotFoundError as err:
                 raise TaskConfigError(f"task.source=local: {err}") from None
+
+    def data_hash(self) -> str | None:
+        """The content hash of the data files this task reads (``source=local``): their paths
+        relative to the data folder and their bytes, so a run over other data
+        (``$KVBENCH_DATA``) gets another run id and is never paired with the standard data's
+        reference. None for ``source=hub`` (lm-eval downloads the data) or a task without
+        offline files."""
+        if self.source != "local":
+            return None
+        try:
+            files = local_data.required_files(self.name, self.subtask)
+        except KeyError:
+            return None
+        digest = hashlib.sha256()
+        for relative in sorted(files):
+            digest.update(relative.encode() + b"\0")
+            digest.update(local_data.data_file(relative).read_bytes())
+        return digest.hexdigest()[:16]
 
     def task_names(self) -> list[str]:
         """The names to pass to ``lm_eval.simple_evaluate(tasks=...)``.

@@ -179,3 +179,29 @@ def test_results_dir_that_is_a_file_or_unwritable_is_one_line_naming_it(tmp_path
         assert "run.results_dir=" in message and str(bad) in message and "\n" not in message
     records.check_writable(tmp_path / "new" / "folder")
     assert (tmp_path / "new" / "folder").is_dir()
+
+
+def test_the_run_id_covers_the_task_data(tmp_path):
+    a = cfg(tmp_path)
+    assert records.run_id(a, "data-one") != records.run_id(a, "data-two")
+    assert records.run_id(a, None) == records.run_id(a)
+    assert records.run_dir(a, "data-one").name == records.run_id(a, "data-one")
+
+
+def test_method_code_hash_covers_the_class_its_bases_and_what_they_import():
+    from harness.provenance import code_hashes, method_modules
+    from methods.cache.pyramidkv import PyramidKV
+    from methods.cache.snapkv import SnapKV
+
+    modules = method_modules(PyramidKV())
+    assert {
+        "methods.cache.pyramidkv",
+        "methods.cache.snapkv",  # its base
+        "methods.cache.scorer",
+        "methods.base",
+        "methods.cache.budget",  # imported by pyramidkv
+        "methods.cache.attention",  # imported by snapkv
+    } <= modules
+    hashes = code_hashes([PyramidKV(), SnapKV()])
+    assert hashes["methods"]["pyramidkv"] != hashes["methods"]["snapkv"]
+    assert hashes == code_hashes([PyramidKV(), SnapKV()])

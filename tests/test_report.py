@@ -425,3 +425,22 @@ def test_scores_carry_n_intervals_and_paired_differences(tmp_path: Path) -> None
     paths = write_report(report.runs, tmp_path / "rep", report.requests)
     assert f"paired_difference__{MODEL}__{TASK}" in paths
     assert "paired bootstrap" in paths["md"].read_text()
+
+
+def test_the_report_warns_when_a_comparison_mixes_code_versions(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    code = {"methods": {"streamingllm": "aaa"}, "harness": "h1"}
+    for run_id, method_code, harness in (("s1", "aaa", "h1"), ("s2", "bbb", "h1")):
+        rec = make_record(run_id, "streamingllm", {"ratio": 0.2}, 0.2, 0.2, ["1", "2"])
+        rec["provenance"]["code"] = {**code, "methods": {"streamingllm": method_code}}
+        rec["provenance"]["code"]["harness"] = harness
+        dump(root, rec, run_id)
+    full = make_record("full", "full", {}, 0.3, 1.0, ["1", "2"])
+    full["provenance"]["code"] = {"methods": {"full": "fff"}, "harness": "h2"}
+    dump(root, full, "full")
+    report = load_report(root)
+    text = "\n".join(report.warnings)
+    assert "the 2 runs of streamingllm were written by 2 versions of its code" in text
+    assert "2 versions of the harness's generation/measurement code" in text
+    paths = write_report(report.runs, tmp_path / "rep")
+    assert "## Warnings" in paths["md"].read_text()

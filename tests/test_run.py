@@ -17,6 +17,7 @@ from harness.generation import greedy_generate
 from harness.report import main as report_main
 from harness.run import CONF_DIR, execute
 
+REPO_DATA = CONF_DIR.parent / "data"
 TINY = ["model=tiny_llama_gqa", "task=gsm8k", "task.limit=2", "run.max_gen_toks=12"]
 
 
@@ -115,3 +116,30 @@ def test_smollm2_full_cache_bytes_equal_the_formula(smollm2):
     assert gen.kv_bytes_final == 2 * 30 * 3 * 64 * (tokens + 2) * 4
     assert json.dumps(gen.tokens)  # generated real tokens
     assert torch.isfinite(gen.last_logits).all()
+
+
+def test_a_run_over_other_data_gets_another_run_id_and_no_reference(tmp_path, monkeypatch):
+    import shutil
+
+    from harness.report import load_report
+    from methods.storage import DATA_ENV
+
+    results = tmp_path / "results"
+    standard = execute(composed(results, *TINY, "method=full"))
+    other = tmp_path / "data"
+    (other / "gsm8k").mkdir(parents=True)
+    shutil.copy(REPO_DATA / "gsm8k" / "train.jsonl", other / "gsm8k")
+    lines = (REPO_DATA / "gsm8k" / "test.jsonl").read_text().splitlines(keepends=True)
+    (other / "gsm8k" / "test.jsonl").write_text("".join(lines[2:]))  # other questions
+    monkeypatch.setenv(DATA_ENV, str(other))
+    moved = execute(composed(results, *TINY, "method=streamingllm", "method.ratio=0.5"))
+    also_full = execute(composed(results, *TINY, "method=full"))
+    assert also_full != standard  # not skipped as "already finished"
+    rec, ref = records.read_record(moved), records.read_record(standard)
+    assert rec["task"]["data_hash"] != ref["task"]["data_hash"]
+    code = rec["provenance"]["code"]
+    assert set(code["methods"]) == {"streamingllm"} and len(code["harness"]) == 12
+    monkeypatch.delenv(DATA_ENV)
+    rows = load_report(results).runs.set_index("path")
+    # the run over other data is compared with the full cache over the same other data
+    assert rows.at[str(moved / "record.json"), "reference"] == also_full.name

@@ -293,3 +293,20 @@ def test_reference_answer_is_the_first_listed_answer():
         spec("gsm8k").reference_answer({"answer": "6 * 7 = 42\n#### 42"}) == "6 * 7 = 42\n#### 42"
     )
     assert spec("bbh").reference_answer({"target": "(A)"}) is None  # no reference_field
+
+
+def test_data_hash_is_the_content_of_the_files_the_task_reads(monkeypatch, tmp_path):
+    monkeypatch.delenv(local_data.DATA_ENV, raising=False)
+    qasper = spec("longbench_qasper")
+    standard = qasper.data_hash()
+    assert standard and standard == spec("longbench_qasper").data_hash()
+    assert spec("longbench_multi_news").data_hash() != standard
+    assert spec("longbench_qasper", source="hub").data_hash() is None
+    # the same file elsewhere: the same hash; one changed line: another hash
+    (tmp_path / "longbench").mkdir()
+    lines = (DATA / "longbench" / "qasper.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "longbench" / "qasper.jsonl").write_text("".join(lines))
+    monkeypatch.setenv(local_data.DATA_ENV, str(tmp_path))
+    assert qasper.data_hash() == standard
+    (tmp_path / "longbench" / "qasper.jsonl").write_text("".join(lines[1:]))
+    assert qasper.data_hash() != standard

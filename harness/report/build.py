@@ -26,6 +26,7 @@ import pandas as pd
 
 from harness.records import find_records, read_record
 from harness.report import fidelity, plots_ruler
+from harness.report.consistency import code_warnings, pairing_warnings
 from harness.report.tables import (
     PERCENTILE_COLUMNS,
     best_by_kv_ratio,
@@ -90,6 +91,9 @@ COLUMNS = [
     "device",
     "dtype",
     "git_commit",
+    "method_code",
+    "harness_code",
+    "data_hash",
     "finished_at",
     "params_json",
     "path",
@@ -140,6 +144,7 @@ class Report:
     requests: pd.DataFrame
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     found: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def load_report(root: Path) -> Report:
@@ -171,7 +176,10 @@ def load_report(root: Path) -> Report:
     base = [c for c in COLUMNS if c not in fidelity.FIDELITY_COLUMNS]
     table = fidelity.add_fidelity(pd.DataFrame(rows, columns=base), inputs)
     table = table[COLUMNS].sort_values(SORT_BY, na_position="last", kind="stable")
-    return Report(table.reset_index(drop=True), pd.DataFrame(requests), skipped, len(paths))
+    warnings = code_warnings(table) + pairing_warnings(table)
+    return Report(
+        table.reset_index(drop=True), pd.DataFrame(requests), skipped, len(paths), warnings
+    )
 
 
 def load_records(root: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
@@ -212,10 +220,15 @@ def report_markdown(
 ) -> str:
     """``report.md``: summary, best score per KV ratio, embedded plots, skipped records and
     every column."""
+    warnings = code_warnings(table) + pairing_warnings(table)
     parts = [
         "# kvbench report",
-        f"{len(table)} run(s), {len(skipped)} record(s) skipped.",
+        f"{len(table)} run(s), {len(skipped)} record(s) skipped, {len(warnings)} warning(s).",
         STATISTICS_NOTE,
+    ]
+    if warnings:
+        parts += ["## Warnings", "\n".join(f"- {w}" for w in warnings)]
+    parts += [
         "## Summary",
         summary_markdown(table),
         "## Best score per method at each measured KV ratio",
@@ -295,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     report = load_report(args.dir)
     for path, reason in report.skipped:
         print(f"kvbench-report: skipped {path}: {reason}", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"kvbench-report: warning: {warning}", file=sys.stderr)
     if report.runs.empty:
         print(_explain_empty(args.dir, report), file=sys.stderr)
         return 1

@@ -222,10 +222,20 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "device": prov.get("device") or get(record, "model", "device"),
         "dtype": get(record, "model", "dtype"),
         "git_commit": prov.get("git_commit"),
+        "method_code": _code(get(prov, "code", "methods")),
+        "harness_code": _code(get(prov, "code", "harness")),
+        "data_hash": get(record, "task", "data_hash"),
         "finished_at": prov.get("finished_at"),
         "params_json": json.dumps(params, sort_keys=True, default=str),
         "path": path,
     }
+
+
+def _code(value: Any) -> str | None:
+    """A code-version hash (or a dict of them) as one comparable string; None if absent."""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True) if value else None
+    return str(value) if value else None
 
 
 def request_rows(record: dict[str, Any], row: dict[str, Any]) -> list[dict[str, Any]]:
