@@ -28,24 +28,24 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def stored_kv_bytes(cache: Any) -> int:
-    """Bytes the cache actually holds, summed over its tensors, whatever the cache type.
+def layer_kv_bytes(layer: Any) -> int:
+    """Bytes of one cache layer's key/value storage: ``stored_nbytes()`` when the layer
+    stores a compressed form (a codebook, indices, magnitudes), else its ``keys`` and
+    ``values`` tensors. Bookkeeping tensors a layer keeps besides (transformers' 0-d
+    ``_sliding_window_tensor``, position counters) are not KV storage and are not counted."""
+    if hasattr(layer, "stored_nbytes"):
+        return int(layer.stored_nbytes())
+    return tensor_bytes(getattr(layer, "keys", None)) + tensor_bytes(getattr(layer, "values", None))
 
-    A cache or cache layer that stores a compressed form may define ``stored_nbytes()``;
-    otherwise every tensor attribute of every layer is counted (keys, values, and any
-    codebooks, indices or magnitudes a method keeps there).
-    """
+
+def stored_kv_bytes(cache: Any) -> int:
+    """Bytes of key/value storage the cache holds, summed over its layers
+    (:func:`layer_kv_bytes`); a cache may define ``stored_nbytes()`` for the whole."""
     if cache is None:
         return 0
     if hasattr(cache, "stored_nbytes"):
         return int(cache.stored_nbytes())
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "stored_nbytes"):
-            total += int(layer.stored_nbytes())
-        else:
-            total += tensor_bytes(vars(layer))
-    return total
+    return sum(layer_kv_bytes(layer) for layer in cache.layers)
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,10 @@ class RequestMeasurement:
     kv_full_bytes_prefill: int
     kv_full_bytes_final: int
     peak_memory_bytes: int
+    # the process's memory just before the request (CPU: resident set; CUDA: allocated) and
+    # how far the request's peak rose above it
+    memory_before_bytes: int | None = None
+    peak_memory_rise_bytes: int | None = None
     # with prompt methods only (None otherwise): the compressible part (demonstrations,
     # context) in the target model's tokens before/after them, the rate of it they were
     # asked to remove, the rate removed (in target tokens), the rate removed in the
@@ -120,35 +124,53 @@ class RequestMeasurement:
 
 
 class PeakMemory:
-    """Peak memory of one request: ``max_memory_allocated`` on CUDA, peak RSS on CPU.
+    """Memory of one request: the process's memory just before it (:meth:`reset`), the peak
+    during it (:meth:`peak_bytes`) and the difference, the rise (:meth:`rise_bytes`).
 
-    On Linux the RSS high-water mark is reset per request (``/proc/self/clear_refs``);
-    where that is not permitted the process-lifetime peak is reported instead.
+    CUDA: ``memory_allocated`` before, ``max_memory_allocated`` after resetting the peak
+    statistics. CPU (Linux): the resident set before, and its high-water mark (VmHWM), reset
+    per request through ``/proc/self/clear_refs``; where that is not permitted the
+    process-lifetime peak is reported (and the rise is an upper bound). The absolute peak is
+    dominated by the weights and the allocator; the rise is what the request itself added
+    (its KV cache, activations and scratch).
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.resettable = _PROC_CLEAR_REFS.exists()
+        self.before = 0
 
     def reset(self) -> None:
+        """Start a request: reset the high-water mark and read the memory before it."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.resettable:
+            self.before = int(torch.cuda.memory_allocated(self.device))
+            return
+        if self.resettable:
             try:
                 _PROC_CLEAR_REFS.write_text("5")
             except OSError:
                 self.resettable = False
+        self.before = _proc_status_bytes("VmRSS") or int(psutil.Process().memory_info().rss)
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
-        if _PROC_STATUS.exists():
-            match = re.search(r"VmHWM:\s+(\d+) kB", _PROC_STATUS.read_text())
-            if match:
-                return int(match.group(1)) * 1024
-        return int(psutil.Process().memory_info().rss)
+        return _proc_status_bytes("VmHWM") or int(psutil.Process().memory_info().rss)
+
+    def rise_bytes(self, peak: int) -> int:
+        """How far ``peak`` rose above the memory before the request (never negative)."""
+        return max(0, peak - self.before)
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or None."""
+    if not _PROC_STATUS.exists():
+        return None
+    match = re.search(rf"{field}:\s+(\d+) kB", _PROC_STATUS.read_text())
+    return int(match.group(1)) * 1024 if match else None
 
 
 def synchronized_clock(device: torch.device) -> float:

@@ -22,6 +22,8 @@ MEASURED_FIELDS = (
     "kv_full_bytes_prefill",
     "kv_full_bytes_final",
     "peak_memory_bytes",
+    "memory_before_bytes",
+    "peak_memory_rise_bytes",
     # with prompt methods only (None in requests without one: left out of the summary)
     "compressible_tokens_original",
     "compressible_tokens",

@@ -248,7 +248,7 @@ class Session:
             kv_bytes_final=gen.kv_bytes_final,
             kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
             kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
-            peak_memory_bytes=self.peak_memory.peak_bytes(),
+            **self._memory(),
             **fit.fields,
         )
         return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
@@ -295,7 +295,7 @@ class Session:
                 kv_bytes_final=scored.kv_bytes_prefill,
                 kv_full_bytes_prefill=full,
                 kv_full_bytes_final=full,
-                peak_memory_bytes=self.peak_memory.peak_bytes(),
+                **self._memory(),
                 **(prompt_fields or {}),
             )
         return scored.logprob, scored.is_greedy
@@ -314,6 +314,16 @@ class Session:
             prompt_fields=fields,
             original_tokens=len(self.encode(context)) if text != context else None,
         )
+
+    def _memory(self) -> dict[str, int]:
+        """The request's peak memory, the memory before it and the rise between them
+        (read right after the request, before anything else runs)."""
+        peak = self.peak_memory.peak_bytes()
+        return {
+            "peak_memory_bytes": peak,
+            "memory_before_bytes": self.peak_memory.before,
+            "peak_memory_rise_bytes": self.peak_memory.rise_bytes(peak),
+        }
 
     def _record(self, tag: dict[str, Any] | None, request_type: str, **values: Any):
         tag = tag or {}

@@ -47,3 +47,26 @@ def tiny_mha():
 def smollm2():
     """The real SmolLM2-135M-Instruct (dequantised once into $KVBENCH_CACHE)."""
     return model_spec("smollm2_135m", threads=None).load()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    """A tiny random Gemma-3 built from a config (no download): 4 layers, the first three
+    sliding-window (window 8), the last full attention, 1 KV head of dim 16, sdpa."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
+    return Gemma3ForCausalLM(config).eval()

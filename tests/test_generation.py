@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.generation import greedy_generate, new_cache, score_continuation
-from harness.measure import KVLayout, stored_kv_bytes
+from harness.measure import KVLayout, PeakMemory, stored_kv_bytes
 from methods.cache.streamingllm import StreamingLLM
 
 
@@ -107,16 +107,50 @@ def test_score_continuation_matches_single_pass_and_cache_path(tiny_mha):
     assert stepwise.is_greedy == one_pass.is_greedy
 
 
-def test_stored_bytes_counts_every_tensor_of_a_layer():
+def test_stored_bytes_count_key_value_storage_only():
     class Layer:
         def __init__(self):
             self.keys = torch.zeros(1, 2, 5, 8)
             self.values = torch.zeros(1, 2, 5, 8, dtype=torch.float16)
-            self.codebook = [torch.zeros(3, 8, dtype=torch.int8)]
+            self._sliding_window_tensor = torch.tensor(8)  # bookkeeping, not KV storage
             self.note = "not a tensor"
 
-    class Cache:
-        layers = [Layer(), Layer()]
+    class Compressed:
+        keys = torch.zeros(1, 2, 5, 8)
 
-    per_layer = 2 * 5 * 8 * 4 + 2 * 5 * 8 * 2 + 3 * 8
-    assert stored_kv_bytes(Cache()) == 2 * per_layer
+        def stored_nbytes(self) -> int:  # a codebook layer says what it holds
+            return 123
+
+    class Cache:
+        layers = [Layer(), Layer(), Compressed()]
+
+    per_layer = 2 * 5 * 8 * 4 + 2 * 5 * 8 * 2
+    assert stored_kv_bytes(Cache()) == 2 * per_layer + 123
+
+
+def test_gemma3_full_cache_measures_exactly_the_full_cache(tiny_gemma3):
+    # sliding-window layers keep window - 1 tokens and a 0-d `_sliding_window_tensor`:
+    # the full cache must measure kv_ratio exactly 1.0, after prefill and after decoding
+    layout = KVLayout.from_config(tiny_gemma3.config, torch.float32)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    gen = greedy_generate(tiny_gemma3, ids, max_new_tokens=4)
+    assert gen.kv_bytes_prefill == layout.full_bytes(20)
+    assert gen.kv_bytes_prefill / layout.full_bytes(20) == 1.0
+    assert gen.kv_bytes_final == layout.full_bytes(20 + gen.decode_steps)
+    # 3 sliding layers x 7 tokens + 1 full layer x 20 tokens, keys and values, 16 dims, fp32
+    assert gen.kv_bytes_prefill == (3 * 7 + 20) * 2 * 16 * 4
+
+
+def test_peak_memory_records_the_rise_over_the_memory_before_the_request():
+    meter = PeakMemory(torch.device("cpu"))
+    if not meter.resettable:
+        pytest.skip("/proc/self/clear_refs is not writable here: the peak cannot be reset")
+    meter.reset()
+    before = meter.before
+    block = torch.ones(16 * 2**20)  # 64 MiB, touched
+    peak = meter.peak_bytes()
+    del block
+    assert before > 0 and peak >= before + 60 * 2**20
+    assert meter.rise_bytes(peak) == peak - before >= 60 * 2**20
+    meter.reset()  # the next request starts from its own baseline
+    assert meter.rise_bytes(meter.peak_bytes()) < 60 * 2**20

@@ -122,6 +122,7 @@ def make_record(
                         "decode_s": 0.5,
                         "decode_steps": 20,
                         "peak_memory_bytes": peak,
+                        "peak_memory_rise_bytes": None if peak is None else peak / 3 + i * 2**20,
                         "kv_bytes_prefill": stored,
                         "kv_full_bytes_prefill": full,
                     }
@@ -198,6 +199,9 @@ def test_load_records_rows_values_and_skipped(results: Path) -> None:
     assert row.at["s02", "kv_bytes_full"] == pytest.approx(1_000_000)
     assert row.at["s02", "prefill_ms"] == pytest.approx(250.0)
     assert row.at["s02", "peak_mem_mb"] == pytest.approx(3.0)
+    # the memory a request added over the memory before it, per run: p50 and p95
+    assert row.at["s02", "peak_rise_mb_p50"] == pytest.approx(1.5)
+    assert row.at["s02", "peak_rise_mb_p95"] == pytest.approx(1.95)
     assert row.at["s02", "decode_tok_s"] == pytest.approx(40.0)
     assert row.at["s02", "method_params"] == "ratio=0.2, sinks=4, window=0"
     assert row.at["s04", "ratio"] == pytest.approx(0.4)

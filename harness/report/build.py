@@ -85,6 +85,7 @@ COLUMNS = [
     "prefill_ms",
     "decode_tok_s",
     "peak_mem_mb",
+    "peak_rise_mb",
     *[f"{c}_p{q}" for c in PERCENTILE_COLUMNS for q in (50, 95)],
     "num_layers",
     "wall_s",

@@ -1,7 +1,9 @@
 """Latency and memory against context length, per request (``requests`` of
 :func:`harness.report.load_report`): one PNG per (model, task),
 ``context__<model>__<task>.png``, with three panels sharing the x axis (the original prompt's
-length in tokens, before prompt methods): prefill time, decode throughput and peak memory.
+length in tokens, before prompt methods): prefill time, decode throughput and the memory the
+request added over the process's memory just before it (the absolute peak is dominated by
+the weights).
 One line per run, coloured by method, points sorted by length."""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ CONTEXT_TITLES = {"context": "latency and memory vs context length"}
 PANELS = (
     ("prefill_ms", "prefill time (ms)", "prefill time"),
     ("decode_tok_s", "decode throughput (tokens/s)", "decode throughput"),
-    ("peak_mem_mb", "peak memory (MB)", "peak memory"),
+    ("peak_rise_mb", "memory added by the request: peak − before (MB)", "memory rise"),
 )
 MARKERS = "os^vD<>ph*"
 

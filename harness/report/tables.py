@@ -217,6 +217,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "prefill_ms": mean("prefill_s") * 1000.0,
         "decode_tok_s": num(meas.get("decode_tok_per_s")),
         "peak_mem_mb": num(get(meas, "peak_memory_bytes", "max")) / MB,
+        "peak_rise_mb": num(get(meas, "peak_memory_rise_bytes", "max")) / MB,
         "num_layers": num(get(record, "model", "num_layers")),
         "wall_s": num(prov.get("wall_s")),
         "device": prov.get("device") or get(record, "model", "device"),
