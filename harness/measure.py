@@ -81,6 +81,19 @@ class KVLayout:
             total += kv_heads * (k_dim + v_dim) * n
         return total * self.dtype_bytes
 
+    def floor_bytes(self, tokens: int, min_tokens: int, compress_sliding: bool = False) -> int:
+        """Bytes the cache holds for ``tokens`` tokens when every layer a cache method
+        compresses keeps only ``min_tokens`` (the method's minimum) and the layers it leaves
+        alone (sliding-window ones, unless ``compress_sliding``) keep their window: the
+        lowest KV ratio reachable is this over :meth:`full_bytes`."""
+        total = 0
+        for kv_heads, k_dim, v_dim, kept in self.layers:
+            n = tokens if kept is None else min(tokens, kept)
+            if kept is None or compress_sliding:
+                n = min(n, min_tokens)
+            total += kv_heads * (k_dim + v_dim) * n
+        return total * self.dtype_bytes
+
 
 @dataclass
 class RequestMeasurement:
@@ -103,6 +116,9 @@ class RequestMeasurement:
     kv_full_bytes_prefill: int
     kv_full_bytes_final: int
     peak_memory_bytes: int
+    # with a cache method that asks for a reduction: the bytes at the lowest ratio it can
+    # reach (the layers it compresses at its minimum, the others at their window)
+    kv_floor_bytes_prefill: int | None = None
     # the process's memory just before the request (CPU: resident set; CUDA: allocated) and
     # how far the request's peak rose above it
     memory_before_bytes: int | None = None

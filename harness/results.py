@@ -21,6 +21,7 @@ MEASURED_FIELDS = (
     "kv_bytes_final",
     "kv_full_bytes_prefill",
     "kv_full_bytes_final",
+    "kv_floor_bytes_prefill",
     "peak_memory_bytes",
     "memory_before_bytes",
     "peak_memory_rise_bytes",
@@ -46,7 +47,9 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-field summaries (n, mean, p50, p95, min, max, total) and run-level ratios.
 
     ``kv_ratio`` is stored KV bytes over full-cache KV bytes after prefill, summed over
-    requests (``kv_ratio_final``: at the end of generation, generated tokens included).
+    requests (``kv_ratio_final``: at the end of generation, generated tokens included);
+    ``kv_ratio_reachable`` the lowest ratio the cache methods could reach on the same
+    requests (None without a reducing cache method).
 
     Prompt tokens: ``prompt_tokens_original`` = ``prompt_tokens`` (seen) + ``truncated_tokens``
     (cut by the model's window) + what prompt methods removed. ``prompt_ratio`` measures the
@@ -63,6 +66,12 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     out["kv_ratio"] = _ratio(total("kv_bytes_prefill"), total("kv_full_bytes_prefill"))
     out["kv_ratio_final"] = _ratio(total("kv_bytes_final"), total("kv_full_bytes_final"))
+    floor = out["kv_floor_bytes_prefill"]
+    out["kv_ratio_reachable"] = (
+        _ratio(total("kv_floor_bytes_prefill"), total("kv_full_bytes_prefill"))
+        if floor.get("n") == len(rows) and rows
+        else None
+    )
     out["prompt_ratio"] = _ratio(
         total("prompt_tokens"), total("prompt_tokens_original") - total("truncated_tokens")
     )

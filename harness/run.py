@@ -31,7 +31,7 @@ from harness.preflight import BAD_INPUT, ConfigError
 from harness.provenance import code_hashes, now, provenance
 from harness.session import Session, apply
 from harness.taskspec import TaskSpec
-from methods.base import Method
+from methods.base import CacheMethod, Method
 from methods.storage import conf_dir
 
 log = logging.getLogger("kvbench")
@@ -212,7 +212,10 @@ def make_record(
             "metric": task.primary_metric,
             "value": results.primary_score(output["results"], names, task.primary_metric),
         },
-        "measurements": results.aggregate(rows),
+        "measurements": {
+            **results.aggregate(rows),
+            "kv_ratio_requested": requested_kv_ratio(method),
+        },
         "samples": results.samples(output.get("samples", {}), rows, task.sample_fields),
     }
 
@@ -232,6 +235,22 @@ def _log_truncation(session: Session, max_length: int | None) -> None:
             sum(m.truncated_tokens for m in cut),
             sum(m.prompt_tokens_original for m in cut),
         )
+
+
+def requested_kv_ratio(method: Method) -> float | None:
+    """The fraction of the KV cache the cache methods were asked to keep (their product),
+    None when none asks for a ratio (token budgets, prompt or model methods only)."""
+    ratios = [
+        m.requested_ratio()
+        for m in method.flatten()
+        if isinstance(m, CacheMethod) and m.asks_reduction()
+    ]
+    if not ratios or any(r is None for r in ratios):
+        return None
+    product = 1.0
+    for r in ratios:
+        product *= r
+    return product
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -34,7 +34,7 @@ from torch import nn
 
 from harness.generation import Generation, greedy_generate, score_continuation
 from harness.measure import KVLayout, PeakMemory, RequestMeasurement, synchronized_clock
-from methods.base import Method, PromptParts
+from methods.base import CacheMethod, Method, PromptParts
 
 TRUNCATIONS = ("left", "middle")
 
@@ -247,6 +247,7 @@ class Session:
             kv_bytes_prefill=gen.kv_bytes_prefill,
             kv_bytes_final=gen.kv_bytes_final,
             kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
+            kv_floor_bytes_prefill=self._floor_bytes(fit.window_tokens),
             kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
             **self._memory(),
             **fit.fields,
@@ -294,6 +295,7 @@ class Session:
                 kv_bytes_prefill=scored.kv_bytes_prefill,
                 kv_bytes_final=scored.kv_bytes_prefill,
                 kv_full_bytes_prefill=full,
+                kv_floor_bytes_prefill=self._floor_bytes(len(context)),
                 kv_full_bytes_final=full,
                 **self._memory(),
                 **(prompt_fields or {}),
@@ -313,6 +315,20 @@ class Session:
             prompt_method_s=seconds,
             prompt_fields=fields,
             original_tokens=len(self.encode(context)) if text != context else None,
+        )
+
+    def _floor_bytes(self, tokens: int) -> int | None:
+        """KV bytes at the lowest ratio the cache methods can reach for ``tokens`` tokens
+        (:meth:`KVLayout.floor_bytes`); None without a cache method that asks to reduce."""
+        reducing = [
+            m for m in self.method.flatten() if isinstance(m, CacheMethod) and m.asks_reduction()
+        ]
+        if not reducing:
+            return None
+        return self.kv_layout.floor_bytes(
+            tokens,
+            min(m.min_kept_tokens() for m in reducing),
+            any(m.compress_sliding for m in reducing),
         )
 
     def _memory(self) -> dict[str, int]:

@@ -37,6 +37,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from methods.cache.sliding import EvictedSlidingWindowLayer, is_sliding
+
 
 class MethodConfigError(ValueError):
     """A method's configuration is invalid; the message names the field and the fix."""
@@ -180,9 +182,16 @@ class CacheMethod(Method):
     request) and, if they keep a budget while decoding, :meth:`compress_decode`.
     They replace the cache layer's ``keys``/``values`` with smaller tensors (never a
     mask): the stored bytes are what the measurements see.
+
+    Sliding-window layers (Gemma-3's local layers) already hold at most ``window - 1``
+    tokens; by default a method leaves them alone and applies its ratio to the other
+    layers, so the measured ratio of the whole cache is above the one asked for (the
+    record carries both, and the lowest reachable). ``compress_sliding: true`` applies the
+    ratio to what a sliding layer holds as well, for equal memory.
     """
 
     kind: ClassVar[str] = "cache"
+    compress_sliding: bool = False
 
     def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
         stack.enter_context(self.apply(model))
@@ -219,14 +228,33 @@ class CacheMethod(Method):
                 module, hidden_states, layer.keys, layer.values, kwargs
             )
         # `compress` may have installed its own cache layer (a compressed form): re-fetch it
+        if cache.layers[module.layer_idx] is layer and is_sliding(layer):
+            cache.layers[module.layer_idx] = EvictedSlidingWindowLayer.from_layer(layer)
         layer = cache.layers[module.layer_idx]
         layer.keys, layer.values = keys, values
         return output
 
     def compresses_layer(self, module: nn.Module, layer: Any) -> bool:
-        """Whether this method acts on a layer. Default: not on sliding-window layers,
-        whose cache is already bounded by the window (Gemma-3's local layers)."""
-        return not hasattr(layer, "sliding_window")
+        """Whether this method acts on a layer. Default: on every layer but sliding-window
+        ones (already bounded by their window), unless ``compress_sliding``."""
+        return self.compress_sliding or not is_sliding(layer)
+
+    def requested_ratio(self) -> float | None:
+        """The fraction of the KV cache this method was asked to keep, or None when it was
+        asked for a token count (or nothing)."""
+        return None
+
+    def asks_reduction(self) -> bool:
+        """Whether this configuration asks to store less than the full cache (a run that
+        asks for a reduction and measures none is a silent no-op, refused by the runner)."""
+        ratio = self.requested_ratio()
+        return ratio is None or ratio < 1.0
+
+    def min_kept_tokens(self) -> int:
+        """The fewest tokens a compressed layer keeps, however small the ratio (tokens the
+        method always keeps, e.g. sinks and an observation window): with the layers it
+        leaves alone, this sets the lowest KV ratio reachable."""
+        return 1
 
     def compress(
         self,

@@ -26,6 +26,9 @@ class FullCache(CacheMethod):
                 "everything (ratio 1.0); pick a reduction method, e.g. method=streamingllm"
             )
 
+    def asks_reduction(self) -> bool:
+        return False
+
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
         yield  # no hooks: the model runs untouched

@@ -52,7 +52,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_gemma3():
     """A tiny random Gemma-3 built from a config (no download): 4 layers, the first three
-    sliding-window (window 8), the last full attention, 1 KV head of dim 16, sdpa."""
+    sliding-window (window 9: each holds 8 tokens), the last full attention, 1 KV head of dim 16, sdpa."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def tiny_gemma3():
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
-        sliding_window=8,
+        sliding_window=9,
         layer_types=["sliding_attention"] * 3 + ["full_attention"],
         max_position_embeddings=256,
         attn_implementation="sdpa",

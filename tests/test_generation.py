@@ -137,8 +137,8 @@ def test_gemma3_full_cache_measures_exactly_the_full_cache(tiny_gemma3):
     assert gen.kv_bytes_prefill == layout.full_bytes(20)
     assert gen.kv_bytes_prefill / layout.full_bytes(20) == 1.0
     assert gen.kv_bytes_final == layout.full_bytes(20 + gen.decode_steps)
-    # 3 sliding layers x 7 tokens + 1 full layer x 20 tokens, keys and values, 16 dims, fp32
-    assert gen.kv_bytes_prefill == (3 * 7 + 20) * 2 * 16 * 4
+    # 3 sliding layers x 8 tokens + 1 full layer x 20 tokens, keys and values, 16 dims, fp32
+    assert gen.kv_bytes_prefill == (3 * 8 + 20) * 2 * 16 * 4
 
 
 def test_peak_memory_records_the_rise_over_the_memory_before_the_request():

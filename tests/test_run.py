@@ -38,7 +38,13 @@ def test_run_writes_a_complete_record_and_skips_a_rerun(tmp_path):
     assert record["method"] == {
         "name": "streamingllm",
         "kinds": ["cache"],
-        "params": {"ratio": 0.25, "budget": None, "sinks": 4, "window": 0},
+        "params": {
+            "compress_sliding": False,
+            "ratio": 0.25,
+            "budget": None,
+            "sinks": 4,
+            "window": 0,
+        },
     }
     assert record["task"]["lm_eval_tasks"] == ["kvbench_gsm8k"]
     assert record["score"]["metric"] == "exact_match,strict-match"
@@ -48,6 +54,10 @@ def test_run_writes_a_complete_record_and_skips_a_rerun(tmp_path):
     m = record["measurements"]
     assert m["requests"] == 2
     assert m["kv_ratio"] == pytest.approx(0.25, abs=2e-3)
+    assert m["kv_ratio_requested"] == 0.25
+    # the lowest reachable: every layer at StreamingLLM's 4 sink tokens
+    tokens = m["prompt_tokens"]["total"]
+    assert m["kv_ratio_reachable"] == pytest.approx(2 * 4 / tokens)
     assert m["prefill_s"]["total"] > 0 and m["decode_s"]["total"] > 0
     assert m["kv_bytes_prefill"]["min"] > 0
     assert {s["doc_id"] for s in record["samples"]} == {0, 1}

@@ -77,7 +77,9 @@ COLUMNS = [
     "limit",
     "kv_bytes_stored",
     "kv_bytes_full",
+    "kv_ratio_requested",
     "kv_ratio",
+    "kv_ratio_reachable",
     "kv_ratio_final",
     "prompt_tokens",
     "prompt_ratio",
@@ -114,7 +116,9 @@ SUMMARY_COLUMNS = [
     "exact_match",
     "token_f1",
     "NLL increase (95% CI)",
+    "kv_ratio_requested",
     "kv_ratio",
+    "kv_ratio_reachable",
     "prompt_tokens",
     "prefill_ms",
     "decode_tok_s",
@@ -130,7 +134,12 @@ STATISTICS_NOTE = (
     "`verdict` is `higher`/`lower` only when that interval excludes 0, `within noise` "
     "otherwise. Fidelity against the same full-cache run: `exact_match` (identical "
     "outputs), `token_f1` (token overlap), `NLL increase` (reference-answer NLL per token, "
-    "run − full, paired bootstrap interval). An interval needs n ≥ 2."
+    "run − full, paired bootstrap interval). An interval needs n ≥ 2. KV cache: "
+    "`kv_ratio_requested` is what the method was asked to keep, `kv_ratio` what it stored "
+    "(measured bytes after prefill over a full cache's), `kv_ratio_reachable` the lowest it "
+    "could store on the same requests. Sliding-window layers (Gemma-3's local layers) are "
+    "left to their window unless `method.compress_sliding=true`, so on such models the "
+    "measured ratio is above the requested one."
 )
 SORT_BY = ["model", "task", "method", "ratio", "rate", "d_qk", "d_vo"]
 HIDDEN_IN_MARKDOWN = ("path", "params_json")

@@ -104,6 +104,15 @@ def method_ratio(name: str, params: dict[str, Any] | None) -> tuple[float, float
     return (1.0 if name == FULL_METHOD else math.nan), math.nan
 
 
+def requested_ratio(measurements: dict[str, Any], configured: float) -> float:
+    """The KV ratio the cache methods were asked for, as the record says
+    (``measurements.kv_ratio_requested``); older records: the configured ``ratio``."""
+    if "kv_ratio_requested" in measurements:
+        value = num(measurements.get("kv_ratio_requested"))
+        return 1.0 if math.isnan(value) and configured == 1.0 else value
+    return configured
+
+
 def prompt_rate(params: dict[str, Any] | None) -> float:
     """The ``rate`` (fraction of the prompt removed) a prompt method was configured with."""
     for p in param_dicts(params):
@@ -209,7 +218,9 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "limit": limit,
         "kv_bytes_stored": mean("kv_bytes_prefill"),
         "kv_bytes_full": mean("kv_full_bytes_prefill"),
+        "kv_ratio_requested": requested_ratio(meas, ratio),
         "kv_ratio": num(meas.get("kv_ratio")),
+        "kv_ratio_reachable": num(meas.get("kv_ratio_reachable")),
         "kv_ratio_final": num(meas.get("kv_ratio_final")),
         "prompt_tokens": mean("prompt_tokens"),
         "prompt_ratio": num(meas.get("prompt_ratio")),  # what prompt methods kept

@@ -127,11 +127,14 @@ def accumulated_attention(
     """Attention each key receives, summed over the q queries of hidden_states (B, q, hidden)
     and over the query heads of its group: (B, H_kv, S), float32. The queries are the last q
     of the S keys (all of the prompt at prefill, the new tokens when decoding); they are
-    processed ``chunk_size`` at a time, so memory stays O(chunk_size * S * H_q)."""
+    processed ``chunk_size`` at a time, so memory stays O(chunk_size * S * H_q).
+
+    A sliding-window layer holds fewer keys than the prompt has queries (its last
+    ``window - 1``): the queries before the held keys see none of them and are skipped."""
     cos, sin = layer_rope(module, kwargs)
     seq_len, q_len = keys.shape[-2], hidden_states.shape[1]
     total = keys.new_zeros(keys.shape[:-1], dtype=torch.float32)
-    for start in range(0, q_len, chunk_size):
+    for start in range(max(0, q_len - seq_len), q_len, chunk_size):
         end = min(start + chunk_size, q_len)
         probs = attention_probs(
             module,

@@ -47,6 +47,10 @@ class H2O(ScorerMethod):
         self._scores: dict[int, torch.Tensor] = {}  # layer -> accumulated scores (B, H_kv, n)
         self._seen: dict[int, int] = {}  # layer -> tokens seen (prompt + generated)
 
+    def min_kept_tokens(self) -> int:
+        """The sinks (its recent window is a share of the budget)."""
+        return max(1, self.sinks)
+
     def recent_tokens(self, n_kept: int) -> int:
         return min(round(self.recent_ratio * n_kept), max(0, n_kept - self.sinks))
 
@@ -94,5 +98,9 @@ class H2O(ScorerMethod):
         new = hidden_states.shape[1]
         self._seen[layer] += new
         row = accumulated_attention(module, hidden_states, keys, kwargs, self.chunk_size)
-        scores = torch.nn.functional.pad(self._scores[layer], (0, new)) + row
+        # a sliding-window layer drops its oldest tokens itself: the scores follow
+        old = self._scores[layer][
+            ..., max(0, self._scores[layer].shape[-1] + new - keys.shape[-2]) :
+        ]
+        scores = torch.nn.functional.pad(old, (0, new)) + row
         return self._keep(layer, scores, keys, values)

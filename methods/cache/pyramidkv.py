@@ -40,7 +40,8 @@ class PyramidKV(SnapKV):
     budget from :func:`pyramid_budgets`: more tokens in shallow layers, fewer in deep ones,
     the mean over the compressed layers equal to the target (``ratio`` or ``budget``).
     ``beta`` (20 in the paper) sets the steepness: the deepest layer keeps 1/beta of the
-    mean. Sliding-window layers are not compressed and not counted in the pyramid. Layers
+    mean. Sliding-window layers are not counted in the pyramid: left alone by default, with
+    ``compress_sliding`` each keeps the target ratio of what it holds. Layers
     end up with different cache lengths, so eager attention is refused (see budget.py).
     """
 
@@ -70,4 +71,6 @@ class PyramidKV(SnapKV):
     def layer_budget(self, module: nn.Module, seq_len: int) -> int:
         rank, layers = layer_rank(module)
         target = self.kept_tokens(seq_len)
+        if layers == 1:  # one layer, or a sliding layer (compress_sliding): no pyramid
+            return target
         return pyramid_budgets(target, seq_len, self.window + self.sinks, layers, self.beta)[rank]

@@ -44,6 +44,13 @@ class ScorerMethod(CacheMethod):
                 f"method.budget={self.budget}: lower the window or raise the budget"
             )
 
+    def requested_ratio(self) -> float | None:
+        return float(self.ratio) if self.budget is None else None
+
+    def min_kept_tokens(self) -> int:
+        """The sinks and the window are always kept (at least one token)."""
+        return max(1, self.sinks + self.window)
+
     def kept_tokens(self, seq_len: int) -> int:
         """How many of ``seq_len`` prompt tokens each head keeps."""
         if self.budget is not None:
