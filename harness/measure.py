@@ -137,6 +137,9 @@ class RequestMeasurement:
     # token, teacher-forced after the prompt the model saw, under the same cache methods
     reference_nll: float | None = None
     reference_tokens: int | None = None
+    # what the methods did on this request (``Method.last_stats``: a cache method's tokens
+    # held and kept per layer, a prompt method's rates), None when they say nothing
+    method_stats: dict[str, Any] | None = None
 
 
 class PeakMemory:

@@ -85,6 +85,57 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def method_stats(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The requests' ``method_stats`` (``Method.last_stats``) over the run: a value every
+    request reported alike is kept as it is (e.g. ``compressed_layers``), numbers are
+    averaged, lists of numbers averaged position by position (e.g. ``tokens_kept`` per
+    layer; None entries skipped), nested dicts (composed methods) likewise."""
+    return _merge([r["method_stats"] for r in rows if r.get("method_stats")])
+
+
+def _merge(values: list[Any]) -> Any:
+    if not values:
+        return None
+    if all(v == values[0] for v in values):
+        return values[0]
+    if all(isinstance(v, dict) for v in values):
+        keys = dict.fromkeys(k for v in values for k in v)
+        return {k: _merge([v[k] for v in values if k in v]) for k in keys}
+    if all(_is_number(v) for v in values):
+        return sum(values) / len(values)
+    if all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1:
+        columns = zip(*values, strict=True)
+        return [_merge([x for x in column if x is not None]) for column in columns]
+    return values[-1]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def no_effect(kinds: set[str], measurements: dict[str, Any], asks_kv: bool) -> str | None:
+    """Why a run whose methods asked for a reduction but measured none must not be recorded
+    (a silent no-op, like transformers 5.24's renamed cache argument), or None."""
+    kv, prompt = measurements.get("kv_ratio"), measurements.get("prompt_ratio")
+    if asks_kv and _is_number(kv) and abs(kv - 1.0) <= 0.001:
+        return (
+            f"the cache method asked to keep {measurements.get('kv_ratio_requested')} of the "
+            f"KV cache but stored {kv:.4f} of it: it had no effect. Check that its hooks see "
+            "the KV cache (the attention modules' `cache`/`past_key_values` argument, "
+            "methods.base.cache_of, in this transformers version), that it compresses this "
+            "model's layers (sliding-window layers are left alone unless "
+            "method.compress_sliding=true) and that its budget is below the prompt length"
+        )
+    rates = measurements.get("prompt_rate_requested") or {}
+    if "prompt" in kinds and rates.get("max", 0) > 0 and _is_number(prompt) and prompt >= 0.999:
+        return (
+            f"the prompt method asked to remove up to {rates['max']:.2f} of the prompt but "
+            "removed nothing: it had no effect. Check that task.protect_from matches the "
+            "prompts (without a match the whole prompt is protected) and the method's rate"
+        )
+    return None
+
+
 def samples(
     lm_eval_samples: dict[str, list[dict]], rows: list[dict], doc_fields: Sequence[str] = ()
 ) -> list[dict[str, Any]]:

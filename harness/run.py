@@ -48,6 +48,10 @@ class RunFailed(CompactHydraException):
     """A run that failed, said in one line (Hydra prints a compact exception as its text)."""
 
 
+class NoEffectError(RuntimeError):
+    """A method asked for a reduction and measured none: the run is not recorded."""
+
+
 def build(cfg: DictConfig) -> tuple[ModelSpec, Method, TaskSpec]:
     """Check and instantiate the three config groups and the ``run`` fields; nothing is
     loaded yet. A value of the wrong type fails here naming its field (``method.ratio=abc``)."""
@@ -136,6 +140,13 @@ def execute(cfg: DictConfig) -> Path:
         )
     _log_truncation(session, model_spec.max_length)
     record = make_record(cfg, model_spec, model_config, method, task, session, output, data_hash)
+    reason = results.no_effect(
+        method.kinds(),
+        record["measurements"],
+        any(isinstance(m, CacheMethod) and m.asks_reduction() for m in method.flatten()),
+    )
+    if reason is not None:
+        raise NoEffectError(f"{method.name}: {reason}. No record was written.")
     record["provenance"] = {
         **provenance(session.device, cfg.run.seed),
         "code": code_hashes(method.flatten()),
@@ -198,6 +209,8 @@ def make_record(
             "name": method.name,
             "kinds": sorted(method.kinds()),
             "params": method.params(),
+            "describe": method.describe(),
+            "stats": results.method_stats(rows),
         },
         "task": {
             "name": task.name,

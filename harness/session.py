@@ -347,6 +347,7 @@ class Session:
             task=str(tag.get("task") or ""),
             doc_id=int(tag.get("doc_id", -1)),
             request_type=request_type,
+            method_stats=self.method.last_stats(),
             **values,
         )
         self.measurements.append(measurement)

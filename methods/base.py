@@ -27,8 +27,6 @@ compose through :class:`Compose` (a list in the config).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -37,11 +35,29 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from methods.cache.sliding import EvictedSlidingWindowLayer, is_sliding
+from methods.cache.layers import (
+    EvictedSlidingWindowLayer,
+    LayerLog,
+    attention_modules,
+    cache_kwarg,
+    cache_of,
+    is_sliding,
+)
+from methods.errors import MethodConfigError
 
-
-class MethodConfigError(ValueError):
-    """A method's configuration is invalid; the message names the field and the fix."""
+__all__ = [
+    "CacheMethod",
+    "Compose",
+    "Method",
+    "MethodConfigError",
+    "ModelMethod",
+    "PromptMethod",
+    "PromptParts",
+    "attention_modules",
+    "cache_kwarg",
+    "cache_of",
+    "check_ratio",
+]
 
 
 def check_ratio(name: str, value: float | None, *, allow_none: bool = False) -> None:
@@ -88,6 +104,17 @@ class Method:
 
     def flatten(self) -> list[Method]:
         return [self]
+
+    def describe(self) -> dict[str, Any]:
+        """Static facts about the method as applied, beyond its fields (e.g. KV-Latent's
+        ``d_qk``/``d_vo`` and whether it was ``trained``), for the record; {} if none."""
+        return {}
+
+    def last_stats(self) -> dict[str, Any] | None:
+        """What the method did on the last request (e.g. a cache method's per-layer kept
+        tokens, a prompt method's achieved rate), for the record; None if it says nothing.
+        The runner collects it after every measured request."""
+        return None
 
     def kinds(self) -> set[str]:
         """The kinds of method this is made of (``{"cache"}``, ``{"prompt", "cache"}``, ...)."""
@@ -200,8 +227,10 @@ class CacheMethod(Method):
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
         handles = []
+        modules = attention_modules(model)
+        self._log = LayerLog(len(modules))
         try:
-            for module in attention_modules(model):
+            for module in modules:
                 handles.append(module.register_forward_hook(self._forward_hook, with_kwargs=True))
             yield
         finally:
@@ -222,7 +251,9 @@ class CacheMethod(Method):
         if not self.compresses_layer(module, layer):
             return output
         if layer.get_seq_length() == q_len and q_len > 1:
+            before = layer.keys.shape[-2]
             keys, values = self.compress(module, hidden_states, layer.keys, layer.values, kwargs)
+            self._log.record(module.layer_idx, before, keys.shape[-2])
         else:
             keys, values = self.compress_decode(
                 module, hidden_states, layer.keys, layer.values, kwargs
@@ -238,6 +269,12 @@ class CacheMethod(Method):
         """Whether this method acts on a layer. Default: on every layer but sliding-window
         ones (already bounded by their window), unless ``compress_sliding``."""
         return self.compress_sliding or not is_sliding(layer)
+
+    def last_stats(self) -> dict[str, Any] | None:
+        """Per layer, the tokens held and kept on the last request (:class:`LayerLog`); a
+        method that stores more (codebook sizes) adds its own keys to ``super()``'s dict."""
+        log = getattr(self, "_log", None)
+        return log.stats() if log is not None else None
 
     def requested_ratio(self) -> float | None:
         """The fraction of the KV cache this method was asked to keep, or None when it was
@@ -334,6 +371,13 @@ class Compose(Method):
     def flatten(self) -> list[Method]:
         return [leaf for m in self.methods for leaf in m.flatten()]
 
+    def describe(self) -> dict[str, Any]:
+        return {m.name: d for m in self.flatten() if (d := m.describe())}
+
+    def last_stats(self) -> dict[str, Any] | None:
+        stats = {m.name: s for m in self.flatten() if (s := m.last_stats())}
+        return stats or None
+
     def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
         leaves = self.flatten()
         for kind in ("model", "prompt", "cache"):
@@ -367,41 +411,3 @@ class Compose(Method):
             "compressor_passes": sum(s.get("compressor_passes", 0) for s in stats),
             "compress_s": sum(s.get("compress_s", 0.0) for s in stats),
         }
-
-
-def cache_of(kwargs: dict) -> Any:
-    """The KV cache (a transformers ``Cache``) an attention module was called with, or None:
-    transformers >= 5.24 passes it as ``cache``, earlier versions as ``past_key_values``."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
-
-
-def cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
-    """``model(**cache_kwarg(model, cache), ...)`` passes the KV cache under the name the
-    installed transformers takes: ``cache`` since 5.24 (``past_key_values`` still works there
-    but warns, FutureWarning, and goes in 5.40), ``past_key_values`` before."""
-    return {_cache_name(type(model)): cache}
-
-
-@functools.cache
-def _cache_name(model_class: type) -> str:
-    try:
-        parameters = inspect.signature(model_class.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a decoder, in layer order (those with ``layer_idx``)."""
-    found = [
-        m
-        for name, m in model.named_modules()
-        if name.endswith("self_attn") and hasattr(m, "layer_idx")
-    ]
-    if not found:
-        raise MethodConfigError(
-            f"{type(model).__name__} has no `*.self_attn` modules with a `layer_idx`: "
-            "kvbench's cache methods support decoder-only transformers models"
-        )
-    return sorted(found, key=lambda m: m.layer_idx)

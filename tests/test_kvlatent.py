@@ -293,3 +293,17 @@ def test_stage2_losses_and_teacher_text_train(tiny_gqa, tmp_path, monkeypatch, t
     stage = "stage2" if training["stage1_steps"] == 0 else "stage1"
     assert [r["stage"] for r in rows] == [stage] * method.train_config.steps
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_describe_says_what_the_cut_was(tiny_gqa):
+    model, _ = tiny_gqa
+    method = KVLatent(train=False, variant="k", dim=8, rope="standard")
+    assert method.describe() == {}  # nothing applied yet
+    method.apply(copy.deepcopy(model), None)
+    assert method.describe() == {
+        "head_dim": 16,
+        "d_qk": 8,
+        "d_vo": 16,
+        "rope": "standard",
+        "trained": False,
+    }

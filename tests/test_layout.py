@@ -61,18 +61,6 @@ def test_methods_import_nothing_from_harness() -> None:
     assert offending("methods", ("harness",)) == []
 
 
-@pytest.mark.parametrize(
-    "forbidden",
-    [
-        pytest.param(
-            ("methods",),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue #12: plots_methods rebuilds pyramid budgets from method classes",
-            ),
-        ),
-        LIVE_RUN,
-    ],
-)
+@pytest.mark.parametrize("forbidden", [("methods",), LIVE_RUN])
 def test_the_report_imports_no_method_or_live_run_code(forbidden: tuple[str, ...]) -> None:
     assert offending("harness/report", forbidden) == []

@@ -205,3 +205,17 @@ def test_method_code_hash_covers_the_class_its_bases_and_what_they_import():
     hashes = code_hashes([PyramidKV(), SnapKV()])
     assert hashes["methods"]["pyramidkv"] != hashes["methods"]["snapkv"]
     assert hashes == code_hashes([PyramidKV(), SnapKV()])
+
+
+def test_method_stats_over_requests_average_per_layer_and_keep_what_agrees():
+    from harness.results import method_stats
+
+    rows = [
+        {"method_stats": {"compressed_layers": [0, 2], "tokens_kept": [10, None, 30]}},
+        {"method_stats": {"compressed_layers": [0, 2], "tokens_kept": [20, None, 50]}},
+        {"method_stats": None},
+    ]
+    assert method_stats(rows) == {"compressed_layers": [0, 2], "tokens_kept": [15, None, 40]}
+    nested = [{"method_stats": {"snapkv": {"n": 1.0}}}, {"method_stats": {"snapkv": {"n": 3.0}}}]
+    assert method_stats(nested) == {"snapkv": {"n": 2.0}}
+    assert method_stats([]) is None

@@ -346,59 +346,59 @@ def test_best_by_kv_ratio_keeps_the_best_run_per_bucket() -> None:
     assert len(best) == 1  # b has no measured ratio
 
 
-def test_method_plots_spindlekv_budgets_and_kvlatent(tmp_path: Path) -> None:
+def layer_record(run_id: str, method: str, ratio: float, before: list, kept: list) -> dict:
+    rec = make_record(run_id, method, {"ratio": ratio}, 0.3, ratio, ["a", "b"])
+    rec["method"]["stats"] = {
+        "compressed_layers": [i for i, k in enumerate(kept) if k is not None],
+        "tokens_before": before,
+        "tokens_kept": kept,
+    }
+    return rec
+
+
+def test_method_plots_build_from_a_record_alone(tmp_path: Path) -> None:
     root = tmp_path / "results"
     dump(root, make_record("full", "full", {"ratio": 1.0}, 0.5, 1.0, ["a b", "c"]), "full")
-    spindle = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 0.05}
-    for ratio in (0.2, 0.4):
-        rec = make_record(f"sp{ratio}", "spindlekv", {**spindle, "ratio": ratio}, 0.4, ratio, [])
-        dump(root, rec, f"sp{ratio}")
-    pyramid = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 20.0}
-    dump(root, make_record("py", "pyramidkv", pyramid, 0.3, 0.2, []), "py")
+    # a pyramid over 4 layers, and a uniform method that left layer 1 (sliding) alone
+    dump(root, layer_record("py", "pyramidkv", 0.2, [500] * 4, [180, 120, 80, 20]), "py")
+    dump(
+        root, layer_record("sn", "snapkv", 0.2, [500, None, 500, 500], [100, None, 100, 100]), "sn"
+    )
     for dim in (8, 16):
-        params = {"variant": "kv", "dim": dim, "rope": "standard", "train": False}
-        rec = make_record(f"kvl{dim}", "kvlatent_kv", params, dim / 32, dim / 16, ["a b", "d"])
+        describe = {"d_qk": dim, "d_vo": dim, "rope": "standard", "trained": dim == 8}
+        rec = make_record(
+            f"kvl{dim}", "kvlatent_kv", {"dim": dim}, dim / 32, dim / 16, ["a b", "d"]
+        )
+        rec["method"]["describe"] = describe
         rec["metrics"]["kvbench_gsm8k"]["word_perplexity,none"] = 100.0 / dim
         dump(root, rec, f"kvl{dim}")
-    params = {"variant": "k", "dim": None, "rope": "frequency_aware", "train": False}
-    dump(root, make_record("kvlk", "kvlatent_k", params, 0.1, 0.75, ["a b", "c"]), "kvlk")
     report = load_report(root)
     rows = report.runs.set_index("run_id")
     assert rows.at["kvl8", "d_qk"] == 8 and rows.at["kvl8", "d_vo"] == 8
+    assert rows.at["kvl8", "trained"] is True and rows.at["kvl16", "trained"] is False
     assert rows.at["kvl8", "perplexity"] == pytest.approx(12.5)
-    assert (rows.at["kvlk", "d_qk"], rows.at["kvlk", "d_vo"]) == (8, 16)  # null dim: head_dim/2
     assert rows.at["kvl8", "token_f1"] == pytest.approx(0.5)  # "a b" == "a b", "d" vs "c"
+    assert layer_fractions(json.loads(rows.at["py", "stats_json"])) == [0.36, 0.24, 0.16, 0.04]
+    assert layer_fractions(json.loads(rows.at["sn", "stats_json"])) == [0.2, None, 0.2, 0.2]
+    assert layer_fractions({"snapkv": {"tokens_before": [4], "tokens_kept": [1]}}) == [0.25]
     paths = write_report(report.runs, tmp_path / "rep", report.requests)
-    for kind in ("spindlekv_budgets", "kvlatent"):
+    for kind in ("kv_per_layer", "kvlatent"):
         png = paths[f"{kind}__{MODEL}__{TASK}"]
         assert matplotlib.image.imread(png).shape[0] > 100
         assert f"]({png.name})" in paths["md"].read_text()
-
-
-def test_layer_fractions_follow_the_methods_own_budgets() -> None:
-    from methods.cache.spindlekv import spindle_budgets
-
-    params = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 0.05}
-    fractions = layer_fractions("spindlekv", params, 1000, 30)
-    assert fractions == [n / 1000 for n in spindle_budgets(200, 1000, 32, 30, 0.05)]
-    assert fractions[0] > fractions[-1]  # deeper layers keep less
-    assert sum(fractions) / 30 == pytest.approx(0.2, abs=1e-3)
-    assert layer_fractions("spindlekv", {**params, "ratio": 1.0}, 1000, 4) == [1.0] * 4
-    pyramid = layer_fractions("pyramidkv", {**params, "beta": 20.0}, 1000, 30)
-    assert sum(pyramid) / 30 == pytest.approx(0.2, abs=1e-3)
 
 
 def test_a_plot_that_fails_is_left_out_not_fatal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = tmp_path / "results"
-    bad = {"ratio": 0.2, "budget": None, "window": 32, "sinks": 0, "beta": 5.0}  # beta >= 1
-    dump(root, make_record("sp", "spindlekv", bad, 0.4, 0.2, ["a"]), "sp")
+    bad = layer_record("sp", "spindlekv", 0.2, [500, 500], [100])  # lists of unequal length
+    dump(root, bad, "sp")
     report = load_report(root)
     paths = write_report(report.runs, tmp_path / "rep", report.requests)
     assert f"score_vs_kv_ratio__{MODEL}__{TASK}" in paths
-    assert f"spindlekv_budgets__{MODEL}__{TASK}" not in paths
-    assert "spindlekv_budgets" in caplog.text and "left out" in caplog.text
+    assert f"kv_per_layer__{MODEL}__{TASK}" not in paths
+    assert "kv_per_layer" in caplog.text and "left out" in caplog.text
 
 
 def test_scores_carry_n_intervals_and_paired_differences(tmp_path: Path) -> None:

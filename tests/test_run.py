@@ -35,7 +35,7 @@ def test_run_writes_a_complete_record_and_skips_a_rerun(tmp_path):
     folder = execute(cfg)
     record = records.read_record(folder)
     assert record["schema_version"] == records.SCHEMA_VERSION
-    assert record["method"] == {
+    assert {k: v for k, v in record["method"].items() if k not in ("describe", "stats")} == {
         "name": "streamingllm",
         "kinds": ["cache"],
         "params": {
@@ -153,3 +153,55 @@ def test_a_run_over_other_data_gets_another_run_id_and_no_reference(tmp_path, mo
     rows = load_report(results).runs.set_index("path")
     # the run over other data is compared with the full cache over the same other data
     assert rows.at[str(moved / "record.json"), "reference"] == also_full.name
+
+
+def test_a_cache_method_that_sees_no_cache_fails_and_writes_no_record(tmp_path, monkeypatch):
+    # transformers 5.24 renamed the attention modules' cache argument (`past_key_values` ->
+    # `cache`): with the old lookup the hooks see no cache; the run must fail, not record
+    import methods.base
+
+    monkeypatch.setattr(methods.base, "cache_of", lambda kwargs: kwargs.get("past_key_values"))
+    results = tmp_path / "results"
+    cfg = composed(results, *TINY, "method=streamingllm", "method.ratio=0.25")
+    with pytest.raises(RuntimeError, match="without a KV cache"):
+        execute(cfg)
+    assert records.find_records(results) == []
+
+
+def test_a_method_that_measures_no_reduction_fails_and_writes_no_record(tmp_path, monkeypatch):
+    # hooks that see the cache but change nothing (as a renamed argument did before kvbench
+    # checked it): the run measures kv_ratio 1 and is refused at the end, unrecorded
+    from harness.run import NoEffectError
+    from methods.cache.streamingllm import StreamingLLM
+
+    monkeypatch.setattr(StreamingLLM, "compresses_layer", lambda self, module, layer: False)
+    results = tmp_path / "results"
+    cfg = composed(results, *TINY, "method=streamingllm", "method.ratio=0.25")
+    with pytest.raises(NoEffectError, match="had no effect.*cache_of.*No record was written"):
+        execute(cfg)
+    assert records.find_records(results) == []
+
+
+def test_a_prompt_method_that_removes_nothing_fails(tmp_path):
+    from harness.run import NoEffectError
+
+    results = tmp_path / "results"
+    never = "task.protect_from=NEVER-IN-A-PROMPT"  # no match: the whole prompt is protected
+    cfg = composed(results, *TINY, "method=random_deletion", "method.rate=0.5", never)
+    with pytest.raises(NoEffectError, match="removed nothing.*task.protect_from"):
+        execute(cfg)
+    assert records.find_records(results) == []
+
+
+def test_records_say_what_the_method_did_per_layer(tmp_path):
+    cfg = composed(tmp_path, *TINY, "method=streamingllm", "method.ratio=0.25")
+    record = records.read_record(execute(cfg))
+    stats = record["method"]["stats"]
+    assert stats["compressed_layers"] == [0, 1, 2, 3]  # tiny_llama_gqa: 4 layers
+    for before, kept in zip(stats["tokens_before"], stats["tokens_kept"], strict=True):
+        assert kept == pytest.approx(0.25 * before, abs=1.0)
+    for sample in record["samples"]:  # and per request
+        (request,) = sample["requests"]
+        layers = request["method_stats"]["tokens_kept"]
+        assert layers == [round(0.25 * request["prompt_tokens"])] * 4
+    assert record["method"]["describe"] == {}

@@ -12,8 +12,8 @@ from harness.generation import greedy_generate, new_cache
 from harness.measure import KVLayout
 from methods.cache.h2o import H2O
 from methods.cache.knorm import KeyNorm
+from methods.cache.layers import EvictedSlidingWindowLayer
 from methods.cache.pyramidkv import PyramidKV
-from methods.cache.sliding import EvictedSlidingWindowLayer
 from methods.cache.snapkv import SnapKV
 from methods.cache.streamingllm import StreamingLLM
 

@@ -99,6 +99,8 @@ COLUMNS = [
     "data_hash",
     "finished_at",
     "params_json",
+    "describe_json",
+    "stats_json",
     "path",
 ]
 SUMMARY_COLUMNS = [
@@ -142,7 +144,7 @@ STATISTICS_NOTE = (
     "measured ratio is above the requested one."
 )
 SORT_BY = ["model", "task", "method", "ratio", "rate", "d_qk", "d_vo"]
-HIDDEN_IN_MARKDOWN = ("path", "params_json")
+HIDDEN_IN_MARKDOWN = ("path", "params_json", "describe_json", "stats_json")
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""Plots of one method's own knobs, from the runs table of :func:`harness.report.load_report`.
+"""Plots of what a method did, from its record alone (``method.stats``, ``method.describe``):
+nothing here imports method code or recomputes a method's budgets.
 
-* ``spindlekv_budgets__<model>__<task>.png``: the fraction of the prompt each layer keeps
-  under SpindleKV (and PyramidKV, dashed, when the records have it) for every ratio or
-  budget in the records, computed by the methods' own budget functions for the model's
-  layer count and the run's mean prompt length;
-* ``kvlatent__<model>__<task>.png``: KV-Latent's reduced head dim d against perplexity (or
-  the task score when no perplexity was recorded) and output fidelity (token F1, and the
-  reference-answer NLL increase where measured), one line per variant.
+* ``kv_per_layer__<model>__<task>.png``: per layer, the fraction of the tokens it held that
+  each run's cache method kept after prefill (mean over the run's requests, from the
+  recorded ``tokens_kept`` / ``tokens_before``): a uniform method is flat, PyramidKV and
+  SpindleKV are pyramids, and the layers a method left alone (Gemma-3's sliding-window
+  layers, unless ``compress_sliding``) are marked at 1;
+* ``kvlatent__<model>__<task>.png``: KV-Latent's reduced head dim d (``describe.d_qk`` /
+  ``d_vo``) against perplexity (or the task score when no perplexity was recorded) and
+  output fidelity (token F1, and the reference-answer NLL increase where measured), one
+  line per variant; trained runs solid, untrained ones dashed with hollow markers.
 
 Each returns None (no plot) when the (model, task) has no such runs.
 """
@@ -14,85 +17,107 @@ Each returns None (no plot) when the (model, task) has no such runs.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from harness.report.plot_common import FULL_METHOD, trained_suffix
+from harness.report.plot_common import (
+    FULL_METHOD,
+    is_bounded,
+    method_colors,
+    metric_words,
+    run_labels,
+    trained_suffix,
+)
 
 METHOD_TITLES = {
-    "spindlekv_budgets": "SpindleKV per-layer KV budget",
+    "kv_per_layer": "KV cache kept per layer",
     "kvlatent": "KV-Latent head dim vs quality",
 }
-PYRAMIDS = ("spindlekv", "pyramidkv")
 
 
-def layer_fractions(method: str, params: dict[str, Any], seq_len: int, layers: int) -> list[float]:
-    """Fraction of a ``seq_len``-token prompt each of ``layers`` layers keeps, by the method's
-    own code (``kept_tokens`` for the target, ``spindle_budgets`` / ``pyramid_budgets``)."""
-    if method == "spindlekv":
-        from methods.cache.spindlekv import SpindleKV as cls
-        from methods.cache.spindlekv import spindle_budgets as budgets
-    else:
-        from methods.cache.pyramidkv import PyramidKV as cls
-        from methods.cache.pyramidkv import pyramid_budgets as budgets
-    fields = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and k != "name"}
-    m = cls(**fields)
-    if m.budget is None and m.ratio == 1.0:
-        return [1.0] * layers
-    kept = budgets(m.kept_tokens(seq_len), seq_len, m.window + m.sinks, layers, m.beta)
-    return [k / seq_len for k in kept]
+def layer_stats(stats: Any) -> tuple[list[Any], list[Any]] | None:
+    """(tokens_before, tokens_kept) per layer from a record's ``method.stats`` (a composed
+    method's: the first member that has them), or None."""
+    if not isinstance(stats, dict):
+        return None
+    if isinstance(stats.get("tokens_kept"), list) and isinstance(stats.get("tokens_before"), list):
+        return stats["tokens_before"], stats["tokens_kept"]
+    for value in stats.values():
+        found = layer_stats(value)
+        if found is not None:
+            return found
+    return None
 
 
-def plot_spindle_budgets(group: pd.DataFrame) -> Figure | None:
-    """Per-layer kept fraction for each SpindleKV / PyramidKV setting in ``group``."""
-    rows = group[group["method"].isin(PYRAMIDS)].dropna(subset=["num_layers", "prompt_tokens"])
-    if not (rows["method"] == "spindlekv").any():
+def layer_fractions(stats: Any) -> list[float | None] | None:
+    """Per layer, kept / before (None for a layer the method left alone), or None."""
+    found = layer_stats(stats)
+    if found is None:
+        return None
+    return [
+        k / b if isinstance(b, int | float) and isinstance(k, int | float) and b else None
+        for b, k in zip(*found, strict=True)
+    ]
+
+
+def plot_kv_per_layer(group: pd.DataFrame) -> Figure | None:
+    """Fraction of its tokens each layer kept, one line per cache-method run."""
+    fractions = [layer_fractions(json.loads(text)) for text in group["stats_json"]]
+    shown = [(i, f) for i, f in enumerate(fractions) if f]
+    if not shown:
         return None
     model, task = group["model"].iloc[0], group["task"].iloc[0]
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    labels = run_labels(group)
+    colors = method_colors(list(group["method"].unique()))
+    fig = Figure(figsize=(10, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    seen = set()
-    for row in rows.sort_values(
-        ["method", "ratio", "budget"], ascending=[False, True, True]
-    ).itertuples():
-        params = json.loads(row.params_json)
-        seq_len, layers = max(1, round(row.prompt_tokens)), int(row.num_layers)
-        what = f"budget={row.budget:g}" if not math.isnan(row.budget) else f"r={row.ratio:g}"
-        label = f"{row.method} {what}"
-        if label in seen:
-            continue
-        seen.add(label)
-        fractions = layer_fractions(row.method, params, seq_len, layers)
+    alone_labelled = False
+    for i, layers in shown:
+        xs = [x for x, f in enumerate(layers) if f is not None]
+        ys = [f for f in layers if f is not None]
+        mean = sum(ys) / len(ys)
+        method = group["method"].iloc[i]
         ax.plot(
-            range(layers),
-            fractions,
-            marker="o" if row.method == "spindlekv" else None,
-            linestyle="-" if row.method == "spindlekv" else "--",
-            label=f"{label} (mean {sum(fractions) / layers:.2f})",
+            xs,
+            ys,
+            marker="o",
+            ms=4,
+            color=colors[method],
+            alpha=0.85,
+            label=f"{labels[i]} (mean over compressed layers {mean:.2f})",
         )
+        alone = [x for x, f in enumerate(layers) if f is None]
+        if alone:
+            ax.scatter(
+                alone,
+                [1.0] * len(alone),
+                marker="x",
+                color="gray",
+                label=None if alone_labelled else "left alone (e.g. sliding-window layer)",
+            )
+            alone_labelled = True
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (0 = shallowest)")
-    ax.set_ylabel("fraction of the prompt's tokens kept")
+    ax.set_ylabel("fraction of its tokens the layer kept")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{model} · {task}: per-layer KV budget (prompt ≈ {seq_len} tokens)")
+    ax.set_title(f"{model} · {task}: KV cache kept per layer after prefill (mean over requests)")
     ax.grid(True, alpha=0.3)
-    ax.legend(title="method, target", fontsize=8)
+    ax.legend(title="run", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return fig
 
 
 def plot_kvlatent(group: pd.DataFrame) -> Figure | None:
-    """Reduced head dim against perplexity (or score) and fidelity, one line per method (and
-    RoPE mode, when the runs use several)."""
+    """Reduced head dim against perplexity (or score, with its 95 % interval) and fidelity,
+    one line per method, RoPE mode (when the runs use several) and trained or not."""
     rows = group[group["d_qk"].notna() | group["d_vo"].notna()].copy()
     if rows.empty:
         return None
     model, task = group["model"].iloc[0], group["task"].iloc[0]
     rows["d"] = rows[["d_qk", "d_vo"]].min(axis=1)
-    rope = rows["params_json"].map(lambda text: json.loads(text).get("rope"))
+    rope = rows["describe_json"].map(lambda text: described_rope(json.loads(text)))
     several = rope.nunique(dropna=True) > 1
     rows["series"] = [
         (f"{m} ({r} RoPE)" if several and r else m) + trained_suffix(row)
@@ -100,34 +125,63 @@ def plot_kvlatent(group: pd.DataFrame) -> Figure | None:
     ]
     quality = "perplexity" if rows["perplexity"].notna().any() else "score"
     metric = rows["metric"].dropna().iloc[0] if rows["metric"].notna().any() else "score"
-    panels = [(quality, "perplexity (lower is better)" if quality == "perplexity" else metric)]
-    panels.append(("token_f1", "token F1 vs full-cache outputs (0-1)"))
+    panels = [
+        (
+            quality,
+            "perplexity (lower is better)"
+            if quality == "perplexity"
+            else metric_words(task, metric),
+            quality == "score" and is_bounded(metric),
+        ),
+        ("token_f1", "token F1 of the outputs vs the full cache's", True),
+    ]
     if rows["nll_increase"].notna().any():
-        panels.append(("nll_increase", "reference NLL increase (nats/token)"))
-    fig = Figure(figsize=(5 * len(panels), 4.5), layout="constrained")
+        panels.append(("nll_increase", "reference-answer NLL increase (nats/token)", False))
+    fig = Figure(figsize=(4.6 * len(panels) + 2.5, 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels))
     full = group[group["method"] == FULL_METHOD]
-    for ax, (column, ylabel) in zip(axes, panels, strict=True):
+    for ax, (column, ylabel, bounded) in zip(axes, panels, strict=True):
         for name, series in rows.groupby("series", sort=True):
             series = series.sort_values("d")
             untrained = name.endswith(" untrained")
-            ax.plot(
+            lo, hi = f"{column}_lo", f"{column}_hi"
+            yerr = None
+            if lo in series and series[lo].notna().any():
+                yerr = [
+                    (series[column] - series[lo]).clip(lower=0).fillna(0).tolist(),
+                    (series[hi] - series[column]).clip(lower=0).fillna(0).tolist(),
+                ]
+            ax.errorbar(
                 series["d"],
                 series[column],
+                yerr=yerr,
                 marker="o",
+                capsize=3,
                 linestyle="--" if untrained else "-",
                 markerfacecolor="white" if untrained else None,
                 label=name,
             )
-        if column in (quality,) and full[column].notna().any():
+        if column == quality and full[column].notna().any():
             ax.axhline(full[column].dropna().iloc[-1], color="gray", ls="--", label="full cache")
+        if bounded:
+            ax.set_ylim(0, 1.0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("reduced head dim d (channels per head)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-        ax.legend(title="variant", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="variant", fontsize=8, loc="outside right upper")
     fig.suptitle(f"{model} · {task}: KV-Latent head dim vs {quality} and fidelity")
     return fig
 
 
-METHOD_PLOTS = {"spindlekv_budgets": plot_spindle_budgets, "kvlatent": plot_kvlatent}
+def described_rope(describe: Any) -> str | None:
+    """The RoPE mode a record's ``method.describe`` names (a composed method's first)."""
+    if not isinstance(describe, dict):
+        return None
+    if isinstance(describe.get("rope"), str):
+        return describe["rope"]
+    return next((r for v in describe.values() if (r := described_rope(v))), None)
+
+
+METHOD_PLOTS = {"kv_per_layer": plot_kv_per_layer, "kvlatent": plot_kvlatent}

@@ -121,26 +121,12 @@ def prompt_rate(params: dict[str, Any] | None) -> float:
     return math.nan
 
 
-def latent_dims(params: dict[str, Any] | None, head_dim: Any) -> tuple[float, float]:
-    """(d_qk, d_vo) of a KV-Latent run: ``d_qk``/``d_vo`` params when given, else from
-    ``variant`` (k | v | kv) and ``dim`` (null: head_dim / 2) with the model's ``head_dim``
-    (the full cache's, as records store it); NaN otherwise."""
-    for p in param_dicts(params):
-        if "d_qk" in p or "d_vo" in p:
-            return num(p.get("d_qk")), num(p.get("d_vo"))
-        if p.get("variant") in ("k", "v", "kv") and "dim" in p:
-            full = num(head_dim)
-            dim = num(p["dim"]) if p["dim"] is not None else float(full // 2)  # null: half
-            return (dim if "k" in p["variant"] else full), (dim if "v" in p["variant"] else full)
-    return math.nan, math.nan
-
-
-def trained(params: dict[str, Any] | None) -> Any:
-    """Whether a model method's weights were trained after the surgery (``train``), None
-    for methods without that choice."""
-    for p in param_dicts(params):
-        if isinstance(p.get("train"), bool):
-            return p["train"]
+def described(describe: dict[str, Any] | None, key: str) -> Any:
+    """``key`` of what the record says the method was (``method.describe``: its own dict, or
+    a composed method's per-member dicts), None when absent."""
+    for d in param_dicts(describe):
+        if key in d:
+            return d[key]
     return None
 
 
@@ -185,7 +171,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
     method = record["method"]
     params = method.get("params") if isinstance(method.get("params"), dict) else {}
     ratio, budget = method_ratio(method["name"], params)
-    d_qk, d_vo = latent_dims(params, get(record, "model", "head_dim"))
+    describe = method.get("describe") if isinstance(method.get("describe"), dict) else {}
     samples = record.get("samples") or []
     docs = {(s.get("task"), s.get("doc_id")) for s in samples if isinstance(s, dict)}
     limit = num(get(record, "task", "limit"))
@@ -203,9 +189,9 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "ratio": ratio,
         "budget": budget,
         "rate": prompt_rate(params),
-        "d_qk": d_qk,
-        "d_vo": d_vo,
-        "trained": trained(params),
+        "d_qk": num(described(describe, "d_qk")),
+        "d_vo": num(described(describe, "d_vo")),
+        "trained": described(describe, "trained"),
         "task": task_label(record),
         "metric": get(record, "score", "metric"),
         "score": num(get(record, "score", "value")),
@@ -239,6 +225,8 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "data_hash": get(record, "task", "data_hash"),
         "finished_at": prov.get("finished_at"),
         "params_json": json.dumps(params, sort_keys=True, default=str),
+        "describe_json": json.dumps(describe, sort_keys=True, default=str),
+        "stats_json": json.dumps(method.get("stats"), sort_keys=True, default=str),
         "path": path,
     }
 

@@ -129,8 +129,18 @@ class KVHeads(ModelMethod):
             )
         return model
 
+    def describe(self) -> dict[str, Any]:
+        """The KV heads per layer before and after merging, and whether the merged weights
+        were trained ({} before :meth:`apply`)."""
+        return dict(getattr(self, "_applied", {}))
+
     def apply(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         self.validate_for(model.config)
+        self._applied = {
+            "num_kv_heads_before": HeadShape.of(model).num_kv_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "trained": bool(self.train),
+        }
         if not self.train:
             return self.merge(model, tokenizer)
         payload = {

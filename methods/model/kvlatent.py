@@ -135,11 +135,23 @@ class KVLatent(ModelMethod):
         out["training"] = dataclasses.asdict(self._train_cfg)
         return out
 
+    def describe(self) -> dict[str, Any]:
+        """The applied cut: ``head_dim``, ``d_qk``, ``d_vo``, the RoPE used and whether the
+        weights were trained after the surgery ({} before :meth:`apply`)."""
+        return dict(getattr(self, "_applied", {}))
+
     def apply(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         """Cut the heads of ``model`` (in place) and, with ``train``, recover or load it."""
         self.validate_for(model.config)
         head_dim = HeadShape.of(model).head_dim
         d_qk, d_vo = self.dims(head_dim)
+        self._applied = {
+            "head_dim": head_dim,
+            "d_qk": d_qk,
+            "d_vo": d_vo,
+            "rope": self.rope if d_qk < head_dim else "model",
+            "trained": bool(self.train),
+        }
 
         def surgery(m: nn.Module) -> None:
             latent_surgery(m, d_qk, d_vo, self.rope)

@@ -1,0 +1,111 @@
+"""Where cache methods meet a transformers model: the attention modules they hook, the KV
+cache those are called with, sliding-window layers, and a log of what a method kept per layer.
+
+**A sliding-window cache layer after eviction** (``compress_sliding: true``).
+
+transformers' ``DynamicSlidingWindowLayer`` sizes the attention mask from the number of
+tokens it has *seen* (``cumulative_length``), assuming it holds the last ``window - 1`` of
+them. Once a cache method has evicted some of those, it holds fewer, and a mask sized that
+way no longer matches the keys. This layer sizes the mask from what it holds: the kept
+tokens are presented to the mask as the most recent ones (all inside the window), which is
+what attention over the kept tokens means. It still drops its oldest tokens beyond
+``window - 1`` while decoding, as the window does.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from torch import nn
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from methods.errors import MethodConfigError
+
+
+def cache_of(kwargs: dict) -> Any:
+    """The KV cache (a transformers ``Cache``) an attention module was called with, or None:
+    transformers >= 5.24 passes it as ``cache``, earlier versions as ``past_key_values``."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``model(**cache_kwarg(model, cache), ...)`` passes the KV cache under the name the
+    installed transformers takes: ``cache`` since 5.24 (``past_key_values`` still works there
+    but warns, FutureWarning, and goes in 5.40), ``past_key_values`` before."""
+    return {_cache_name(type(model)): cache}
+
+
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    try:
+        parameters = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a decoder, in layer order (those with ``layer_idx``)."""
+    found = [
+        m
+        for name, m in model.named_modules()
+        if name.endswith("self_attn") and hasattr(m, "layer_idx")
+    ]
+    if not found:
+        raise MethodConfigError(
+            f"{type(model).__name__} has no `*.self_attn` modules with a `layer_idx`: "
+            "kvbench's cache methods support decoder-only transformers models"
+        )
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+class EvictedSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """A ``DynamicSlidingWindowLayer`` whose mask covers exactly the tokens it holds."""
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
+        return held + query_length, max(self.cumulative_length - held, 0)
+
+    @classmethod
+    def from_layer(cls, layer: Any) -> EvictedSlidingWindowLayer:
+        """The same state (keys, values, counters) in this class."""
+        evicted = cls.__new__(cls)
+        evicted.__dict__.update(vars(layer))
+        return evicted
+
+
+def is_sliding(layer: Any) -> bool:
+    """Whether a cache layer is a sliding-window layer (Gemma-3's local layers)."""
+    return bool(getattr(layer, "is_sliding", False)) or hasattr(layer, "sliding_window")
+
+
+class LayerLog:
+    """What a cache method did to each layer on the last request: the tokens a layer held
+    when the method compressed it (after prefill) and the tokens it kept. Each prefill
+    overwrites its layer's entry, so after a request the log is that request's."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.entries: dict[int, tuple[int, int]] = {}
+
+    def record(self, layer: int, before: int, kept: int) -> None:
+        self.entries[layer] = (before, kept)
+
+    def stats(self) -> dict[str, Any] | None:
+        """``compressed_layers`` (indices) and, per layer (None where the method left the
+        layer alone), ``tokens_before`` and ``tokens_kept``; None before any request."""
+        if not self.entries:
+            return None
+        size = max(self.num_layers, max(self.entries) + 1)
+        before: list[int | None] = [None] * size
+        kept: list[int | None] = [None] * size
+        for layer, (b, k) in self.entries.items():
+            before[layer], kept[layer] = b, k
+        return {
+            "compressed_layers": sorted(self.entries),
+            "tokens_before": before,
+            "tokens_kept": kept,
+        }
