@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -28,6 +29,10 @@ class FullCache(CacheMethod):
 
     def asks_reduction(self) -> bool:
         return False
+
+    def params(self) -> dict[str, Any]:
+        """``ratio`` only: ``compress_sliding`` means nothing for a cache kept whole."""
+        return {"ratio": self.ratio}
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:

@@ -47,6 +47,7 @@ from harness.report.plots_methods import METHOD_PLOTS, METHOD_TITLES
 from harness.report.plots_ruler import RULER_PLOTS, RULER_TITLES
 
 log = logging.getLogger("kvbench")
+DODGE = 0.01  # horizontal spread of the methods' points at one KV ratio
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -81,12 +82,16 @@ def plot_vs_kv_ratio(
     ax = fig.add_subplot()
     plotted = group.dropna(subset=["kv_ratio", column])
     lo, hi = f"{column}_lo", f"{column}_hi"
-    for method, rows in plotted.groupby("method", sort=True):
+    methods = sorted(plotted["method"].unique())
+    for rank, (method, rows) in enumerate(plotted.groupby("method", sort=True)):
         rows = rows.sort_values("kv_ratio")
         full = method == FULL_METHOD
         yerr = errors(rows[column], rows[lo], rows[hi]) if lo in rows else None
+        # methods measured at the same ratio are drawn side by side (at most ±DODGE apart)
+        # so that their intervals stay apart
+        dodge = DODGE * (2 * rank / (len(methods) - 1) - 1) if len(methods) > 1 else 0.0
         ax.errorbar(
-            rows["kv_ratio"],
+            rows["kv_ratio"] + (0.0 if full else dodge),
             rows[column],
             yerr=yerr,
             marker="*" if full else "o",
@@ -134,7 +139,8 @@ def plot_vs_kv_ratio(
     ax.set_xlabel("KV cache kept (measured fraction of the full cache's bytes after prefill)")
     ax.set_ylabel(ylabel)
     ax.set_title(
-        f"{model} · {task}: {what} vs KV cache kept\n(bars: 95 % interval; {n_text(group)})"
+        f"{model} · {task}: {what} vs KV cache kept\n(bars: 95 % interval; {n_text(group)}; "
+        f"methods at one ratio drawn up to ±{DODGE:g} apart)"
     )
     ax.grid(True, alpha=0.3)
     _outside_legend(ax, "method")

@@ -103,7 +103,7 @@ def plot_kv_per_layer(group: pd.DataFrame) -> Figure | None:
     ax.set_xlabel("layer (0 = shallowest)")
     ax.set_ylabel("fraction of its tokens the layer kept")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{model} · {task}: KV cache kept per layer after prefill (mean over requests)")
+    fig.suptitle(f"{model} · {task}: KV cache kept per layer after prefill (mean over requests)")
     ax.grid(True, alpha=0.3)
     ax.legend(title="run", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return fig

@@ -346,6 +346,7 @@ def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
     out["score (95% CI)"] = joined("score", "score_lo", "score_hi")
     out["CI from"] = out["score_ci"]
     out["Δ vs full (95% CI)"] = joined("score_diff", "score_diff_lo", "score_diff_hi")
+    out.loc[out["verdict"] == "reference", "Δ vs full (95% CI)"] = "(reference)"
     out["paired"] = out["n_paired"]
     out["NLL increase (95% CI)"] = joined("nll_increase", "nll_increase_lo", "nll_increase_hi")
     return out
