@@ -44,7 +44,7 @@ def test_bootstrap_is_seeded_and_needs_two_samples() -> None:
     one = bootstrap_mean([0.4])
     assert one.estimate == 0.4 and one.n == 1 and math.isnan(one.lo) and math.isnan(one.hi)
     assert bootstrap_mean([]).n == 0
-    assert verdict(one) == "n < 2"
+    assert verdict(one) == "too few (n<6)"
 
 
 def test_paired_difference_cancels_the_variation_between_samples() -> None:
@@ -98,3 +98,12 @@ def test_no_bootstrap_when_the_score_is_not_the_mean_of_the_samples() -> None:
     rec["score"]["value"] = 0.9  # e.g. a corpus-level metric
     interval = score_interval(rec)
     assert interval.estimate == 0.9 and math.isnan(interval.lo) and interval.source == ""
+
+
+def test_no_verdict_on_fewer_than_six_pairs() -> None:
+    # two differences of the same sign: the bootstrap interval excludes 0, yet a sign test
+    # on 2 pairs has p = 0.5; below 6 pairs no distribution-free 95 % test can reject 0
+    small = paired_difference({0: 0.2, 1: 0.3}, {0: 0.0, 1: 0.0})
+    assert small.excludes_zero and verdict(small) == "too few (n<6)"
+    six = paired_difference({i: 0.2 + i / 100 for i in range(6)}, {i: 0.0 for i in range(6)})
+    assert verdict(six) == "higher"

@@ -167,8 +167,9 @@ def plot_fidelity_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Fi
 
 def plot_paired_difference(group: pd.DataFrame, colors: dict[str, Any]) -> Figure | None:
     """Each run's paired score difference from the full-cache run (mean over the samples both
-    scored, run − full) with its 95 % interval; a filled marker when the interval excludes 0
-    (outside noise), a hollow one when it holds 0. None when no run has a reference."""
+    scored, run − full) with its 95 % interval; a filled marker when the verdict is outside
+    noise (the interval excludes 0 over at least 6 pairs), a hollow one otherwise. None when
+    no run has a reference."""
     rows = group[group["score_diff"].notna() & (group["verdict"] != "reference")]
     if rows.empty:
         return None
@@ -200,7 +201,7 @@ def plot_paired_difference(group: pd.DataFrame, colors: dict[str, Any]) -> Figur
     ax.set_xlabel(f"{metric_words(task, metric)}: run − full cache, paired over samples")
     ax.set_title(
         f"{model} · {task}: difference from the full cache\n"
-        "95 % paired-bootstrap interval; filled: outside noise (excludes 0), hollow: within"
+        "95 % paired-bootstrap interval; filled: outside noise (excludes 0, n ≥ 6); hollow: not"
     )
     ax.grid(True, axis="x", alpha=0.3)
     return fig

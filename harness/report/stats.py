@@ -13,7 +13,8 @@ method, so "A beats B" is only said when the interval of the difference excludes
   samples cancels.
 
 Every bootstrap is seeded (:data:`SEED`), so the same values always give the same interval.
-An interval needs at least two samples: with fewer it is NaN.
+An interval needs at least two samples: with fewer it is NaN. A verdict ("higher" / "lower"
+/ "within noise") needs at least :data:`MIN_PAIRED` paired samples (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ LEVEL = 0.95
 ITERATIONS = 4000
 SEED = 20261130
 Z95 = 1.959963984540054  # the normal distribution's 97.5 % quantile
+# the fewest paired samples a verdict is given on (see :func:`verdict`)
+MIN_PAIRED = 6
 BOOTSTRAP = "bootstrap"
 LM_EVAL_STDERR = "lm-eval stderr"
 
@@ -142,10 +145,16 @@ def score_interval(record: dict[str, Any]) -> Interval:
 
 
 def verdict(difference: Interval) -> str:
-    """``"higher"`` / ``"lower"`` when the interval of a difference excludes 0, ``"within
-    noise"`` when it holds 0, ``"n < 2"`` when there is no interval."""
-    if difference.n < 2 or math.isnan(difference.lo):
-        return "n < 2" if difference.n else ""
+    """``"higher"`` / ``"lower"`` when the interval of a paired difference excludes 0 over
+    at least :data:`MIN_PAIRED` samples, ``"within noise"`` when it holds 0, ``"too few
+    (n<6)"`` below that: a percentile bootstrap of a handful of samples is far too narrow
+    (two differences of the same sign give an interval that excludes 0), and no
+    distribution-free 95 % test of a paired difference (sign test, Wilcoxon signed-rank)
+    can reject 0 with fewer than 6 pairs."""
+    if difference.n == 0:
+        return ""
+    if difference.n < MIN_PAIRED or math.isnan(difference.lo):
+        return f"too few (n<{MIN_PAIRED})"
     if difference.excludes_zero:
         return "higher" if difference.estimate > 0 else "lower"
     return "within noise"
