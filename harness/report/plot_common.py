@@ -3,6 +3,7 @@ labels, and the "no data" note."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -36,8 +37,17 @@ def run_label(row: Any) -> str:
     if _is_set(d_qk) or _is_set(d_vo):
         return f"{method} d_qk={d_qk:g} d_vo={d_vo:g}{trained_suffix(row)}"
     if _is_set(getattr(row, "ratio", math.nan)) and method != FULL_METHOD:
-        return f"{method} r={row.ratio:g}"
+        return f"{method} r={row.ratio:g}{sliding_suffix(row)}"
     return method
+
+
+def sliding_suffix(row: Any) -> str:
+    """``" +sliding"`` for a cache method that compressed sliding-window layers too."""
+    try:
+        params = json.loads(getattr(row, "params_json", "") or "{}")
+    except ValueError:
+        return ""
+    return " +sliding" if isinstance(params, dict) and params.get("compress_sliding") else ""
 
 
 def trained_suffix(row: Any) -> str:
