@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from methods.cache.layers import (
+from methods.cache.layers import (  # noqa: F401 (cache_kwarg: re-export)
     EvictedSlidingWindowLayer,
     LayerLog,
     attention_modules,
@@ -44,20 +44,6 @@ from methods.cache.layers import (
     is_sliding,
 )
 from methods.errors import MethodConfigError
-
-__all__ = [
-    "CacheMethod",
-    "Compose",
-    "Method",
-    "MethodConfigError",
-    "ModelMethod",
-    "PromptMethod",
-    "PromptParts",
-    "attention_modules",
-    "cache_kwarg",
-    "cache_of",
-    "check_ratio",
-]
 
 
 def check_ratio(name: str, value: float | None, *, allow_none: bool = False) -> None:
