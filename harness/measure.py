@@ -13,6 +13,8 @@ from typing import Any
 import psutil
 import torch
 
+from methods.base import CacheMethod, Method
+
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -142,6 +144,20 @@ class RequestMeasurement:
     method_stats: dict[str, Any] | None = None
 
 
+def floor_bytes(layout: KVLayout, method: Method, tokens: int) -> int | None:
+    """KV bytes at the lowest ratio ``method``'s cache methods can reach for ``tokens``
+    tokens (:meth:`KVLayout.floor_bytes` at their ``min_kept_tokens``); None without a cache
+    method that asks for a reduction."""
+    reducing = [m for m in method.flatten() if isinstance(m, CacheMethod) and m.asks_reduction()]
+    if not reducing:
+        return None
+    return layout.floor_bytes(
+        tokens,
+        min(m.min_kept_tokens() for m in reducing),
+        any(m.compress_sliding for m in reducing),
+    )
+
+
 class PeakMemory:
     """Memory of one request: the process's memory just before it (:meth:`reset`), the peak
     during it (:meth:`peak_bytes`) and the difference, the rise (:meth:`rise_bytes`).
@@ -182,6 +198,16 @@ class PeakMemory:
     def rise_bytes(self, peak: int) -> int:
         """How far ``peak`` rose above the memory before the request (never negative)."""
         return max(0, peak - self.before)
+
+    def read(self) -> dict[str, int]:
+        """The request's ``peak_memory_bytes``, ``memory_before_bytes`` and
+        ``peak_memory_rise_bytes`` (read right after the request, before anything else)."""
+        peak = self.peak_bytes()
+        return {
+            "peak_memory_bytes": peak,
+            "memory_before_bytes": self.before,
+            "peak_memory_rise_bytes": self.rise_bytes(peak),
+        }
 
 
 def _proc_status_bytes(field: str) -> int | None:

@@ -33,8 +33,14 @@ import torch
 from torch import nn
 
 from harness.generation import Generation, greedy_generate, score_continuation
-from harness.measure import KVLayout, PeakMemory, RequestMeasurement, synchronized_clock
-from methods.base import CacheMethod, Method, PromptParts
+from harness.measure import (
+    KVLayout,
+    PeakMemory,
+    RequestMeasurement,
+    floor_bytes,
+    synchronized_clock,
+)
+from methods.base import Method, PromptParts
 
 TRUNCATIONS = ("left", "middle")
 
@@ -247,9 +253,9 @@ class Session:
             kv_bytes_prefill=gen.kv_bytes_prefill,
             kv_bytes_final=gen.kv_bytes_final,
             kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
-            kv_floor_bytes_prefill=self._floor_bytes(fit.window_tokens),
+            kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, fit.window_tokens),
             kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
-            **self._memory(),
+            **self.peak_memory.read(),
             **fit.fields,
         )
         return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
@@ -295,9 +301,9 @@ class Session:
                 kv_bytes_prefill=scored.kv_bytes_prefill,
                 kv_bytes_final=scored.kv_bytes_prefill,
                 kv_full_bytes_prefill=full,
-                kv_floor_bytes_prefill=self._floor_bytes(len(context)),
+                kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, len(context)),
                 kv_full_bytes_final=full,
-                **self._memory(),
+                **self.peak_memory.read(),
                 **(prompt_fields or {}),
             )
         return scored.logprob, scored.is_greedy
@@ -316,30 +322,6 @@ class Session:
             prompt_fields=fields,
             original_tokens=len(self.encode(context)) if text != context else None,
         )
-
-    def _floor_bytes(self, tokens: int) -> int | None:
-        """KV bytes at the lowest ratio the cache methods can reach for ``tokens`` tokens
-        (:meth:`KVLayout.floor_bytes`); None without a cache method that asks to reduce."""
-        reducing = [
-            m for m in self.method.flatten() if isinstance(m, CacheMethod) and m.asks_reduction()
-        ]
-        if not reducing:
-            return None
-        return self.kv_layout.floor_bytes(
-            tokens,
-            min(m.min_kept_tokens() for m in reducing),
-            any(m.compress_sliding for m in reducing),
-        )
-
-    def _memory(self) -> dict[str, int]:
-        """The request's peak memory, the memory before it and the rise between them
-        (read right after the request, before anything else runs)."""
-        peak = self.peak_memory.peak_bytes()
-        return {
-            "peak_memory_bytes": peak,
-            "memory_before_bytes": self.peak_memory.before,
-            "peak_memory_rise_bytes": self.peak_memory.rise_bytes(peak),
-        }
 
     def _record(self, tag: dict[str, Any] | None, request_type: str, **values: Any):
         tag = tag or {}
