@@ -67,7 +67,8 @@ def test_run_writes_a_complete_record_and_skips_a_rerun(tmp_path):
     # model.dtype: auto is recorded as what ran (float32 on the CPU) and what was asked
     assert record["model"]["dtype"] == "float32" and record["model"]["dtype_requested"] == "auto"
     assert record["config"]["model"]["dtype"] == "float32"
-    assert records.run_id(cfg) == folder.name  # the id of the config as composed (auto)
+    # the id of the config as composed (auto) and of the task data it read
+    assert records.run_id(cfg, record["task"]["data_hash"]) == folder.name
 
     stamp = (folder / records.RECORD_FILE).stat().st_mtime_ns
     assert execute(cfg) == folder
