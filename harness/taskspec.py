@@ -205,16 +205,16 @@ class TaskSpec(RulerSpec):
                 raise TaskConfigError(f"task.source=local: {err}") from None
 
     def data_hash(self) -> str | None:
-        """The content hash of the data files this task reads (``source=local``): their paths
-        relative to the data folder and their bytes, so a run over other data
-        (``$KVBENCH_DATA``) gets another run id and is never paired with the standard data's
-        reference. None for ``source=hub`` (lm-eval downloads the data) or a task without
-        offline files."""
+        """Content hash of the data files the task reads (a run over other data, e.g.
+        ``$KVBENCH_DATA``, gets another run id and reference; RULER: its GSM8K haystack).
+        None for ``source=hub`` or a task without offline files."""
         if self.source != "local":
             return None
         try:
             files = local_data.required_files(self.name, self.subtask)
-        except KeyError:
+        except KeyError:  # RULER: generated, over GSM8K's training questions as haystack
+            files = ["gsm8k/train.jsonl"] if self.ruler_haystack_files() else []
+        if not files:
             return None
         digest = hashlib.sha256()
         for relative in sorted(files):

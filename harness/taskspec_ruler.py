@@ -38,6 +38,10 @@ class RulerSpec:
             return []
         return list(ruler.TASKS) if self.name == ruler.GROUP else [self.name]
 
+    def ruler_haystack_files(self) -> bool:
+        """Whether this spec's RULER tasks read the offline GSM8K haystack."""
+        return any(n.endswith(ruler.GSM8K_HAYSTACK) for n in self.ruler_tasks())
+
     def _check_not_ruler(self) -> None:
         for name in ("lengths", "samples_per_length", "depths", "seed"):
             if getattr(self, name) is not None:

@@ -310,3 +310,11 @@ def test_data_hash_is_the_content_of_the_files_the_task_reads(monkeypatch, tmp_p
     assert qasper.data_hash() == standard
     (tmp_path / "longbench" / "qasper.jsonl").write_text("".join(lines[1:]))
     assert qasper.data_hash() != standard
+
+
+def test_ruler_data_hash_covers_its_gsm8k_haystack():
+    from harness.api import build
+
+    haystack = build("task", "ruler_niah_single_2_gsm8k_haystack").data_hash()
+    assert haystack and haystack != spec("gsm8k").data_hash()
+    assert build("task", "ruler_vt").data_hash() is None  # generated noise, no data file
