@@ -15,13 +15,10 @@ Every method, of any kind, and every :class:`Compose` of methods is used the sam
 :meth:`Method.enter` is the one mechanism underneath (``harness.session.apply`` builds its
 measured session on it); callers never ask what kind of method they hold.
 
-A method validates its own fields in ``__post_init__`` (so a bad config fails before
-any model loads), where it depends on the model's shapes in ``validate_for(config)``, which
-the runner calls with the model's ``PretrainedConfig`` before the weights load, and where it
-depends on where the model runs in ``validate_runtime(device, dtype, attn_implementation)``,
-also called before the weights load (and again by ``harness.session.apply`` on the loaded
-model). Methods are built by Hydra from ``_target_``; several methods
-compose through :class:`Compose` (a list in the config).
+A method validates its fields in ``__post_init__``, the model's shapes in
+``validate_for(config)`` and where the model runs in ``validate_runtime(device, dtype,
+attn_implementation)``, all before the weights load. Methods are built by Hydra from
+``_target_``; several compose through :class:`Compose` (a list in the config).
 """
 
 from __future__ import annotations
@@ -39,7 +36,9 @@ from methods.cache.layers import (  # noqa: F401 (cache_kwarg: re-export)
     EvictedSlidingWindowLayer,
     LayerLog,
     attention_modules,
+    bypassed,
     cache_kwarg,
+    cache_methods_bypassed,
     cache_of,
     is_sliding,
 )
@@ -80,13 +79,8 @@ class Method:
 
     def params(self) -> dict[str, Any]:
         """The method's fields, for records and reports (JSON-serialisable)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "name" or isinstance(value, Method | list):
-                continue
-            out[f.name] = value
-        return out
+        fields = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {k: v for k, v in fields if k != "name" and not isinstance(v, Method | list)}
 
     def flatten(self) -> list[Method]:
         return [self]
@@ -164,7 +158,8 @@ class PromptMethod(Method):
         return model
 
     def compress_prompt(self, prompt: PromptParts) -> PromptParts:
-        text = self.compress(prompt)
+        with cache_methods_bypassed():
+            text = self.compress(prompt)
         if not text.endswith(prompt.protected):
             raise RuntimeError(
                 f"prompt method {self.name!r} changed the protected end of the prompt"
@@ -224,6 +219,8 @@ class CacheMethod(Method):
                 handle.remove()
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if bypassed():  # a prompt method's compressor sharing the model (not a request)
+            return output
         cache = cache_of(kwargs)
         if cache is None:  # never silently a no-op: the method would measure the full cache
             raise RuntimeError(

@@ -107,3 +107,22 @@ def test_a_model_method_is_applied_once_and_stays():
 def test_build_composes_entries_built_on_another(name, expected):
     """These task configs start from another entry (``defaults: [bbh]``, ``[ruler]``)."""
     assert build("task", name).task_names() == expected
+
+
+def test_a_prompt_method_sharing_the_model_composes_with_a_cache_method(tiny_gqa):
+    """DAC's compressor is the benchmarked model itself: its scoring passes run untouched by
+    the cache method applied for the requests (the same text comes out), while the request's
+    prefill is compressed."""
+    model, tokenizer = tiny_gqa
+    prompt = PromptParts("Some context that may be shortened, sentence by sentence. " * 6, "Q?")
+    texts, ratios = [], []
+    for method in (
+        build("method", "dac", rate=0.3),
+        Compose(methods=[build("method", "dac", rate=0.3), build("method", "snapkv", ratio=0.5)]),
+    ):
+        with apply(method, model, tokenizer) as session:
+            out = session.generate(prompt, max_new_tokens=2)
+        texts.append(tokenizer.decode(out.prompt_ids))
+        ratios.append(out.measurement.kv_bytes_prefill / out.measurement.kv_full_bytes_prefill)
+    assert texts[0] == texts[1]
+    assert ratios[1] < ratios[0]

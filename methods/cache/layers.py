@@ -16,12 +16,35 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from torch import nn
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from methods.errors import MethodConfigError
+
+_BYPASSED: ContextVar[bool] = ContextVar("kvbench_cache_methods_bypassed", default=False)
+
+
+@contextmanager
+def cache_methods_bypassed() -> Iterator[None]:
+    """Forward passes inside the block are not requests: the hooks of applied cache methods
+    leave them alone. A prompt method's compressor may be the benchmarked model itself, with
+    a cache method applied to it for the requests; its scoring passes must see the model as
+    it is (and may run without a KV cache, which a cache method otherwise refuses)."""
+    token = _BYPASSED.set(True)
+    try:
+        yield
+    finally:
+        _BYPASSED.reset(token)
+
+
+def bypassed() -> bool:
+    """Whether the current forward pass runs inside :func:`cache_methods_bypassed`."""
+    return _BYPASSED.get()
 
 
 def cache_of(kwargs: dict) -> Any:
