@@ -27,13 +27,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from transformers import DynamicCache
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import load  # noqa: E402
 from harness.measure import KVLayout, stored_kv_bytes  # noqa: E402
 from methods.model import data  # noqa: E402
 from methods.model.kvlatent import KVLatent  # noqa: E402
@@ -94,8 +93,7 @@ def main() -> None:
 
     training = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.training)}
     training.setdefault("progress", False)
-    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml")
-    spec = instantiate(OmegaConf.merge(cfg, {"threads": args.threads}), _convert_="all")
+    spec = load("model", args.model, threads=args.threads)
     original, tokenizer = spec.load()
     layout = KVLayout.from_config(original.config, spec.torch_dtype)
     chunks = data.token_chunks(data.heldout_texts(), tokenizer, args.eval_len, args.eval_seqs)
@@ -121,14 +119,15 @@ def main() -> None:
             model = method.apply(copy.deepcopy(original), tokenizer)
             seconds = time.perf_counter() - clock
             info = getattr(model, "kvbench_recovery", {})
-            train_s = None
-            if train:
+            trained = {}
+            if info:  # the loss at the first and last step; the whole log is in the folder
                 meta = json.loads((Path(info["folder"]) / "meta.json").read_text())
-                train_s = meta["train_s"]
+                losses = meta["losses"].get("stage1", {})
+                trained = {"loss_first": losses.get("first"), "loss_last": losses.get("last"),
+                         "train_s": meta["train_s"], "checkpoint": info["folder"]}  # fmt: skip
             row = {"variant": variant, "d_qk": d_qk, "d_vo": d_vo,
                    "rope": rope if d_qk < head_dim else "model", "stage": stage,
-                   **evaluate(model, chunks, ref, layout), "train_s": train_s,
-                   "apply_s": seconds}  # fmt: skip
+                   **evaluate(model, chunks, ref, layout), **trained, "apply_s": seconds}  # fmt: skip
             record(row)
             del model
     table = pd.DataFrame(rows)

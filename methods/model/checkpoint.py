@@ -30,7 +30,7 @@ from methods.storage import staging_folder
 log = logging.getLogger(__name__)
 
 WEIGHTS, META, LOG, MARKER = "weights.safetensors", "meta.json", "train_log.jsonl", "COMPLETE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump when the trainer changes what the same config trains
 
 
 def checkpoint_key(payload: dict[str, Any]) -> str:

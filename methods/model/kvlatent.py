@@ -8,8 +8,9 @@
 
 The surgery (:mod:`methods.model.latent`) down-samples the pretrained weights with a stride
 (no SVD), the attention scale becomes 1/sqrt(d_qk), and RoPE runs at the reduced key dim
-(``rope``: ``frequency_aware`` as in the authors' code, or ``standard``; see
-:mod:`methods.model.rope`; with the keys not cut, the model's RoPE is kept). With
+(``rope``: ``frequency_aware`` as in the authors' code, ``standard``, or
+``frequency_matched``, ours: the frequency-aware frequencies on the key channels that had
+them, see :mod:`methods.model.rope`; with the keys not cut, the model's RoPE is kept). With
 ``train: true`` the reduced model is then trained against the original one
 (:mod:`methods.model.training`) and the result is cached under
 ``$KVBENCH_CACHE/kvlatent/<hash>`` keyed by (model weights, d_qk, d_vo, RoPE mode, training
@@ -49,9 +50,11 @@ def make_train_config(training: dict[str, Any]) -> TrainConfig:
 @dataclass
 class KVLatent(ModelMethod):
     """Fields: ``variant`` (k | v | kv: which heads are cut), ``dim`` (the reduced per-head
-    dim, null: head_dim / 2; must divide the model's head_dim, be even when keys are cut and
-    divisible by 4 with frequency-aware RoPE), ``rope`` (frequency_aware | standard), ``train`` (recovery
-    training on/off) and ``training`` (:class:`~methods.model.training.TrainConfig` fields)."""
+    dim, null: head_dim / 2; must divide the model's head_dim, be even when keys are cut,
+    divisible by 4 with frequency-aware RoPE, and leave an even head_dim/dim with
+    frequency-matched RoPE), ``rope`` (frequency_aware | standard | frequency_matched),
+    ``train`` (recovery training on/off) and ``training``
+    (:class:`~methods.model.training.TrainConfig` fields)."""
 
     name: str = "kvlatent_kv"
     variant: str = "kv"
@@ -83,9 +86,9 @@ class KVLatent(ModelMethod):
                 f"method.dim={dim} is odd, but the keys carry RoPE, which rotates channel "
                 f"pairs: with variant={self.variant} d_qk must be even (e.g. {dim + 1})"
             )
-        if self.cuts_keys and self.rope == "frequency_aware" and dim % 4:
+        if self.cuts_keys and self.rope != "standard" and dim % 4:
             raise MethodConfigError(
-                f"method.dim={dim}: frequency-aware RoPE needs d_qk divisible by 4; pick "
+                f"method.dim={dim}: {self.rope} RoPE needs d_qk divisible by 4; pick "
                 "such a dim or set method.rope=standard"
             )
 
@@ -119,6 +122,12 @@ class KVLatent(ModelMethod):
                 f"method.dim={dim} does not divide the model's head_dim={head_dim}: the "
                 f"strided down-sampling keeps every (head_dim/dim)-th channel; use one of "
                 f"{divisors}"
+            )
+        if self.cuts_keys and self.rope == "frequency_matched" and (head_dim // dim) % 2:
+            raise MethodConfigError(
+                f"method.dim={dim}: frequency_matched RoPE keeps channel a*r/2 for each "
+                f"frequency-aware exponent a, so head_dim/dim={head_dim // dim} must be even "
+                "(or 1); pick such a dim or set method.rope=frequency_aware"
             )
 
     def validate_runtime(self, device: Any, dtype: Any, attn_implementation: str) -> None:

@@ -8,7 +8,8 @@
 
 (biases likewise; Gemma-3's per-head ``q_norm``/``k_norm`` weights ``[::r_qk]``). Since
 ``head_dim`` is a multiple of ``r``, this keeps every r-th channel inside each head and the
-rotate-half RoPE pairs together. The module keeps ``layer_idx`` and writes its smaller keys
+rotate-half RoPE pairs together. With ``rope: frequency_matched`` (ours) the query/key rows
+kept are instead the channels :func:`methods.model.rope.key_channels` picks in each head. The module keeps ``layer_idx`` and writes its smaller keys
 (B, H_kv, S, d_qk) and values (B, H_kv, S, d_vo) through ``past_key_values.update``, so the
 cache stores the smaller heads and kvbench's measurements and cache hooks see them as they are.
 Nothing in transformers is patched: only the model instance's modules are replaced.
@@ -27,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from methods.model.layers import HeadShape, decoder_layers, layer_rope, new_linear
-from methods.model.rope import reduced_inv_freq, rope_cos_sin
+from methods.model.rope import key_channels, reduced_inv_freq, rope_cos_sin
 
 
 def _eager_for(module: nn.Module) -> Callable:
@@ -36,11 +37,20 @@ def _eager_for(module: nn.Module) -> Callable:
     return getattr(family, "eager_attention_forward", modeling_llama.eager_attention_forward)
 
 
-def _strided_norm(norm: nn.Module, stride: int) -> nn.Module:
-    """A copy of a per-head RMSNorm keeping every ``stride``-th weight."""
+def _picked_norm(norm: nn.Module, channels: torch.Tensor) -> nn.Module:
+    """A copy of a per-head RMSNorm keeping the weights of ``channels``."""
     norm = copy.deepcopy(norm)
-    norm.weight = nn.Parameter(norm.weight.detach()[::stride].clone(), requires_grad=False)
+    norm.weight = nn.Parameter(norm.weight.detach()[channels].clone(), requires_grad=False)
     return norm
+
+
+def _head_rows(linear: nn.Linear, head_dim: int, channels: torch.Tensor) -> nn.Linear:
+    """A copy of a q/k projection keeping the output rows ``channels`` of every head."""
+    heads = linear.out_features // head_dim
+    rows = (torch.arange(heads)[:, None] * head_dim + channels.cpu()[None]).reshape(-1)
+    rows = rows.to(linear.weight.device)
+    bias = None if linear.bias is None else linear.bias[rows]
+    return new_linear(linear.weight[rows], bias)
 
 
 class LatentAttention(nn.Module):
@@ -51,6 +61,7 @@ class LatentAttention(nn.Module):
     module's own ``inv_freq`` (d_qk/2,) and the ``position_ids`` the decoder layer passes
     (the model's shared rotary embedding has the full head dim). The attention scale is the
     original one times ``sqrt(head_dim / d_qk)``: 1/sqrt(d_qk) for the Llama family.
+    ``key_channels`` (d_qk,): the query/key channels kept in each head (default ``[::r_qk]``).
     """
 
     def __init__(
@@ -61,9 +72,12 @@ class LatentAttention(nn.Module):
         d_vo: int,
         inv_freq: torch.Tensor,
         rope_scaling: float,
+        key_channels: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         r_qk, r_vo = shape.head_dim // d_qk, shape.head_dim // d_vo
+        if key_channels is None:
+            key_channels = torch.arange(0, shape.head_dim, r_qk)
         self.config = original.config
         self.layer_idx = original.layer_idx
         self.num_heads, self.num_key_value_heads = shape.num_heads, shape.num_kv_heads
@@ -85,13 +99,13 @@ class LatentAttention(nn.Module):
                 return new_linear(linear.weight[::stride], bias)
             return new_linear(linear.weight[:, ::stride], linear.bias)
 
-        self.q_proj = cut(original.q_proj, r_qk, 0)
-        self.k_proj = cut(original.k_proj, r_qk, 0)
+        self.q_proj = _head_rows(original.q_proj, shape.head_dim, key_channels)
+        self.k_proj = _head_rows(original.k_proj, shape.head_dim, key_channels)
         self.v_proj = cut(original.v_proj, r_vo, 0)
         self.o_proj = cut(original.o_proj, r_vo, 1)
         for name in ("q_norm", "k_norm"):  # per-head norms (Gemma-3), only where the model has them
             if getattr(original, name, None) is not None:
-                setattr(self, name, _strided_norm(getattr(original, name), r_qk))
+                setattr(self, name, _picked_norm(getattr(original, name), key_channels))
         self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
         self.rope_attention_scaling = rope_scaling
         self._eager = _eager_for(original)
@@ -155,13 +169,17 @@ class LatentAttention(nn.Module):
 def latent_surgery(model: nn.Module, d_qk: int, d_vo: int, rope: str) -> nn.Module:
     """Replace every decoder layer's ``self_attn`` by a :class:`LatentAttention` (in place).
 
-    ``rope`` is ``frequency_aware`` or ``standard`` (see :mod:`methods.model.rope`).
-    Returns the model. The config is left as it was: the reduced dims live in the modules.
+    ``rope`` is ``frequency_aware``, ``standard`` or ``frequency_matched`` (see
+    :mod:`methods.model.rope`). Returns the model. The config is left as it was: the reduced
+    dims live in the modules.
     """
     shape = HeadShape.of(model)
+    channels = key_channels(rope, shape.head_dim, d_qk)
     for layer in decoder_layers(model):
         original = layer.self_attn
         inv_freq, scaling, theta = layer_rope(model, original)
         inv_freq = reduced_inv_freq(rope, inv_freq, shape.head_dim, d_qk, theta)
-        layer.self_attn = LatentAttention(original, shape, d_qk, d_vo, inv_freq, scaling)
+        layer.self_attn = LatentAttention(
+            original, shape, d_qk, d_vo, inv_freq, scaling, key_channels=channels
+        )
     return model

@@ -13,13 +13,24 @@ printed disagrees with it for the second half) uses the exponents
 
 dropping the highest-frequency quarter, sampling the middle band sparsely and the low band
 densely. It needs ``d % 4 == 0``.
+
+These are *not* the frequencies the kept channels had: the strided cut keeps channel ``r*i``
+(frequency ``theta ** (-2ri/D) = theta ** (-2i/d)``) and frequency-aware RoPE turns it at
+``theta ** (-a_i/d)``, slower by ``theta ** ((a_i - 2i)/d)`` (at d = 32: 10x for channels 0-7
+with theta 1e4, 18x with SmolLM2's 1e5), so every pretrained query/key pair is turned at a
+speed it was not trained for, and training has to re-learn it (the authors' code does the
+same, with ~1B tokens of training). ``frequency_matched`` (ours, not the paper's) keeps the
+frequency-aware frequencies but cuts the keys to the channels that had them:
+``j = a_i * r / 2`` and ``j + D/2`` (needs an even ``r = D/d``), so the surgery changes no
+kept channel's frequency: the high-frequency quarter is dropped, the middle band is kept
+sparsely and the low band densely, by channel selection rather than by re-timing.
 """
 
 from __future__ import annotations
 
 import torch
 
-ROPE_MODES = ("frequency_aware", "standard")
+ROPE_MODES = ("frequency_aware", "standard", "frequency_matched")
 
 
 def standard_inv_freq(dim: int, theta: float) -> torch.Tensor:
@@ -41,6 +52,20 @@ def frequency_aware_inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (frequency_aware_exponents(dim) / dim))
 
 
+def key_channels(mode: str, head_dim: int, dim: int) -> torch.Tensor:
+    """(dim,) int64: the channels of each query/key head that the cut to ``dim`` keeps, in
+    rotate-half order (first-half channels, then their partners ``+ head_dim/2``):
+    every ``r``-th channel (``[::r]``), or with ``frequency_matched`` the channels whose
+    frequencies are the frequency-aware ones (see the module doc)."""
+    r = head_dim // dim
+    if mode != "frequency_matched" or dim == head_dim:
+        return torch.arange(0, head_dim, r)
+    if r % 2:
+        raise ValueError(f"frequency_matched RoPE needs an even head_dim/dim, got {r}")
+    first = frequency_aware_exponents(dim).long() * (r // 2)
+    return torch.cat([first, first + head_dim // 2])
+
+
 def reduced_inv_freq(
     mode: str, full_inv_freq: torch.Tensor, head_dim: int, dim: int, theta: float
 ) -> torch.Tensor:
@@ -48,11 +73,13 @@ def reduced_inv_freq(
 
     ``standard`` keeps the full model's frequencies of the kept channels (``[::r]``, equal to
     :func:`standard_inv_freq` for plain RoPE, and keeping any rope scaling the model has);
-    ``frequency_aware`` recomputes them from ``theta``. At ``dim == head_dim`` the model's
-    own frequencies are kept in both modes (nothing is cut, nothing is re-learned).
+    ``frequency_aware`` recomputes them from ``theta``; ``frequency_matched`` keeps the full
+    model's frequencies of its channels (:func:`key_channels`), which are the frequency-aware
+    ones for plain RoPE. At ``dim == head_dim`` the model's own frequencies are kept in every
+    mode (nothing is cut, nothing is re-learned).
     """
-    if dim == head_dim or mode == "standard":
-        return full_inv_freq[:: head_dim // dim].clone()
+    if dim == head_dim or mode in ("standard", "frequency_matched"):
+        return full_inv_freq[key_channels(mode, head_dim, dim)[: dim // 2]].clone()
     if mode == "frequency_aware":
         return frequency_aware_inv_freq(dim, theta).to(full_inv_freq.device)
     raise ValueError(f"unknown RoPE mode {mode!r}: use one of {', '.join(ROPE_MODES)}")

@@ -2,19 +2,33 @@
 
 Stage I (``stage1_steps``), in-layer distillation: each batch runs through the teacher; every
 student decoder layer gets the *teacher's* input to that layer (and its masks and positions)
-and is trained to reproduce the teacher layer's output (MSE, averaged over layers; each
-layer's graph is freed after its own backward). Stage II (``stage2_steps``): logit
+and is trained to reproduce the teacher layer's output. The per-layer loss is the MSE
+(``layer_loss: mse``, the paper's) or, by default, that MSE divided by the mean square of
+the teacher layer's own update ``output - input`` (``relative``): the layers of a model
+differ by orders of magnitude there (Gemma-3-270M: 13 to 400 RMS, SmolLM2: 1 to 90), and
+with the raw MSE a few late layers make the whole loss; relative, every layer counts alike
+and 1.0 means "as far off as a layer that adds nothing". The loss is averaged over layers;
+each layer's graph is freed after its own backward. Stage II (``stage2_steps``): logit
 distillation ``T^2 * KL(softmax(t/T) || softmax(s/T))`` with temperature ``T`` (``kd``) or
 next-token cross-entropy (``ce``) through the whole student.
 
 Trainable: every parameter of each layer's ``self_attn`` (q/k/v/o); the MLP's linear layers
 through LoRA adapters (peft, rank ``lora_rank``, no dropout), merged into the weights at
 the end; embeddings, the layers' norms and the LM head stay frozen (a per-head
-``q_norm``/``k_norm`` inside ``self_attn``, as in Gemma-3, trains with the attention). AdamW with cosine decay to zero and
-no warmup, per stage. Returns the trained tensors (attention weights and LoRA factors, the
-B factor pre-multiplied by the LoRA scaling) and the loss log; :func:`apply_trained` puts
-them into a model built by the same surgery, so a freshly trained model and one loaded from
-a checkpoint are the same model.
+``q_norm``/``k_norm`` inside ``self_attn``, as in Gemma-3, trains with the attention).
+
+Optimiser: AdamW, linear warm-up over ``warmup_steps`` then cosine decay to zero, per stage
+(the paper: no warm-up). Adam moves every weight by about the learning rate per step
+whatever the loss's scale, so a learning rate only means something next to the size of
+the weights: Stage I's rate is, by default, ``lr_scale`` times the RMS of the model's
+attention weights (SmolLM2-135M 0.194 -> 2.9e-3; Gemma-3-270M 0.036 -> 5.4e-4); ``lr``
+sets it outright. The fixed 3e-3 used before made Gemma-3's first step move its
+``o_proj`` rows (fan-in 1024, RMS 0.03) by more than their own size: the Stage I loss rose
+from 3,676 to 23,233 after one step. The warm-up keeps Adam's first, sign-like steps
+small. Returns the trained tensors (attention weights and LoRA factors, the B factor
+pre-multiplied by the LoRA scaling) and the loss log; :func:`apply_trained` puts them into a
+model built by the same surgery, so a freshly trained model and one loaded from a
+checkpoint are the same model.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from methods.model.state import add_lora, apply_trained, take_state, trainable_p
 
 log = logging.getLogger(__name__)
 STAGE2_LOSSES = ("kd", "ce")
+LAYER_LOSSES = ("relative", "mse")
 NOT_IN_KEY = ("log_every", "progress")  # fields that do not change the trained weights
 
 
@@ -58,7 +73,10 @@ class TrainConfig:
     temperature: float = 10.0
     batch_size: int = 2
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float | None = None
+    lr_scale: float = 0.015
+    warmup_steps: int = 2
+    layer_loss: str = "relative"
     stage2_lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -74,20 +92,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         where = "method.training"
-        for name in ("stage1_steps", "stage2_steps", "lora_rank"):
+        for name in ("stage1_steps", "stage2_steps", "lora_rank", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise MethodConfigError(f"{where}.{name}={getattr(self, name)} must be >= 0")
         for name in ("batch_size", "seq_len", "teacher_samples", "log_every"):
             if getattr(self, name) < 1:
                 raise MethodConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
-        for name in ("lr", "stage2_lr", "temperature", "lora_alpha"):
+        if self.lr is not None and not self.lr > 0:
+            raise MethodConfigError(f"{where}.lr={self.lr} must be > 0 (or null: lr_scale)")
+        for name in ("lr_scale", "stage2_lr", "temperature", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise MethodConfigError(f"{where}.{name}={getattr(self, name)} must be > 0")
         if self.stage2_loss not in STAGE2_LOSSES:
             raise MethodConfigError(
                 f"{where}.stage2_loss={self.stage2_loss!r}: use one of {', '.join(STAGE2_LOSSES)}"
             )
+        if self.layer_loss not in LAYER_LOSSES:
+            raise MethodConfigError(
+                f"{where}.layer_loss={self.layer_loss!r}: use one of {', '.join(LAYER_LOSSES)}"
+            )
         data.check_source(self.data, f"{where}.data")
+
+    def stage1_lr(self, teacher: nn.Module) -> float:
+        """``lr``, or ``lr_scale`` x the RMS of ``teacher``'s attention weights."""
+        if self.lr is not None:
+            return self.lr
+        return self.lr_scale * attention_weight_rms(teacher)
 
     @property
     def steps(self) -> int:
@@ -100,6 +130,18 @@ class TrainConfig:
     def key(self) -> dict[str, Any]:
         """The fields the trained weights depend on (for the checkpoint hash)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_KEY}
+
+
+@torch.no_grad()
+def attention_weight_rms(model: nn.Module) -> float:
+    """The RMS of every q/k/v/o projection weight of the model's decoder layers, together."""
+    total = count = 0.0
+    for layer in decoder_layers(model):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            weight = getattr(layer.self_attn, name).weight
+            total += float(weight.float().pow(2).sum())
+            count += weight.numel()
+    return math.sqrt(total / count)
 
 
 def require_budget(train: bool, cfg: TrainConfig, method: str) -> None:
@@ -134,11 +176,19 @@ def _batches(cfg: TrainConfig, teacher: nn.Module, tokenizer: Any):
     return (batch.to(device) for batch in data.batches(chunks, cfg.batch_size, cfg.seed))
 
 
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """The learning-rate multiplier at ``step`` of ``steps``: linear warm-up over ``warmup``
+    steps (the first step at 1/(warmup+1)), then cosine decay to zero over the rest."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    rest = max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, rest) / rest))
+
+
 def _optimiser(params: list[nn.Parameter], lr: float, cfg: TrainConfig, steps: int):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
-    )
+    warmup = min(cfg.warmup_steps, steps - 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, warmup))
     return opt, sched
 
 
@@ -166,12 +216,22 @@ def _layer_io(
     return captured
 
 
-def _stage1_loss(student_layers: list[nn.Module], captured: list) -> float:
+def layer_loss(out: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, kind: str):
+    """One layer's Stage I loss: the MSE between the student's and the teacher's output
+    (``mse``) or that MSE over the mean square of the teacher layer's own update
+    ``target - hidden`` (``relative``: 1.0 is as bad as a layer that adds nothing)."""
+    mse = F.mse_loss(out.float(), target.float())
+    if kind == "mse":
+        return mse
+    return mse / (target.float() - hidden.float()).pow(2).mean().clamp_min(1e-12)
+
+
+def _stage1_loss(student_layers: list[nn.Module], captured: list, kind: str) -> float:
     total = 0.0
     for layer, (hidden, kwargs, target) in zip(student_layers, captured, strict=True):
         out = layer(hidden, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        loss = F.mse_loss(out.float(), target.float()) / len(student_layers)
+        loss = layer_loss(out, hidden, target, kind) / len(student_layers)
         loss.backward()
         total += float(loss.detach())
     return total
@@ -198,16 +258,18 @@ def _stage2_loss(
 
 
 @torch.no_grad()
-def layer_distillation_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> float:
-    """The Stage I objective on ``ids`` (B, S), without training: the MSE between each student
-    layer's and teacher layer's output given the teacher's input, averaged over layers."""
+def layer_distillation_loss(
+    student: nn.Module, teacher: nn.Module, ids: torch.Tensor, kind: str = "relative"
+) -> list[float]:
+    """The Stage I objective on ``ids`` (B, S), without training, per layer (see
+    :func:`layer_loss`; the training loss is their mean)."""
     layers = decoder_layers(student)
-    total = 0.0
+    losses = []
     for layer, (hidden, kwargs, target) in zip(layers, _layer_io(teacher, ids), strict=True):
         out = layer(hidden, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        total += float(F.mse_loss(out.float(), target.float())) / len(layers)
-    return total
+        losses.append(float(layer_loss(out, hidden, target, kind)))
+    return losses
 
 
 def recover(
@@ -222,7 +284,8 @@ def recover(
     params = trainable_params(student)
     student_layers = decoder_layers(student)
     rows: list[dict[str, Any]] = []
-    stages = [("stage1", cfg.stage1_steps, cfg.lr), ("stage2", cfg.stage2_steps, cfg.stage2_lr)]
+    stage1_lr = cfg.stage1_lr(teacher)
+    stages = [("stage1", cfg.stage1_steps, stage1_lr), ("stage2", cfg.stage2_steps, cfg.stage2_lr)]
     bar = tqdm(total=cfg.steps, desc=f"recovery {label}".strip(), disable=not cfg.progress)
     clock = time.perf_counter()
     for stage, steps, lr in stages:
@@ -232,10 +295,11 @@ def recover(
         for step in range(steps):
             ids = next(batches)
             if stage == "stage1":
-                loss = _stage1_loss(student_layers, _layer_io(teacher, ids))
+                loss = _stage1_loss(student_layers, _layer_io(teacher, ids), cfg.layer_loss)
             else:
                 loss = _stage2_loss(student, teacher, ids, cfg)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            step_lr = opt.param_groups[0]["lr"]  # the rate this step used
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -243,7 +307,7 @@ def recover(
                 "stage": stage,
                 "step": step,
                 "loss": loss,
-                "lr": sched.get_last_lr()[0],
+                "lr": step_lr,
                 "tokens": (len(rows) + 1) * ids.numel(),
                 "s": time.perf_counter() - clock,
             }
