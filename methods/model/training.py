@@ -75,7 +75,7 @@ class TrainConfig:
     seq_len: int = 128
     lr: float | None = None
     lr_scale: float = 0.015
-    warmup_steps: int = 2
+    warmup_steps: int = 4
     layer_loss: str = "relative"
     stage2_lr: float = 1e-4
     weight_decay: float = 0.0
