@@ -53,7 +53,7 @@ def cut(model, **fields):
     return KVLatent(train=False, **fields).apply(copy.deepcopy(model), None)
 
 
-@pytest.mark.parametrize("rope", ["standard", "frequency_aware"])
+@pytest.mark.parametrize("rope", ["standard", "frequency_aware", "frequency_matched"])
 def test_r1_equals_the_original_model(tiny_gqa, rope):
     model, _ = tiny_gqa
     ids = ids_for(40, batch=2)

@@ -123,10 +123,11 @@ class KVLatent(ModelMethod):
                 f"strided down-sampling keeps every (head_dim/dim)-th channel; use one of "
                 f"{divisors}"
             )
-        if self.cuts_keys and self.rope == "frequency_matched" and (head_dim // dim) % 2:
+        stride = head_dim // dim
+        if self.cuts_keys and self.rope == "frequency_matched" and stride > 1 and stride % 2:
             raise MethodConfigError(
                 f"method.dim={dim}: frequency_matched RoPE keeps channel a*r/2 for each "
-                f"frequency-aware exponent a, so head_dim/dim={head_dim // dim} must be even "
+                f"frequency-aware exponent a, so head_dim/dim={stride} must be even "
                 "(or 1); pick such a dim or set method.rope=frequency_aware"
             )
 
