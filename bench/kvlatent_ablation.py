@@ -1,7 +1,7 @@
 """KV-Latent's K-vs-V ablation at equal budgets (cache and training), before and after the
 recovery training, on SmolLM2-135M (or another model config).
 
-    python bench/kvlatent_ablation.py --threads 1                   # k/v/kv x d=32,16 x both RoPE modes
+    python bench/kvlatent_ablation.py --threads 1       # k/v/kv x d=32,16 x aware/standard RoPE
     python bench/kvlatent_ablation.py --dims 16 --variants k v --training stage1_steps=48
 
 Every configuration is evaluated after the surgery alone ("before") and after the recovery
@@ -127,7 +127,8 @@ def main() -> None:
                          "train_s": meta["train_s"], "checkpoint": info["folder"]}  # fmt: skip
             row = {"variant": variant, "d_qk": d_qk, "d_vo": d_vo,
                    "rope": rope if d_qk < head_dim else "model", "stage": stage,
-                   **evaluate(model, chunks, ref, layout), **trained, "apply_s": seconds}  # fmt: skip
+                   **evaluate(model, chunks, ref, layout), **trained,
+                   "apply_s": seconds}  # fmt: skip
             record(row)
             del model
     table = pd.DataFrame(rows)

@@ -9,8 +9,9 @@
 (biases likewise; Gemma-3's per-head ``q_norm``/``k_norm`` weights ``[::r_qk]``). Since
 ``head_dim`` is a multiple of ``r``, this keeps every r-th channel inside each head and the
 rotate-half RoPE pairs together. With ``rope: frequency_matched`` (ours) the query/key rows
-kept are instead the channels :func:`methods.model.rope.key_channels` picks in each head. The module keeps ``layer_idx`` and writes its smaller keys
-(B, H_kv, S, d_qk) and values (B, H_kv, S, d_vo) through ``past_key_values.update``, so the
+kept are instead the channels :func:`methods.model.rope.key_channels` picks in each head.
+The module keeps ``layer_idx`` and writes its smaller keys (B, H_kv, S, d_qk) and values
+(B, H_kv, S, d_vo) through ``past_key_values.update``, so the
 cache stores the smaller heads and kvbench's measurements and cache hooks see them as they are.
 Nothing in transformers is patched: only the model instance's modules are replaced.
 """

@@ -22,13 +22,16 @@ Optimiser: AdamW, linear warm-up over ``warmup_steps`` then cosine decay to zero
 whatever the loss's scale, so a learning rate only means something next to the size of
 the weights: Stage I's rate is, by default, ``lr_scale`` times the RMS of the model's
 attention weights (SmolLM2-135M 0.194 -> 2.9e-3; Gemma-3-270M 0.036 -> 5.4e-4); ``lr``
-sets it outright. The fixed 3e-3 used before made Gemma-3's first step move its
-``o_proj`` rows (fan-in 1024, RMS 0.03) by more than their own size: the Stage I loss rose
-from 3,676 to 23,233 after one step. The warm-up keeps Adam's first, sign-like steps
-small. Returns the trained tensors (attention weights and LoRA factors, the B factor
-pre-multiplied by the LoRA scaling) and the loss log; :func:`apply_trained` puts them into a
-model built by the same surgery, so a freshly trained model and one loaded from a
-checkpoint are the same model.
+sets it outright. With the fixed 3e-3 used before, Adam's first step changed the outputs of
+Gemma-3's ``v_proj``/``o_proj`` by 0.7x their own size (median over layers; up to 2.1x),
+SmolLM2's by 0.07-0.11x, and Gemma-3's Stage I loss rose from 3,676 to 23,233 after one step;
+at its relative rate Gemma-3's first step moves them by 0.13x. The warm-up shrinks Adam's
+first, sign-like steps further.
+
+Returns the trained tensors (attention weights and LoRA factors, the B factor pre-multiplied
+by the LoRA scaling) and the loss log; :func:`apply_trained` puts them into a model built by
+the same surgery, so a freshly trained model and one loaded from a checkpoint are the same
+model.
 """
 
 from __future__ import annotations
