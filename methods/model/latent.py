@@ -48,7 +48,9 @@ def _picked_norm(norm: nn.Module, channels: torch.Tensor) -> nn.Module:
 def _head_rows(linear: nn.Linear, head_dim: int, channels: torch.Tensor) -> nn.Linear:
     """A copy of a q/k projection keeping the output rows ``channels`` of every head."""
     heads = linear.out_features // head_dim
-    rows = (torch.arange(heads)[:, None] * head_dim + channels.cpu()[None]).reshape(-1)
+    rows = (torch.arange(heads, device="cpu")[:, None] * head_dim + channels.cpu()[None]).reshape(
+        -1
+    )
     rows = rows.to(linear.weight.device)
     bias = None if linear.bias is None else linear.bias[rows]
     return new_linear(linear.weight[rows], bias)
@@ -78,7 +80,7 @@ class LatentAttention(nn.Module):
         super().__init__()
         r_qk, r_vo = shape.head_dim // d_qk, shape.head_dim // d_vo
         if key_channels is None:
-            key_channels = torch.arange(0, shape.head_dim, r_qk)
+            key_channels = torch.arange(0, shape.head_dim, r_qk, device="cpu")
         self.config = original.config
         self.layer_idx = original.layer_idx
         self.num_heads, self.num_key_value_heads = shape.num_heads, shape.num_kv_heads

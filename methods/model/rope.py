@@ -59,7 +59,7 @@ def key_channels(mode: str, head_dim: int, dim: int) -> torch.Tensor:
     frequencies are the frequency-aware ones (see the module doc)."""
     r = head_dim // dim
     if mode != "frequency_matched" or dim == head_dim:
-        return torch.arange(0, head_dim, r)
+        return torch.arange(0, head_dim, r, device="cpu")
     if r % 2:
         raise ValueError(f"frequency_matched RoPE needs an even head_dim/dim, got {r}")
     first = frequency_aware_exponents(dim).long() * (r // 2)
