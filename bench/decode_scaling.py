@@ -8,9 +8,12 @@ bound measured in the same run.
 The bound: decoding one token reads every weight once and every stored KV byte once, so it
 takes at least (weight bytes + KV bytes) / bandwidth, where bandwidth is this machine's copy
 bandwidth (read + write bytes per second of a large tensor copy, best of several, measured in
-this run with the same threads). ``vs bound`` = measured / bound (1.0 would be a perfectly
+this run with the same threads). ``KV MB`` is what the cache holds at the end (the bound reads
+it); ``alloc MB`` the memory its tensors occupy, room reserved for the tokens still to come
+included (kvbench's cache appends in place: ``harness/kvcache.py``). ``vs bound`` = measured / bound (1.0 would be a perfectly
 memory-bound kernel); ``bound vs full`` is what the KV reduction can buy at most;
-``decode vs full`` is what it bought (method ÷ full, lower is faster). Prompts are real text
+``decode vs full`` is what it bought (method ÷ full, lower is faster); ``prefill vs full`` is
+the method's prefill (its scoring and eviction included) ÷ the full cache's. Prompts are real text
 (LongBench multi_news) cut to each length; greedy decoding always runs ``--decode-tokens``
 steps; best of ``--repeats``. Peak memory is the process's peak RSS during the request (on
 CUDA ``max_memory_allocated``), weights included.
@@ -64,7 +67,12 @@ def measure(model, tokenizer, ids, method, decode_tokens: int, repeats: int) -> 
         per_token = run.decode_s / max(run.decode_steps, 1)
         peak_bytes = out.measurement.peak_memory_bytes
         if not best or per_token < best["decode_s"]:
-            best |= {"decode_s": per_token, "kv_bytes": run.kv_bytes_final, "tokens": run.tokens}
+            best |= {
+                "decode_s": per_token,
+                "kv_bytes": run.kv_bytes_final,
+                "kv_allocated": run.kv_allocated_bytes_final,
+                "tokens": run.tokens,
+            }
         best["prefill_s"] = min(best.get("prefill_s", float("inf")), run.prefill_s)
         best["peak_bytes"] = min(best.get("peak_bytes", peak_bytes), peak_bytes)
     return best
@@ -100,8 +108,10 @@ def main() -> None:
                     "context": length,
                     "method": name,
                     "prefill s": round(result["prefill_s"], 2),
+                    "prefill vs full": round(result["prefill_s"] / base["prefill_s"], 2),
                     "peak MB": round(result["peak_bytes"] / 2**20),
                     "KV MB": round(result["kv_bytes"] / 2**20, 1),
+                    "alloc MB": round(result["kv_allocated"] / 2**20, 1),
                     "decode ms/tok": round(result["decode_s"] * 1000, 1),
                     "bound ms/tok": round(bound * 1000, 1),
                     "vs bound": round(result["decode_s"] / bound, 2),

@@ -5,19 +5,24 @@ the true sequence length.
 Batch size is 1: every request gets its own cache, so per-request measurements (KV bytes,
 peak memory, prefill and decode time) are exact and methods may give each request a
 different budget. Methods are applied around these functions by :func:`harness.session.apply`.
+The cache appends in place into room for the tokens still to come, and a decoding step's
+attention packs the query heads of a KV group (:mod:`harness.kvcache`): a step neither copies
+the cache nor pays torch's slow single-query GQA kernel.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
+from torch.profiler import record_function
 
-from harness.measure import stored_kv_bytes, synchronized_clock
+from harness.kvcache import decode_attention, new_cache
+from harness.measure import allocated_kv_bytes, stored_kv_bytes, synchronized_clock
 from methods.base import cache_kwarg
 
 
@@ -34,17 +39,28 @@ class Generation:
     kv_bytes_final: int
     cached_tokens_final: int
     last_logits: torch.Tensor  # (vocab,) the logits the last token was chosen from
-
-
-def new_cache(model: nn.Module) -> DynamicCache:
-    return DynamicCache(config=model.config)
+    # memory the cache's tensors occupy, spare room for the tokens to come included
+    kv_allocated_bytes_prefill: int = 0
+    kv_allocated_bytes_final: int = 0
 
 
 def _position(value: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([[value]], device=device)
 
 
+def _with_decode_attention(fn: Callable) -> Callable:
+    """Run ``fn(model, ...)`` with :func:`harness.kvcache.decode_attention` on ``model``."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        with decode_attention(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
 @torch.inference_mode()
+@_with_decode_attention
 def greedy_generate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -61,14 +77,15 @@ def greedy_generate(
     """
     device = input_ids.device
     prompt_len = input_ids.shape[1]
-    cache = new_cache(model)
+    cache = new_cache(model, reserve=max(max_new_tokens - 1, 0))  # room for every decoding step
     eos = set(eos_token_ids)
     start = synchronized_clock(device)
-    logits = model(
-        input_ids=input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1
-    ).logits
+    with record_function("prefill"):  # named ranges for bench/profile_generate.py
+        logits = model(
+            input_ids=input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1
+        ).logits
     prefill_end = synchronized_clock(device)
-    kv_prefill = stored_kv_bytes(cache)
+    kv_prefill, allocated_prefill = stored_kv_bytes(cache), allocated_kv_bytes(cache)
     tokens: list[int] = []
     position = prompt_len
     while True:
@@ -78,12 +95,13 @@ def greedy_generate(
             break
         if should_stop is not None and should_stop(tokens):
             break
-        logits = model(
-            input_ids=torch.tensor([[token]], device=device),
-            position_ids=_position(position, device),
-            **cache_kwarg(model, cache),
-            use_cache=True,
-        ).logits
+        with record_function("decode"):
+            logits = model(
+                input_ids=torch.tensor([[token]], device=device),
+                position_ids=_position(position, device),
+                **cache_kwarg(model, cache),
+                use_cache=True,
+            ).logits
         position += 1
     end = synchronized_clock(device)
     return Generation(
@@ -96,6 +114,8 @@ def greedy_generate(
         kv_bytes_final=stored_kv_bytes(cache),
         cached_tokens_final=cache.get_seq_length(),
         last_logits=logits[0, -1].float(),
+        kv_allocated_bytes_prefill=allocated_prefill,
+        kv_allocated_bytes_final=allocated_kv_bytes(cache),
     )
 
 
@@ -107,9 +127,11 @@ class Scored:
     is_greedy: bool
     prefill_s: float
     kv_bytes_prefill: int
+    kv_allocated_bytes_prefill: int = 0
 
 
 @torch.inference_mode()
+@_with_decode_attention
 def score_continuation(
     model: nn.Module,
     context_ids: list[int],
@@ -125,7 +147,7 @@ def score_continuation(
     positions, so every layer sees exactly the keys the method kept.
     """
     device = next(model.parameters()).device
-    cache = new_cache(model)
+    cache = new_cache(model, reserve=max(len(continuation_ids) - 1, 0) if stepwise else 0)
     cont = torch.tensor(continuation_ids, device=device)
     start = synchronized_clock(device)
     if not stepwise:
@@ -156,4 +178,5 @@ def score_continuation(
         is_greedy=bool((logprobs.argmax(-1) == cont).all()),
         prefill_s=prefill_end - start,
         kv_bytes_prefill=stored_kv_bytes(cache),
+        kv_allocated_bytes_prefill=allocated_kv_bytes(cache),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import statistics
 import time
@@ -48,6 +49,38 @@ def stored_kv_bytes(cache: Any) -> int:
     if hasattr(cache, "stored_nbytes"):
         return int(cache.stored_nbytes())
     return sum(layer_kv_bytes(layer) for layer in cache.layers)
+
+
+def allocated_kv_bytes(cache: Any) -> int:
+    """Bytes of memory the cache's tensors occupy: every distinct storage referenced by its
+    layers, counted once and in full. Unlike :func:`stored_kv_bytes` (the tokens held, what
+    ``kv_ratio`` is computed from), this includes the spare room of caches that append in
+    place (:mod:`harness.kvcache`) and the unused part of any view a method stores."""
+    if cache is None:
+        return 0
+    storages: dict[int, int] = {}
+    for layer in getattr(cache, "layers", ()):
+        # a layer with a compressed form (stored_nbytes) may keep any tensors; others K and V
+        held = vars(layer) if hasattr(layer, "stored_nbytes") else (layer.keys, layer.values)
+        for tensor in _tensors(held):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _tensors(obj: Any) -> Iterable[torch.Tensor]:
+    """The tensors in ``obj``: a tensor, dicts/lists/tuples of them, and the fields of
+    dataclass instances (e.g. SpindleKV's codebooks)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            yield from _tensors(value)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        yield from _tensors(vars(obj))
 
 
 @dataclass(frozen=True)
@@ -125,6 +158,10 @@ class RequestMeasurement:
     # how far the request's peak rose above it
     memory_before_bytes: int | None = None
     peak_memory_rise_bytes: int | None = None
+    # memory the cache's tensors occupy (spare room of the in-place appends included); the
+    # kv_bytes_* above are the tokens held, what kv_ratio is computed from
+    kv_allocated_bytes_prefill: int | None = None
+    kv_allocated_bytes_final: int | None = None
     # with prompt methods only (None otherwise): the compressible part (demonstrations,
     # context) in the target model's tokens before/after them, the rate of it they were
     # asked to remove, the rate removed (in target tokens), the rate removed in the

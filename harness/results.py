@@ -25,6 +25,9 @@ MEASURED_FIELDS = (
     "peak_memory_bytes",
     "memory_before_bytes",
     "peak_memory_rise_bytes",
+    # memory the cache's tensors occupy, spare room for the tokens to come included
+    "kv_allocated_bytes_prefill",
+    "kv_allocated_bytes_final",
     # with prompt methods only (None in requests without one: left out of the summary)
     "compressible_tokens_original",
     "compressible_tokens",

@@ -202,8 +202,11 @@ def test_window_and_sinks_are_always_kept(name):
             assert (layer.positions[..., :first] == torch.arange(first)).all()
             assert (layer.positions[..., -last:] == torch.arange(PROMPT - last, PROMPT)).all()
             continue
-        assert torch.equal(layer.keys[..., :first, :], reference.keys[..., :first, :])
-        assert torch.equal(layer.values[..., -last:, :], reference.values[..., -last:, :])
+        # H2O's layers compute their attention themselves (one pass that also scores the
+        # keys): the deeper layers' states equal the full cache's within float32 rounding
+        same = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=1e-5)
+        same(layer.keys[..., :first, :], reference.keys[..., :first, :])
+        same(layer.values[..., -last:, :], reference.values[..., -last:, :])
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -223,6 +226,9 @@ def test_decoding_after_eviction_uses_true_positions(name):
     layer, reference = cache.layers[0], full.layers[0].keys
     assert layer.get_seq_length() < PROMPT
     keys = layer.decoded()[0] if isinstance(layer, CodebookLayer) else layer.keys
+    if isinstance(method, H2O):  # its decoding evictions reuse slots: find them by position
+        at = method.positions(0).argsort(-1).unsqueeze(-1).expand_as(keys)
+        keys = keys.gather(2, at)
     torch.testing.assert_close(keys[..., -2:, :], reference[..., PROMPT:, :], atol=1e-5, rtol=1e-4)
     if isinstance(layer, CodebookLayer):  # lossless codebook: every decoded key at its position
         assert (layer.positions[..., -2:] == torch.tensor([PROMPT, PROMPT + 1])).all()

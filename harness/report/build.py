@@ -78,6 +78,7 @@ COLUMNS = [
     "kv_bytes_stored",
     "kv_bytes_full",
     "kv_ratio_requested",
+    "kv_bytes_allocated",
     "kv_ratio",
     "kv_ratio_reachable",
     "kv_ratio_final",

@@ -205,6 +205,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "kv_bytes_stored": mean("kv_bytes_prefill"),
         "kv_bytes_full": mean("kv_full_bytes_prefill"),
         "kv_ratio_requested": requested_ratio(meas, ratio),
+        "kv_bytes_allocated": mean("kv_allocated_bytes_prefill"),  # stored + reserved room
         "kv_ratio": num(meas.get("kv_ratio")),
         "kv_ratio_reachable": num(meas.get("kv_ratio_reachable")),
         "kv_ratio_final": num(meas.get("kv_ratio_final")),

@@ -10,13 +10,22 @@ cache. Probabilities are computed in float32 with the layer's own ``scaling`` (G
 GQA is handled without copying keys: the ``G = H_q / H_kv`` query heads of a group are
 stacked against their shared KV head, and results are returned per group, (B, H_kv, G, ...).
 RoPE is the rotate-half form of Llama, Mistral, Qwen and Gemma (the full head dim rotated).
+
+A method that needs the attention of every query (H2O) does not recompute it: inside
+:func:`attention_override` the layers run :func:`attention_and_received`, which produces the
+layer's output and the attention each key received in one pass.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
 
 from methods.base import MethodConfigError
 
@@ -160,3 +169,106 @@ def pool(scores: torch.Tensor, kernel_size: int, mode: str) -> torch.Tensor:
     else:
         flat = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad)
     return flat.reshape(shape)
+
+
+def attention_and_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's attention output and the attention each key received, in one pass.
+
+    query (B, H_q, q, D) post-RoPE, the queries of the last q of the S keys; key (B, H_kv, S,
+    D) and value (B, H_kv, S, D_v) as cached. Returns the output (B, q, H_q, D_v), the layout
+    transformers' attention functions return, and (B, H_kv, S) float32: the probabilities
+    each key gets, summed over the q queries and the G query heads of its group (what
+    :func:`accumulated_attention` recomputes from the layer's projections). Probabilities are
+    float32. Without ``attention_mask`` attention is causal (key j visible to query i when
+    j <= S - q + i) and a chunk of ``chunk_size`` queries reads only the keys it can see; with
+    one (boolean, True = attend, or additive; (B or 1, 1, q, >= S)) it is applied as given.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, seq_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    keys, values = key.float(), value.float()
+    if q_len == 1 and attention_mask is None:  # a decoding step: one row per query head
+        grouped = query.reshape(batch, kv_heads, groups, head_dim).float() * scaling
+        probs = _capped(grouped @ keys.transpose(-1, -2), softcap).softmax(-1)  # (B, H_kv, G, S)
+        output = (probs @ values).to(query.dtype).view(batch, 1, q_heads, -1)
+        return output, probs.sum(dim=2)
+    grouped = query.view(batch, kv_heads, groups, q_len, head_dim)
+    output = query.new_empty((batch, q_len, kv_heads, groups, value.shape[-1]))
+    received = torch.zeros((batch, kv_heads, seq_len), dtype=torch.float32, device=key.device)
+    offset = seq_len - q_len  # key index of the first query
+    for start in range(0, q_len, chunk_size):
+        end = min(start + chunk_size, q_len)
+        size, visible = end - start, offset + end if attention_mask is None else seq_len
+        chunk = grouped[:, :, :, start:end].reshape(batch, kv_heads, groups * size, head_dim)
+        logits = _capped(
+            (chunk.float() * scaling) @ keys[:, :, :visible].transpose(-1, -2), softcap
+        )
+        logits = logits.view(batch, kv_heads, groups, size, visible)
+        if attention_mask is not None:
+            mask = attention_mask[:, :, start:end, :visible].unsqueeze(1)
+            if mask.dtype == torch.bool:
+                logits.masked_fill_(~mask, float("-inf"))
+            else:
+                logits += mask
+        elif size > 1:  # the diagonal block: query i sees the keys up to its own index
+            hidden = torch.ones(size, size, dtype=torch.bool, device=key.device).triu_(1)
+            logits[..., offset + start :].masked_fill_(hidden, float("-inf"))
+        probs = logits.view(batch, kv_heads, groups * size, visible).softmax(dim=-1)
+        received[..., :visible] += probs.sum(dim=2)
+        out = (probs @ values[:, :, :visible]).view(batch, kv_heads, groups, size, -1)
+        output[:, start:end] = out.permute(0, 3, 1, 2, 4)
+    return output.view(batch, q_len, q_heads, -1), received
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2-style soft-capping of the logits, where the layer has it (before any mask)."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+AttentionFunction = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+_OVERRIDE = "kvbench_override"
+_overrides: dict[nn.Module, AttentionFunction] = {}
+
+
+def _dispatch(module: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _overrides[module](module, *args, **kwargs)
+
+
+@contextmanager
+def attention_override(modules: list[nn.Module], attend: AttentionFunction) -> Iterator[None]:
+    """Inside the block, the attention modules in ``modules`` call ``attend(module, query,
+    key, value, attention_mask, scaling=..., **kwargs) -> (output (B, q, H_q, D_v), None)``
+    instead of the model's attention function (sdpa, eager, ...); restored on exit.
+
+    transformers looks the function up by name (``module.config._attn_implementation``) in
+    its :class:`AttentionInterface`, the documented extension point: kvbench registers one
+    dispatching entry there (nothing existing is replaced) and gives each of these modules a
+    copy of its config naming it. The model's own config, masks and other layers are left
+    as they are. A module that is already overridden keeps its function (the first wins: a
+    method's own attention over a generic one).
+    """
+    AttentionInterface.register(_OVERRIDE, _dispatch)
+    saved = []
+    try:
+        for module in modules:
+            if module in _overrides:
+                continue
+            config = copy.copy(module.config)
+            config._attn_implementation_internal = _OVERRIDE
+            saved.append((module, module.config))
+            module.config = config
+            _overrides[module] = attend
+        yield
+    finally:
+        for module, config in saved:
+            module.config = config
+            _overrides.pop(module, None)

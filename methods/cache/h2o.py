@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from methods.base import MethodConfigError, check_ratio
-from methods.cache.attention import accumulated_attention
+from methods.base import MethodConfigError, attention_modules, check_ratio
+from methods.cache.attention import (
+    accumulated_attention,
+    attention_and_received,
+    attention_override,
+)
 from methods.cache.scorer import ScorerMethod, gather_tokens, top_indices
 
 
@@ -24,14 +30,23 @@ class H2O(ScorerMethod):
     the recent window is evicted. The budget is ``budget`` tokens, or ``ratio`` of the
     tokens seen so far (prompt plus generated), so ``ratio: 1.0`` never evicts. The
     accumulated scores (B, H_kv, kept) float32 per layer are held by the method, not the
-    cache, and reset at each prefill. The prompt's attention is computed ``chunk_size``
-    queries at a time. Sliding-window layers are left to their own window.
+    cache, and reset at each prefill. Sliding-window layers are left to their own window
+    (with ``compress_sliding``, their scores are recomputed from the layer's projections and
+    their slots stay in position order: the window drops the first ones).
+
+    The attention is computed once: while the method is applied, the layers it compresses
+    run :func:`~methods.cache.attention.attention_and_received` instead of the model's
+    attention function, which returns the layer's output and the attention each key
+    received in one pass (the prompt's queries ``chunk_size`` at a time). A decoding step
+    that evicts one token moves the new token into the evicted token's slot (per KV head),
+    so the cache is not copied; slots are then no longer in position order (attention does
+    not depend on it), and the method tracks each slot's position (``positions(layer)``).
     """
 
     name: str = "h2o"
     window: int = 0
     recent_ratio: float = 0.5
-    chunk_size: int = 256
+    chunk_size: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,7 +60,55 @@ class H2O(ScorerMethod):
         if self.chunk_size < 1:
             raise MethodConfigError(f"method.chunk_size={self.chunk_size} must be >= 1 queries")
         self._scores: dict[int, torch.Tensor] = {}  # layer -> accumulated scores (B, H_kv, n)
+        self._positions: dict[int, torch.Tensor] = {}  # layer -> token index per slot
         self._seen: dict[int, int] = {}  # layer -> tokens seen (prompt + generated)
+        self._received: dict[int, torch.Tensor] = {}  # layer -> last forward's attention
+
+    @contextmanager
+    def apply(self, model: nn.Module) -> Iterator[None]:
+        with super().apply(model):
+            if self.budget is None and self.ratio == 1.0:  # never evicts: the model's attention
+                yield
+                return
+            full = [m for m in attention_modules(model) if not getattr(m, "sliding_window", 0)]
+            with attention_override(full, self._attend):
+                yield
+
+    def _attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """The layer's attention; keeps what each key received for the hook that follows."""
+        output, received = attention_and_received(
+            query,
+            key,
+            value,
+            scaling=module.scaling if scaling is None else scaling,
+            attention_mask=attention_mask,
+            softcap=getattr(module, "attn_logit_softcapping", None),
+            chunk_size=self.chunk_size,
+        )
+        self._received[module.layer_idx] = received
+        return output, None
+
+    def _attention_received(
+        self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict
+    ) -> torch.Tensor:
+        """(B, H_kv, S) of this forward: from the attention pass, else recomputed."""
+        received = self._received.pop(module.layer_idx, None)
+        if received is not None and received.shape[-1] == keys.shape[-2]:
+            return received
+        return accumulated_attention(module, hidden_states, keys, kwargs, self.chunk_size)
+
+    def positions(self, layer: int) -> torch.Tensor:
+        """Token index (position in the sequence) held in each slot of ``layer``, (B, H_kv, n)."""
+        return self._positions[layer]
 
     def min_kept_tokens(self) -> int:
         """The sinks (its recent window is a share of the budget)."""
@@ -55,17 +118,21 @@ class H2O(ScorerMethod):
         return min(round(self.recent_ratio * n_kept), max(0, n_kept - self.sinks))
 
     def _keep(
-        self, layer: int, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self,
+        layer: int,
+        scores: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evict down to the budget of the tokens seen so far; scores (B, H_kv, n)."""
+        """Evict down to the budget of the tokens seen so far, the slots in position order;
+        scores and positions (B, H_kv, n)."""
         n_kept = self.kept_tokens(self._seen[layer])
         if n_kept < keys.shape[-2]:
             idx = top_indices(scores, n_kept, self.sinks, self.recent_tokens(n_kept))
-            scores, keys, values = (
-                scores.gather(2, idx),
-                *(gather_tokens(t, idx) for t in (keys, values)),
-            )
-        self._scores[layer] = scores
+            scores, positions = scores.gather(2, idx), positions.gather(2, idx)
+            keys, values = gather_tokens(keys, idx), gather_tokens(values, idx)
+        self._scores[layer], self._positions[layer] = scores, positions
         return keys, values
 
     def compress(
@@ -81,8 +148,9 @@ class H2O(ScorerMethod):
         if self.budget is None and self.ratio == 1.0:
             return keys, values
         self._seen[layer] = keys.shape[-2]
-        scores = accumulated_attention(module, hidden_states, keys, kwargs, self.chunk_size)
-        return self._keep(layer, scores, keys, values)
+        scores = self._attention_received(module, hidden_states, keys, kwargs)
+        positions = torch.arange(keys.shape[-2], device=keys.device).expand_as(scores)
+        return self._keep(layer, scores, positions, keys, values)
 
     def compress_decode(
         self,
@@ -96,11 +164,49 @@ class H2O(ScorerMethod):
         if layer not in self._scores:
             return keys, values
         new = hidden_states.shape[1]
-        self._seen[layer] += new
-        row = accumulated_attention(module, hidden_states, keys, kwargs, self.chunk_size)
+        seen = self._seen[layer] = self._seen[layer] + new
+        received = self._attention_received(module, hidden_states, keys, kwargs)
         # a sliding-window layer drops its oldest tokens itself: the scores follow
-        old = self._scores[layer][
-            ..., max(0, self._scores[layer].shape[-1] + new - keys.shape[-2]) :
-        ]
-        scores = torch.nn.functional.pad(old, (0, new)) + row
-        return self._keep(layer, scores, keys, values)
+        dropped = max(0, self._scores[layer].shape[-1] + new - keys.shape[-2])
+        scores = received  # this step's attention, plus what the held slots had accumulated
+        scores[..., :-new] += self._scores[layer][..., dropped:]
+        added = torch.arange(seen - new, seen, device=keys.device).expand(*scores.shape[:2], new)
+        positions = torch.cat((self._positions[layer][..., dropped:], added), -1)
+        held, n_kept = keys.shape[-2], self.kept_tokens(seen)
+        if n_kept >= held:
+            self._scores[layer], self._positions[layer] = scores, positions
+            return keys, values
+        # a sliding-window layer's slots stay in position order (it drops the first ones)
+        if new == 1 and n_kept == held - 1 and not getattr(module, "sliding_window", None):
+            return self._evict_one(layer, scores, positions, keys, values, seen, n_kept)
+        order = positions.argsort(dim=-1)  # slots back in position order, for the plain path
+        scores, positions = scores.gather(2, order), positions.gather(2, order)
+        keys, values = gather_tokens(keys, order), gather_tokens(values, order)
+        return self._keep(layer, scores, positions, keys, values)
+
+    def _evict_one(
+        self,
+        layer: int,
+        scores: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        seen: int,
+        n_kept: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one-token eviction of a decoding step, in place: per KV head, the lowest score
+        outside the sinks and the recent window (what :meth:`_keep` would drop: those are the
+        first ``sinks`` and the last ``recent`` positions) is overwritten by the new token,
+        held in the last slot, and the last slot is dropped."""
+        recent = self.recent_tokens(n_kept)
+        protected = positions >= seen - recent
+        if self.sinks:
+            protected |= positions < self.sinks
+        slot = scores.masked_fill(protected, torch.inf).argmin(dim=-1, keepdim=True)
+        for held in (scores, positions):
+            held.scatter_(2, slot, held[..., -1:].clone())
+        for states in (keys, values):
+            at = slot.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1])
+            states.scatter_(2, at, states[:, :, -1:].clone())
+        self._scores[layer], self._positions[layer] = scores[..., :-1], positions[..., :-1]
+        return keys[:, :, :-1], values[:, :, :-1]
