@@ -27,8 +27,10 @@ from harness.session import apply
 REPO = Path(__file__).resolve().parents[1]
 
 INTERRUPTED = """
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+# a child of a background job inherits SIGINT ignored; a user's terminal delivers it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from harness.models import ModelSpec
 
 real_load = ModelSpec.load
