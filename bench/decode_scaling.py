@@ -15,8 +15,9 @@ memory-bound kernel); ``bound vs full`` is what the KV reduction can buy at most
 ``decode vs full`` is what it bought (method ÷ full, lower is faster); ``prefill vs full`` is
 the method's prefill (its scoring and eviction included) ÷ the full cache's. Prompts are real text
 (LongBench multi_news) cut to each length; greedy decoding always runs ``--decode-tokens``
-steps; best of ``--repeats``. Peak memory is the process's peak RSS during the request (on
-CUDA ``max_memory_allocated``), weights included.
+steps; best of ``--repeats`` rounds, each round timing every method once (interleaved, so
+load drift on a shared machine hits all methods alike). Peak memory is the process's peak
+RSS during the request (on CUDA ``max_memory_allocated``), weights included.
 """
 
 from __future__ import annotations
@@ -59,22 +60,29 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-def measure(model, tokenizer, ids, method, decode_tokens: int, repeats: int) -> dict:
-    best: dict = {}
+def record(best: dict, out) -> None:
+    """Fold one timed generation into ``best`` (fastest decode and prefill, lowest peak)."""
+    run = out.generation
+    per_token = run.decode_s / max(run.decode_steps, 1)
+    peak_bytes = out.measurement.peak_memory_bytes
+    if not best or per_token < best["decode_s"]:
+        best |= {
+            "decode_s": per_token,
+            "kv_bytes": run.kv_bytes_final,
+            "kv_allocated": run.kv_allocated_bytes_final,
+            "tokens": run.tokens,
+        }
+    best["prefill_s"] = min(best.get("prefill_s", float("inf")), run.prefill_s)
+    best["peak_bytes"] = min(best.get("peak_bytes", peak_bytes), peak_bytes)
+
+
+def measure_interleaved(model, tokenizer, ids, methods: dict, decode_tokens: int, repeats: int):
+    """Best of ``repeats`` per method, timed in rounds that visit every method once, so a
+    change of load on a shared machine hits every method alike instead of one of them."""
+    best: dict[str, dict] = {name: {} for name in methods}
     for _ in range(repeats):
-        out = generate(model, tokenizer, method, ids, decode_tokens)
-        run = out.generation
-        per_token = run.decode_s / max(run.decode_steps, 1)
-        peak_bytes = out.measurement.peak_memory_bytes
-        if not best or per_token < best["decode_s"]:
-            best |= {
-                "decode_s": per_token,
-                "kv_bytes": run.kv_bytes_final,
-                "kv_allocated": run.kv_allocated_bytes_final,
-                "tokens": run.tokens,
-            }
-        best["prefill_s"] = min(best.get("prefill_s", float("inf")), run.prefill_s)
-        best["peak_bytes"] = min(best.get("peak_bytes", peak_bytes), peak_bytes)
+        for name, method in methods.items():
+            record(best[name], generate(model, tokenizer, method, ids, decode_tokens))
     return best
 
 
@@ -95,10 +103,14 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
+        names = ["full"] + [m for m in args.methods if m != "full"]
+        methods = {n: None if n == "full" else load("method", n, ratio=args.ratio) for n in names}
+        results = measure_interleaved(
+            model, tokenizer, ids, methods, args.decode_tokens, args.repeats
+        )
         base = None
-        for name in ["full"] + [m for m in args.methods if m != "full"]:
-            method = None if name == "full" else load("method", name, ratio=args.ratio)
-            result = measure(model, tokenizer, ids, method, args.decode_tokens, args.repeats)
+        for name in names:
+            result = results[name]
             bound = (weights + result["kv_bytes"]) / bandwidth
             base = base or {**result, "bound": bound}
             if name not in args.methods:
