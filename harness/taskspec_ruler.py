@@ -108,10 +108,13 @@ class RulerSpec:
                 "at random: pass task.depths=null"
             )
         if not any(ruler.TASKS[name].takes_depths for name in self.ruler_tasks()):
-            _fail(
-                f"task.depths is set, but {self.name} has more than one needle (lm-eval places "
-                "them at random): pass task.depths=null"
+            needles = ruler.TASKS[self.name].needles if self.name in ruler.TASKS else 2
+            what = (
+                "no needle (nothing to place)"
+                if needles == 0
+                else "more than one needle (lm-eval places them at random)"
             )
+            _fail(f"task.depths is set, but {self.name} has {what}: pass task.depths=null")
 
     def ruler_settings(self) -> dict[str, Any]:
         """What the record says about a RULER run: the generator's settings and each task's
@@ -136,6 +139,16 @@ class RulerSpec:
                 f"{context_length} tokens: drop them, or raise model.max_length (up to the "
                 "model's max_position_embeddings)"
             )
+        for name in self.ruler_tasks():
+            task = ruler.TASKS[name]
+            room = context_length - task.tokens_to_generate
+            if task.prompt_fills_length and max(self.lengths) > room:
+                _fail(
+                    f"task.lengths={self.lengths}: lm-eval sizes {name}'s prompt alone to the "
+                    f"length and generates {task.tokens_to_generate} tokens after it, which "
+                    f"overflows the model's window of {context_length}: use lengths of at "
+                    f"most {room}, or raise model.max_length"
+                )
         shortest = min(self.lengths)
         for name in self.ruler_tasks():
             try:

@@ -5,12 +5,13 @@ its measured depth where lm-eval places needles at random), where the needle sat
 and lm-eval's score (``passed``: every expected value found). From those:
 
 * ``ruler_heatmap__<model>__<task>.png``: one panel per run, needle depth (rows) x length
-  (columns), each cell the share of its samples passed, with ``k/n`` written in it;
+  (columns), each cell the share of its samples passed, with ``k/n`` written in it (only the
+  samples with a needle: none for ``cwe`` and ``fwe``, whose runs get no heatmap);
 * ``ruler_accuracy__<model>__<task>.png``: one panel per length, the share passed against
   the KV cache kept at that length (measured from the samples' own requests), one line per
   method, with 95 % Wilson intervals;
 * ``ruler_summary.csv`` (and a table in ``report.md``): per run and length, n, passed and
-  its interval, mid-depth (0.3-0.7) and edge passes, measured KV ratio.
+  its interval, mid-depth (0.3-0.7) and edge passes (NaN without needles), measured KV ratio.
 
 Only records are read (``runs["path"]``); nothing from ``methods``.
 """
@@ -30,7 +31,7 @@ from harness.report.plot_common import FULL_METHOD, method_colors, run_labels
 
 RULER_TITLES = {
     "ruler_heatmap": "RULER: needles found by depth and length",
-    "ruler_accuracy": "RULER: needles found vs KV cache kept, per length",
+    "ruler_accuracy": "RULER: samples passed vs KV cache kept, per length",
 }
 DEPTH_BINS = 5  # measured depths (random placement) are shown in fifths: 0.1, 0.3, ..., 0.9
 MID_DEPTHS = (0.3, 0.7)
@@ -117,7 +118,7 @@ def summary(samples: pd.DataFrame) -> pd.DataFrame:
         for length, part in [*run.groupby("length"), ("all", run)]:
             low, high = wilson(part["passed"].mean(), len(part))
             mid = part[part["depth"].between(*MID_DEPTHS)]
-            edge = part[~part["depth"].between(*MID_DEPTHS)]
+            edge = part[part["depth"].notna() & ~part["depth"].between(*MID_DEPTHS)]
             rows.append(
                 {
                     "model": model,
@@ -144,10 +145,12 @@ def _kv_ratio(part: pd.DataFrame) -> float:
 
 
 def plot_heatmaps(group: pd.DataFrame) -> Figure | None:
-    """Needle heatmaps of every run of one (model, task), a panel each."""
+    """Needle heatmaps of every run of one (model, task), a panel each; None when no sample
+    has a needle (cwe, fwe), whose share passed per length is in the accuracy plot."""
     samples = sample_table(group)
-    if samples.empty:
+    if samples.empty or samples["depth"].isna().all():
         return None
+    samples = samples[samples["depth"].notna()]
     model, task = group["model"].iloc[0], group["task"].iloc[0]
     runs = list(samples.groupby("label", sort=False))
     runs.sort(key=lambda item: (item[1]["method"].iloc[0] != FULL_METHOD, -_kv_ratio(item[1])))
@@ -223,7 +226,7 @@ def plot_accuracy_vs_kv(group: pd.DataFrame) -> Figure | None:
     axes[0].set_ylabel("share of samples passed (95 % interval)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    fig.suptitle(f"{model} · {task}: needles found vs KV cache kept")
+    fig.suptitle(f"{model} · {task}: samples passed vs KV cache kept")
     return fig
 
 

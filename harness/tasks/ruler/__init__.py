@@ -2,8 +2,8 @@
 
 lm-eval's RULER generators download nltk's ``punkt_tab``, Paul Graham's essays and SQuAD /
 HotpotQA, and load the tokenizer by hub name. kvbench reproduces the generators (``niah.py``,
-``vt.py``: lm-eval's templates and sampling, checked against lm-eval's own functions in
-``tests/test_ruler.py``) and keeps lm-eval's scoring (``common_utils.process_results``).
+``vt.py``, ``cwe.py``, ``fwe.py``: lm-eval's templates and sampling, checked against lm-eval's
+own functions in ``tests/test_ruler.py``) and keeps lm-eval's scoring (``common_utils.process_results``).
 The tasks that read essays run over an offline haystack instead, GSM8K's training questions,
 and say so in their name (``..._gsm8k_haystack``). ``qa_squad`` and ``qa_hotpot`` read SQuAD
 and HotpotQA: only lm-eval's own tasks (``task.source=hub``, network) run them.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from harness.tasks.ruler import niah, vt
+from harness.tasks.ruler import cwe, fwe, niah, vt
 
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 GSM8K_HAYSTACK = "gsm8k_haystack"  # what replaces Paul Graham's essays
@@ -33,8 +33,10 @@ GSM8K_HAYSTACK = "gsm8k_haystack"  # what replaces Paul Graham's essays
 class RulerTask:
     """One RULER task: lm-eval's name for it and the generator's settings.
 
-    ``niah`` holds ``niah.generate_samples``'s keyword arguments (``None`` for variable
-    tracking); ``needles`` is how many needles a sample places (depths need exactly one).
+    ``niah`` holds ``niah.generate_samples``'s keyword arguments (``None`` for the other
+    generators, named by ``generator``); ``needles`` is how many needles a sample places
+    (depths need exactly one; 0: no needle). ``prompt_fills_length``: lm-eval sizes the prompt
+    alone to the length (fwe), so the generated tokens come on top of it.
     """
 
     stock: str
@@ -42,6 +44,8 @@ class RulerTask:
     niah: dict[str, Any] | None = field(default=None, hash=False)
     needles: int = 1
     tokens_to_generate: int = 128
+    generator: str = "niah"
+    prompt_fills_length: bool = False
 
     @property
     def takes_depths(self) -> bool:
@@ -65,7 +69,9 @@ TASKS: dict[str, RulerTask] = {
     "ruler_niah_multikey_3": _niah("niah_multikey_3", "needle", "uuids", "uuids"),
     "ruler_niah_multivalue_gsm8k_haystack": _niah("niah_multivalue", GSM8K_HAYSTACK, "words", "numbers", num_needle_v=4),
     "ruler_niah_multiquery_gsm8k_haystack": _niah("niah_multiquery", GSM8K_HAYSTACK, "words", "numbers", num_needle_q=4),
-    "ruler_vt": RulerTask(stock="ruler_vt", haystack="noise", needles=5, tokens_to_generate=30),
+    "ruler_vt": RulerTask(stock="ruler_vt", haystack="noise", needles=5, tokens_to_generate=30, generator="vt"),
+    "ruler_cwe": RulerTask(stock="ruler_cwe", haystack="words", needles=0, tokens_to_generate=cwe.TOKENS_TO_GENERATE, generator="cwe"),
+    "ruler_fwe": RulerTask(stock="ruler_fwe", haystack="coded_words", needles=0, tokens_to_generate=fwe.TOKENS_TO_GENERATE, generator="fwe", prompt_fills_length=True),
 }  # fmt: skip
 # lm-eval's RULER tasks that need data from the hub: no offline version
 HUB_ONLY = {"ruler_qa_squad": "ruler_qa_squad", "ruler_qa_hotpot": "ruler_qa_hotpot"}
@@ -100,13 +106,15 @@ def generate(
 ) -> list[dict[str, Any]]:
     """Samples of task ``name`` at every length (lm-eval's fields ``index``, ``input``,
     ``outputs``, ``length``, ``max_length``, ``gen_prefix``, plus ``depth`` (requested, or
-    None), ``needle_position``, ``needle_depth`` and ``haystack``). ``depths`` apply to tasks
-    with one needle and are ignored by the others (lm-eval's random placement)."""
+    None), ``needle_position``, ``needle_depth`` (None for the tasks without a needle: cwe,
+    fwe) and ``haystack``). ``depths`` apply to tasks with one needle and are ignored by the
+    others (lm-eval's random placement)."""
     task = TASKS[name]
     rows: list[dict[str, Any]] = []
     for length in lengths:
         if task.niah is None:
-            samples = vt.generate_samples(
+            generator = {"vt": vt, "cwe": cwe, "fwe": fwe}[task.generator]
+            samples = generator.generate_samples(
                 tokenizer, seed=seed, max_seq_length=int(length), num_samples=samples_per_length
             )
         else:
@@ -127,9 +135,14 @@ def generate(
 def minimum_length(name: str, tokenizer: Any, seed: int = 42) -> int:
     """About the shortest length that holds task ``name``'s template, its needles (or the
     variable-tracking example and chain) and the tokens it generates, in ``tokenizer``'s
-    tokens: the prompt with the least haystack lm-eval's generator can use."""
+    tokens: the prompt with the least haystack lm-eval's generator can use (cwe, fwe: the
+    fewest words their answer needs)."""
     task = TASKS[name]
     rng = random.Random(seed)
+    if task.generator == "cwe":
+        return cwe.minimum_length(tokenizer, seed=seed)
+    if task.generator == "fwe":
+        return fwe.minimum_length(tokenizer, seed=seed)
     if task.niah is None:
         np_rng = vt.np.random.RandomState(seed)
         try:
