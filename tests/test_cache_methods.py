@@ -14,7 +14,8 @@ from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from methods.base import CacheMethod, Compose, MethodConfigError
 from methods.cache.attention import apply_rope, attention_probs
-from methods.cache.codebook import Codebook, CodebookLayer, greedy_cover
+from methods.cache.codebook import Codebook, greedy_cover
+from methods.cache.codebook_layer import CodebookLayer
 from methods.cache.h2o import H2O
 from methods.cache.knorm import KeyNorm
 from methods.cache.pyramidkv import PyramidKV, pyramid_budgets
@@ -151,7 +152,9 @@ def test_ratio_one_is_the_full_cache(kind, name):
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
 @pytest.mark.parametrize("name", METHODS)
 def test_kept_tokens_follow_the_budget(kind, name):
-    method = METHODS[name](budget=40)
+    # SpindleKV in the paper's token-count mode (its default spends bytes, see test_spindlekv)
+    extra = {"budget_mode": "tokens"} if name == "spindlekv" else {}
+    method = METHODS[name](budget=40, **extra)
     _, cache = run(load(kind), prompt(), [method], steps=0)
     if name in ("h2o", "snapkv", "knorm"):
         assert lengths(cache) == [40] * 4
@@ -229,6 +232,8 @@ def test_decoding_after_eviction_uses_true_positions(name):
     if isinstance(method, H2O):  # its decoding evictions reuse slots: find them by position
         at = method.positions(0).argsort(-1).unsqueeze(-1).expand_as(keys)
         keys = keys.gather(2, at)
+    if isinstance(layer, CodebookLayer):  # SpindleKV stores one copy of a KV head per query head
+        reference = reference.repeat_interleave(keys.shape[1] // reference.shape[1], dim=1)
     torch.testing.assert_close(keys[..., -2:, :], reference[..., PROMPT:, :], atol=1e-5, rtol=1e-4)
     if isinstance(layer, CodebookLayer):  # lossless codebook: every decoded key at its position
         assert (layer.positions[..., -2:] == torch.tensor([PROMPT, PROMPT + 1])).all()
@@ -284,7 +289,8 @@ def test_codebook_is_the_papers_greedy_and_members_stay_within_theta(scope, magn
     centres, ref = greedy_cover(unit, 0.98, block=7)
     expected_centres, expected_ref = naive_codebook(vectors[0, 0], 0.98)
     assert centres.tolist() == expected_centres and torch.equal(ref, expected_ref)
-    book = Codebook.build(vectors, 0.98, scope, magnitude, block=16, dtype=torch.float32)
+    kept = torch.arange(30).expand(1, 2, 30)  # every token of both heads
+    book = Codebook.build(vectors, kept, 0.98, scope, magnitude, block=16, dtype=torch.float32)
     assert book.entries.shape[0] < 60 and book.refs.shape == (1, 2, 30)
     near = vectors[:, :, :2] * 1.5 + 1e-3  # near-duplicates of existing tokens: reuse entries
     far = torch.randn(1, 2, 1, 8, generator=torch.Generator().manual_seed(5))
@@ -306,12 +312,17 @@ def test_codebook_is_the_papers_greedy_and_members_stay_within_theta(scope, magn
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [*METHODS, "spindlekv-union"])
 def test_stored_bytes_equal_a_count_from_the_shapes(kind, name):
     model = load(kind)
-    method = METHODS[name](ratio=0.3)
+    if name == "spindlekv-union":
+        method = SpindleKV(window=8, ratio=0.3, gqa="union")
+    else:
+        method = METHODS[name](ratio=0.3)
     _, cache = run(model, prompt(), [method], steps=2)
     heads, dim = model.config.num_key_value_heads, 16
+    if name == "spindlekv":  # head repeat: one stored copy of its KV head per query head
+        heads = model.config.num_attention_heads
     expected = 0
     for layer in cache.layers:
         if not isinstance(layer, CodebookLayer):
@@ -320,7 +331,7 @@ def test_stored_bytes_equal_a_count_from_the_shapes(kind, name):
         tokens = layer.positions.shape[-1]
         assert layer.keys.shape[-2] == 0 and layer.positions.shape == (1, heads, tokens)
         for book in (layer.key_book, layer.value_book):
-            assert book.refs.shape == (1, heads, tokens)  # never a repeat_kv copy
+            assert book.refs.shape == (1, heads, tokens)  # union: never a repeat_kv copy
             expected += book.entries.shape[0] * (dim * 4 + 4) + heads * tokens * (4 + 4)
         expected += heads * tokens * 4  # positions
     assert stored_kv_bytes(cache) == expected

@@ -1,72 +1,147 @@
-"""SpindleKV's codebook and the cache layer that stores it.
+"""SpindleKV's codebook: similar vectors share one stored entry.
 
-A :class:`Codebook` stores vectors (B, H, N, D) as shared entries (E, D), an int32
-reference per vector and, by default, a float magnitude per vector; it decodes them as
-``entries[ref] * magnitude``. :class:`CodebookLayer` is a transformers cache layer whose
-stored tensors are only that compressed form; ``update`` returns the decoded keys (RoPE
-re-applied at each token's true position) and values for attention, then drops them.
+A :class:`Codebook` stores vectors as shared entries (E, D), an int32 entry index per
+vector and, by default, a float magnitude per vector; a vector reads back as
+``entries[ref] * magnitude``. The vectors are those kept by each *stored head*: a KV head,
+or, under GQA with SpindleKV's head repeat, one copy of its KV head per query head
+(``copies`` stored heads per KV head), each copy keeping its own tokens. Copies hold the
+same vectors, so a codebook that spans them (scope ``head``: one codebook per KV head and its
+copies; ``layer``: one per layer) stores a token kept by several copies once: the copies
+differ only in their refs and magnitudes, which are stored per stored head and counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from transformers.cache_utils import DynamicLayer
-
-from methods.cache.attention import apply_rope, undo_rope
 
 SCOPES = ("head", "layer")
 _TINY = 1e-12
 
 
-def similarity_graph(unit: torch.Tensor, theta: float, block: int) -> torch.Tensor:
-    """(N, N) bool, True where the cosine of two unit vectors (N, D) exceeds ``theta``;
-    the diagonal is always True (a zero vector is its own entry). The float similarities
-    are computed ``block`` rows at a time, so only the boolean matrix is ever N x N."""
-    n = unit.shape[0]
-    graph = torch.empty(n, n, dtype=torch.bool, device=unit.device)
-    for start in range(0, n, block):
-        graph[start : start + block] = unit[start : start + block] @ unit.T > theta
-    return (graph & graph.T).fill_diagonal_(True)  # exactly symmetric despite float rounding
-
-
-def greedy_cover(unit: torch.Tensor, theta: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SpindleKV's greedy codebook over unit vectors (N, D): repeatedly take the vector with
-    the most still-uncovered neighbours (cos > theta; first index on ties) as an entry and
-    cover them. Returns (centres (E,) indices into the N vectors, ref (N,) entry per vector).
-
-    Row sums are updated incrementally (O(N * covered) per step; the graph stays symmetric,
-    rows and columns being cleared together); once every remaining vector is only its own
-    neighbour they become entries together, in index order, which is what the
-    one-at-a-time loop would do.
+class Neighbours:
+    """Pairs of one group's vectors whose cosine exceeds ``theta``, for the vectors asked about
+    so far (``ids`` into the group's ``size`` vectors). SpindleKV's budget search builds a
+    layer's codebooks for growing token sets: the pairs already found are kept and only the
+    new vectors' similarities are computed, ``block`` rows at a time (nothing N x N is held).
     """
-    graph = similarity_graph(unit, theta, block)
-    degree = graph.sum(dim=1)
-    ref = torch.full((unit.shape[0],), -1, dtype=torch.long, device=unit.device)
+
+    def __init__(self, size: int, theta: float, block: int) -> None:
+        self.theta, self.block = theta, block
+        self.known = np.zeros(size, dtype=bool)
+        self.src: list[np.ndarray] = []
+        self.dst: list[np.ndarray] = []
+
+    def among(self, vectors: torch.Tensor, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Directed pairs (src, dst) of ids (sorted, unique) with cos > theta, no self pairs.
+        ``vectors`` (size, D) are the group's vectors (any length; only directions count)."""
+        new = ids[~self.known[ids]]
+        if new.size:
+            self.known[new] = True
+            cols = np.flatnonzero(self.known)
+            is_new = np.zeros(self.known.shape[0], dtype=bool)
+            is_new[new] = True
+            col_unit = _unit(vectors[torch.from_numpy(cols)])
+            row_unit = _unit(vectors[torch.from_numpy(new)])
+            for start in range(0, new.size, self.block):
+                hits = (row_unit[start : start + self.block] @ col_unit.T > self.theta).nonzero()
+                a = new[start + hits[:, 0].numpy()]
+                b = cols[hits[:, 1].numpy()]
+                keep = a != b
+                a, b = a[keep], b[keep]
+                old = ~is_new[b]  # a pair with an older vector is found from this side only
+                self.src += [a, b[old]]
+                self.dst += [b, a[old]]
+        src = np.concatenate(self.src) if self.src else np.zeros(0, dtype=np.int64)
+        dst = np.concatenate(self.dst) if self.dst else np.zeros(0, dtype=np.int64)
+        inside = np.zeros(self.known.shape[0], dtype=bool)
+        inside[ids] = True
+        keep = inside[src] & inside[dst]
+        return src[keep], dst[keep]
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    vectors = vectors.float()
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+
+
+def greedy_cover(
+    unit: torch.Tensor, theta: float, block: int, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpindleKV's greedy codebook over vectors (N, D): repeatedly take the vector with the
+    most still-uncovered neighbours (cos > theta, itself included; first index on ties) as an
+    entry and cover them. Returns (centres (E,) indices into the N vectors, ref (N,) entry per
+    vector). See :func:`cover` for ``weights``."""
+    n = unit.shape[0]
+    src, dst = Neighbours(n, theta, block).among(unit, np.arange(n))
+    centres, ref = cover(n, src, dst, None if weights is None else weights.cpu().numpy())
+    return torch.from_numpy(centres).to(unit.device), torch.from_numpy(ref).to(unit.device)
+
+
+def cover(
+    n: int, src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's greedy over n vectors whose above-threshold pairs are (src, dst) (indices
+    0..n-1, no self pairs): (centres (E,), ref (n,)).
+
+    ``weights`` (n,) counts how many stored heads keep each vector (SpindleKV's repeated KV
+    heads): the greedy then runs on the multiset, a vector counting once per copy, which is
+    the paper's loop over the repeated heads with identical copies kept together.
+
+    Lazy greedy, exact: a vector's uncovered weight only falls as others are covered, so a
+    heap of stale upper bounds gives the true argmax after re-counting only the vectors that
+    reach its top. A vector with no uncovered neighbour is its own entry whatever the order
+    (it changes nobody's count); those become entries last, in index order, as the paper's
+    one-at-a-time loop makes them (it takes them last: each covers only itself).
+    """
+    weight = np.ones(n) if weights is None else weights.astype(np.float64)
+    order = np.argsort(src, kind="stable")
+    neighbours = dst[order]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=n), out=indptr[1:])
+    degree = weight + np.bincount(src, weights=weight[dst], minlength=n)
+    heap = [
+        (-d, i)
+        for i, d in zip(
+            np.flatnonzero(indptr[1:] > indptr[:-1]).tolist(),
+            degree[indptr[1:] > indptr[:-1]].tolist(),
+            strict=True,
+        )
+    ]
+    heapq.heapify(heap)
+    alive = np.ones(n, dtype=bool)
+    ref = np.full(n, -1, dtype=np.int64)
     centres: list[int] = []
-    while degree.numel():
-        best = int(degree.argmax())
-        if int(degree[best]) <= 1:
-            break
-        members = graph[best].nonzero().squeeze(1)
-        degree -= graph.index_select(0, members).sum(dim=0)  # the graph is symmetric
-        graph.index_fill_(0, members, False).index_fill_(1, members, False)
-        degree[members] = 0
-        ref[members] = len(centres)
-        centres.append(best)
-    rest = (ref < 0).nonzero().squeeze(1)
-    ref[rest] = len(centres) + torch.arange(rest.numel(), device=unit.device)
-    centres_t = torch.tensor(centres, dtype=torch.long, device=unit.device)
-    return torch.cat([centres_t, rest]), ref
+    while heap:
+        bound, i = heapq.heappop(heap)
+        if not alive[i]:
+            continue
+        members = neighbours[indptr[i] : indptr[i + 1]]
+        members = members[alive[members]]
+        if members.size == 0:  # alone now: an entry of its own, added with the rest below
+            continue
+        count = weight[i] + weight[members].sum()
+        if count < -bound and heap and (-count, i) > heap[0]:
+            heapq.heappush(heap, (-count, i))  # stale bound: someone else may be larger now
+            continue
+        alive[i] = False
+        alive[members] = False
+        ref[i] = ref[members] = len(centres)
+        centres.append(i)
+    rest = np.flatnonzero(ref < 0)
+    ref[rest] = len(centres) + np.arange(rest.size)
+    return np.array(centres + rest.tolist(), dtype=np.int64), ref
 
 
 @dataclass
 class Codebook:
-    """Vectors (B, H, N, D) as entries (E, D), ``owner`` (E,) int32 (the group an entry
-    belongs to: a (batch, head) pair for scope ``head``, a batch row for ``layer``), refs
-    (B, H, N) int32 into the entries, magnitudes (B, H, N) or None.
+    """Vectors kept by B x H stored heads, N each, as entries (E, D), ``owner`` (E,) int32
+    (the group an entry belongs to: a (batch, KV head) pair for scope ``head``, a batch row
+    for ``layer``), refs (B, H, N) int32 into the entries, magnitudes (B, H, N) or None.
+    Stored head h is a copy of KV head ``h // copies``.
 
     With magnitudes, entries are unit vectors and a vector decodes to ``entry * magnitude``;
     without (the paper's ablation), an entry is its centre vector as is and members decode
@@ -78,39 +153,62 @@ class Codebook:
     magnitudes: torch.Tensor | None
     theta: float
     scope: str
+    copies: int = 1
 
     @classmethod
     def build(
         cls,
         vectors: torch.Tensor,
+        kept: torch.Tensor,
         theta: float,
         scope: str,
         magnitude: bool,
         block: int,
         dtype: torch.dtype,
+        neighbours: list[Neighbours] | None = None,
     ) -> Codebook:
-        """Codebook of vectors (B, H, N, D), stored in ``dtype``; built in float32."""
-        batch, heads, n, dim = vectors.shape
+        """Codebook of the tokens ``kept`` (B, H, N) (indices into S, per stored head) of
+        vectors (B, H_kv, S, D), stored in ``dtype``; built in float32. H = copies * H_kv.
+        ``neighbours`` (one per group, filled on first use) carries the similarities found
+        by an earlier build over the same vectors (SpindleKV's budget search)."""
+        batch, kv_heads, seq_len, dim = vectors.shape
+        heads, n = kept.shape[1], kept.shape[2]
+        copies = heads // kv_heads
         raw = vectors.float()
-        norms = raw.norm(dim=-1)
-        unit = raw / norms.clamp_min(_TINY).unsqueeze(-1)
-        rows = batch * heads if scope == "head" else batch
+        kv_of = torch.arange(heads, device=kept.device) // copies  # stored head -> KV head
+        if scope == "head":
+            sources = raw.reshape(batch * kv_heads, seq_len, dim)
+            rows = kept.reshape(batch * kv_heads, copies, n)
+        else:
+            sources = raw.reshape(batch, kv_heads * seq_len, dim)
+            rows = kept + (kv_of * seq_len).view(1, heads, 1)
+        neighbours = [] if neighbours is None else neighbours
         entries, owners, refs, offset = [], [], [], 0
-        for group, (members, originals) in enumerate(
-            zip(unit.reshape(rows, -1, dim), raw.reshape(rows, -1, dim), strict=True)
-        ):
-            centres, ref = greedy_cover(members, theta, block)
-            entries.append((members if magnitude else originals)[centres])
-            owners.append(torch.full_like(centres, group))
-            refs.append(ref + offset)
-            offset += centres.numel()
+        for group, (source, row) in enumerate(zip(sources, rows, strict=True)):
+            members, inverse = torch.unique(row, return_inverse=True)
+            if len(neighbours) <= group:
+                neighbours.append(Neighbours(source.shape[0], theta, block))
+            ids = members.cpu().numpy()
+            src, dst = neighbours[group].among(source, ids)
+            local = np.full(source.shape[0], -1, dtype=np.int64)
+            local[ids] = np.arange(ids.size)
+            weights = torch.bincount(inverse.flatten(), minlength=ids.size).cpu().numpy()
+            centres, ref = cover(ids.size, local[src], local[dst], weights if copies > 1 else None)
+            centres_t = torch.from_numpy(centres).to(members.device)
+            picked = source[members[centres_t]]
+            entries.append(_unit(picked) if magnitude else picked)
+            owners.append(torch.full_like(centres_t, group))
+            refs.append(torch.from_numpy(ref).to(members.device)[inverse] + offset)
+            offset += centres.size
+        norms = raw.norm(dim=-1)[:, kv_of].gather(2, kept) if magnitude else None
         return cls(
             entries=torch.cat(entries).to(dtype),
             owner=torch.cat(owners).int(),
             refs=torch.cat(refs).view(batch, heads, n).int(),
-            magnitudes=norms.to(dtype) if magnitude else None,
+            magnitudes=None if norms is None else norms.to(dtype),
             theta=theta,
             scope=scope,
+            copies=copies,
         )
 
     def decode(self) -> torch.Tensor:
@@ -119,109 +217,49 @@ class Codebook:
         return out if self.magnitudes is None else out * self.magnitudes.unsqueeze(-1)
 
     def append(self, vectors: torch.Tensor) -> None:
-        """Add vectors (B, H, t, D), one position at a time: a vector reuses the best entry
-        of its group when their cosine exceeds ``theta``, else it becomes a new entry."""
-        batch, heads = vectors.shape[:2]
+        """Add vectors (B, H_kv, t, D), one position at a time, to every copy of their KV head:
+        a vector reuses its group's most similar entry when their cosine exceeds ``theta``,
+        else it becomes a new entry (within a ``layer`` group, the KV heads go in order, so a
+        head may reuse the entry the previous head just added)."""
+        batch, kv_heads = vectors.shape[:2]
         device = vectors.device
         if self.scope == "head":
-            group = torch.arange(batch * heads, device=device).view(batch, heads)
+            order = [torch.arange(batch * kv_heads, device=device).view(batch, kv_heads)]
+            heads = [slice(None)]
         else:
-            group = torch.arange(batch, device=device).view(batch, 1).expand(batch, heads)
+            order = [torch.arange(batch, device=device).view(batch, 1)] * kv_heads
+            heads = [slice(h, h + 1) for h in range(kv_heads)]
         for step in range(vectors.shape[2]):
-            raw = vectors[:, :, step].float()
-            norm = raw.norm(dim=-1)
-            unit = raw / norm.clamp_min(_TINY).unsqueeze(-1)
-            book = self.entries.float()
-            book = book / book.norm(dim=-1, keepdim=True).clamp_min(_TINY)
-            sims = torch.einsum("bhd,ed->bhe", unit, book)
-            sims = sims.masked_fill(self.owner.long() != group.unsqueeze(-1), float("-inf"))
-            best, ref = sims.max(dim=-1)
-            new = best <= self.theta
-            ref[new] = self.entries.shape[0] + torch.arange(int(new.sum()), device=device)
-            fresh = (unit if self.magnitudes is not None else raw)[new]
-            self.entries = torch.cat([self.entries, fresh.to(self.entries.dtype)])
-            self.owner = torch.cat([self.owner, group[new].int()])
+            refs, norms = [], []
+            for group, head in zip(order, heads, strict=True):
+                ref, norm = self._add(vectors[:, head, step], group)
+                refs.append(ref)
+                norms.append(norm)
+            ref = torch.cat(refs, dim=1).repeat_interleave(self.copies, dim=1)
             self.refs = torch.cat([self.refs, ref.unsqueeze(-1).int()], dim=-1)
             if self.magnitudes is not None:
+                norm = torch.cat(norms, dim=1).repeat_interleave(self.copies, dim=1)
                 mags = norm.unsqueeze(-1).to(self.magnitudes.dtype)
                 self.magnitudes = torch.cat([self.magnitudes, mags], dim=-1)
+
+    def _add(self, vectors: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """vectors (B, h, D) of groups (B, h) -> their entry indices (B, h) and norms."""
+        raw = vectors.float()
+        norm = raw.norm(dim=-1)
+        unit = raw / norm.clamp_min(_TINY).unsqueeze(-1)
+        book = self.entries.float()
+        if self.magnitudes is None:  # entries are raw centres: compare directions
+            book = book / book.norm(dim=-1, keepdim=True).clamp_min(_TINY)
+        sims = unit @ book.T  # (B, h, E)
+        sims = sims.masked_fill(self.owner.long() != group.unsqueeze(-1), float("-inf"))
+        best, ref = sims.max(dim=-1)
+        new = best <= self.theta
+        ref[new] = self.entries.shape[0] + torch.arange(int(new.sum()), device=ref.device)
+        fresh = (unit if self.magnitudes is not None else raw)[new]
+        self.entries = torch.cat([self.entries, fresh.to(self.entries.dtype)])
+        self.owner = torch.cat([self.owner, group.expand_as(new)[new].int()])
+        return ref, norm
 
     def nbytes(self) -> int:
         tensors = (self.entries, self.owner, self.refs, self.magnitudes)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class CodebookLayer(DynamicLayer):
-    """A cache layer holding SpindleKV's compressed form: a key codebook over pre-RoPE keys,
-    a value codebook, and each kept token's true position (int32, (B, H, N): per head,
-    since each head keeps its own tokens). ``keys``/``values`` hold only the newest tokens
-    (post-RoPE, as the model gives them) until the method folds them into the codebooks
-    after the forward pass (:meth:`fold`). ``rope(positions (B, n), like)`` returns the
-    model's (cos, sin), each (B, n, D), for those positions.
-    """
-
-    def __init__(
-        self, key_book: Codebook, value_book: Codebook, positions: torch.Tensor, rope: Rope
-    ) -> None:
-        super().__init__()
-        self.key_book, self.value_book, self.positions, self.rope = (
-            key_book,
-            value_book,
-            positions,
-            rope,
-        )
-        batch, heads = positions.shape[:2]
-        self.dtype, self.device = key_book.entries.dtype, key_book.entries.device
-        self.keys = key_book.entries.new_zeros(batch, heads, 0, key_book.entries.shape[-1])
-        self.values = value_book.entries.new_zeros(batch, heads, 0, value_book.entries.shape[-1])
-        self.is_initialized = True
-
-    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored tokens' keys (RoPE re-applied) and values, each (B, H, N, D)."""
-        pre = self.key_book.decode()
-        batch, heads, n, dim = pre.shape
-        cos, sin = self.rope(self.positions.reshape(batch, heads * n).long(), pre)
-        keys = apply_rope(pre, cos.view(batch, heads, n, dim), sin.view(batch, heads, n, dim))
-        return keys, self.value_book.decode()
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        keys, values = self.decoded()
-        return torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
-
-    def fold(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Move the newest tokens (``keys``/``values``, post-RoPE) into the codebooks;
-        positions (B, t) and cos/sin (B, t, D) are those the model used for them."""
-        if self.keys.shape[-2] == 0:
-            return
-        pre = undo_rope(self.keys.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1))
-        self.key_book.append(pre)
-        self.value_book.append(self.values)
-        heads = self.positions.shape[1]
-        new = positions.to(self.positions).unsqueeze(1).expand(-1, heads, -1)
-        self.positions = torch.cat([self.positions, new], dim=-1)
-        self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
-
-    def get_seq_length(self) -> int:
-        return self.positions.shape[-1] + self.keys.shape[-2]
-
-    def stored_nbytes(self) -> int:
-        """Bytes held: both codebooks (entries, owners, refs, magnitudes), the positions
-        and any not-yet-folded tokens. Decoded keys/values are never kept."""
-        tail = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-        positions = self.positions.numel() * self.positions.element_size()
-        return self.key_book.nbytes() + self.value_book.nbytes() + positions + tail
-
-    def _unsupported(self, *args, **kwargs) -> None:
-        raise NotImplementedError(
-            "SpindleKV's codebook cache layer supports greedy decoding only (no cropping, "
-            "beam search or batch re-indexing)"
-        )
-
-    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported

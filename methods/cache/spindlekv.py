@@ -12,49 +12,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import MethodConfigError, cache_of
+from methods.base import MethodConfigError, attention_modules, cache_of
+from methods.cache import codebook_attention
 from methods.cache.attention import layer_rope, pool, undo_rope
-from methods.cache.budget import allocate, layer_rank, refuse_eager, require_ragged_ok
-from methods.cache.codebook import SCOPES, Codebook, CodebookLayer
-from methods.cache.scorer import gather_tokens, top_indices
+from methods.cache.budget import compressed_layers, refuse_eager, require_ragged_ok
+from methods.cache.codebook import SCOPES, Codebook
+from methods.cache.codebook_layer import CodebookLayer, RopeTable
 from methods.cache.snapkv import SnapKV
+from methods.cache.spindle_plan import keep_order, search_target, spindle_budgets
 
-GQA_MODES = ("repeat", "group_average")
+__all__ = ["SpindleKV", "model_rope", "round_robin", "spindle_budgets"]
 
-
-def spindle_budgets(target: int, seq_len: int, window: int, layers: int, beta: float) -> list[int]:
-    """Tokens kept per layer (window included), shallowest first, averaging ``target``.
-
-    The paper's pyramid: ``l_c = l - l_w``, ``r_c = (target - l_w) / l_c``, ``alpha =
-    (1 + beta) / 2``; if ``beta < r_c <= alpha`` the ratio runs linearly from ``2 r_c -
-    beta`` (layer 0) to ``beta`` (last layer), if ``r_c > alpha`` from 1 to ``2 r_c - 1``
-    (the printed ``1 - 2 r_c`` is a typo: the mean must be r_c). Below beta the paper gives
-    no pyramid [open]: every layer keeps r_c. Layer λ keeps ``r_c(λ) * l_c`` tokens plus the
-    window, floored, the remainders spread so the layers' total is exactly ``m * target``.
-    """
-    window = min(window, target)
-    prefix = seq_len - window
-    if prefix <= 0:
-        return [seq_len] * layers
-    r_c = (target - window) / prefix
-    if r_c > (1 + beta) / 2:
-        first, last = 1.0, 2 * r_c - 1
-    elif r_c > beta:
-        first, last = 2 * r_c - beta, beta
-    else:
-        first = last = r_c
-    span = max(layers - 1, 1)
-    shares = [(first + (last - first) * rank / span) * prefix for rank in range(layers)]
-    return [n + window for n in allocate(shares, (target - window) * layers, prefix)]
+GQA_MODES = ("repeat", "union", "group_average")
+BUDGET_MODES = ("bytes", "tokens")
+DECODE_ATTENTION = ("codebook", "materialize")
 
 
-def model_rope(model: nn.Module, module: nn.Module):
-    """``rope(positions (B, n), like) -> (cos, sin)`` from the model's own rotary embedding
-    (Gemma-3's takes the attention layer's type, local or global), or the layer's own when
-    it defines ``position_embeddings`` (KV-Latent's reduced-dim attention)."""
+def model_rope(model: nn.Module, module: nn.Module) -> tuple[tuple, Any]:
+    """(key, ``rope(positions (B, n), like) -> (cos, sin)``) from the model's own rotary
+    embedding (Gemma-3's takes the attention layer's type, local or global), or the layer's
+    own when it defines ``position_embeddings`` (KV-Latent's reduced-dim attention). Layers
+    with the same key share one RoPE (and one :class:`RopeTable`)."""
     own = getattr(module, "position_embeddings", None)
     if callable(own):
-        return lambda positions, like: own(positions, like.dtype)
+        return ("own", module.layer_idx), lambda positions, like: own(positions, like.dtype)
     found = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
     if not found:
         raise MethodConfigError(
@@ -69,7 +50,7 @@ def model_rope(model: nn.Module, module: nn.Module):
     def rope(positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary(like, positions, *extra)
 
-    return rope
+    return ("model", *extra), rope
 
 
 def round_robin(scores: torch.Tensor) -> torch.Tensor:
@@ -83,46 +64,74 @@ def round_robin(scores: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class _Pending:
+    """One layer's prefill, kept until the last compressed layer has run (the budgets of all
+    layers are chosen together)."""
+
+    layer_idx: int
+    order: torch.Tensor  # (B, H, S) keep order per stored head
+    keys: torch.Tensor  # (B, H_kv, S, D) post-RoPE, as cached
+    values: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor  # (B, S)
+    rope: Any
+    table: RopeTable
+
+
+@dataclass
 class SpindleKV(SnapKV):
     """SpindleKV, per METHODS.md section 2.
 
     Scores: per query head, ``ac[a] = sum_{b in window} A[b, a] / (l - a)`` over the last
     ``window`` queries [open: 32], then ``pooling`` with ``kernel_size`` [open: max, 7].
-    Budget: :func:`spindle_budgets` per compressed layer (``beta`` 0.05), window always kept.
-    GQA (``gqa``): ``group_average`` (the paper's ablation) averages a group's scores;
-    ``repeat`` lets every query head rank the tokens on its own. transformers' attention
-    repeats the KV heads itself and takes its mask from the model, so one KV head cannot
-    show each query head a different token set without patching: ``repeat`` keeps, per KV
-    head, the union of its query heads' own rankings merged round-robin (each query head's
-    best token, then each one's second best, ...) up to the layer's budget. No copy of a KV
-    head is ever stored; on MHA models both options are the same, exact, per-head eviction.
+    Budget: :func:`spindle_budgets`, the paper's pyramid over the compressed layers (``beta``
+    0.05), window always kept.
+
+    GQA (``gqa``): ``repeat`` (the paper, default) repeats each KV head once per query head;
+    every copy keeps its own query head's best tokens and is stored: refs, magnitudes and
+    positions per query head, counted in the bytes; the codebook spans a KV head's copies, so
+    a token kept by several copies is one entry. While decoding, a new token goes to every copy.
+    ``union`` (ours, the earlier default) stores KV heads only, each keeping the round-robin
+    union of its query heads' rankings; ``group_average`` (the paper's ablation) averages a
+    group's scores. On MHA models the three are the same.
+
+    Budget (``budget_mode``): ``bytes`` (default) stores ``ratio`` of the full cache's bytes
+    over the compressed layers, measured: the pyramid's mean token count is searched
+    (:func:`search_target`) until the layers' codebooks, refs, magnitudes and positions fill
+    the byte budget to within ``ratio_tolerance`` of the full bytes (never above it); the
+    codebook's savings become more kept tokens. ``tokens`` is the paper's token count
+    (``ratio`` of the prompt's tokens per stored head), for the ablation. With ``budget`` (a
+    token count) instead of ``ratio``, the byte budget is that of a full cache of ``budget``
+    tokens. The budgets of all compressed layers are chosen together once the last one has
+    run its prefill (prefill attention never sees a compressed layer, so nothing changes).
 
     Codebook: the kept keys are taken back to pre-RoPE (exactly, from the cached keys and the
     layer's cos/sin) and coded with threshold ``key_threshold`` (0.98), the values with
     ``value_threshold`` (0.95), by the paper's greedy algorithm, the N x N similarity built
-    ``similarity_block`` rows at a time. ``codebook_scope`` [open]: ``head`` (default: tokens
-    of one KV head share a codebook) or ``layer`` (all KV heads of a layer share one; its
-    graph is (H_kv N)^2 booleans). Stored: entries, an int32 owner per entry, an int32 ref
-    and a magnitude per token (``magnitude: false``, the ablation, stores none: tokens decode
-    to their entry's centre vector), an int32 position per kept token and head. Keys are
-    decoded with the model's own RoPE at those positions. Decoding: each new key/value joins
-    its group's best entry if cos > threshold, else becomes an entry. A threshold of 1.0
-    shares nothing (eviction only, with the codebook's overhead).
+    ``similarity_block`` rows at a time. ``codebook_scope`` [open]: ``head`` (a KV head and
+    its copies share a codebook) or ``layer``. ``magnitude: false`` (the paper's ablation)
+    stores no magnitudes: tokens decode to their entry's centre vector. Decoding: each new
+    key/value joins its group's best entry if cos > threshold, else becomes an entry.
 
-    ``ratio: 1.0`` (with no ``budget``) is the full cache, untouched, as for every method;
-    below it shallow layers may keep all tokens and still be coded. Sliding-window layers
-    are left to their own window and not counted in the pyramid. Eager attention is refused
-    (per-layer cache lengths, see budget.py).
+    Decode attention (``decode_attention``): ``codebook`` reads the codebooks directly (see
+    ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry),
+    ``materialize`` decodes every token each step (the plain reading). ``ratio: 1.0`` (with
+    no ``budget``) is the full cache, untouched. Sliding-window layers keep their own window
+    and are not counted. Eager attention is refused (per-layer cache lengths, see budget.py).
     """
 
     name: str = "spindlekv"
     beta: float = 0.05
     gqa: str = "repeat"
+    budget_mode: str = "bytes"
+    ratio_tolerance: float = 0.004
     key_threshold: float = 0.98
     value_threshold: float = 0.95
     magnitude: bool = True
     codebook_scope: str = "head"
     similarity_block: int = 1024
+    decode_attention: str = "codebook"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,24 +140,34 @@ class SpindleKV(SnapKV):
                 f"method.beta={self.beta} must be in [0, 1): the deepest layer's kept fraction "
                 "in the pyramid (the paper uses 0.05)"
             )
-        if self.gqa not in GQA_MODES:
-            raise MethodConfigError(
-                f"method.gqa={self.gqa!r} is unknown: use repeat (the paper) or group_average "
-                "(its ablation)"
-            )
+        choices = {
+            "gqa": (GQA_MODES, "repeat (the paper), union or group_average (its ablation)"),
+            "budget_mode": (BUDGET_MODES, "bytes (equal memory) or tokens (the paper's count)"),
+            "codebook_scope": (SCOPES, "head or layer"),
+            "decode_attention": (DECODE_ATTENTION, "codebook or materialize"),
+        }
+        for field, (allowed, hint) in choices.items():
+            if getattr(self, field) not in allowed:
+                raise MethodConfigError(
+                    f"method.{field}={getattr(self, field)!r} is unknown: use {hint}"
+                )
         for name in ("key_threshold", "value_threshold"):
             if not 0 < getattr(self, name) <= 1:
                 raise MethodConfigError(
                     f"method.{name}={getattr(self, name)} must be a cosine in (0, 1] (1.0 "
                     "shares no entry); the paper uses 0.98 for keys, 0.95 for values"
                 )
-        if self.codebook_scope not in SCOPES:
+        if not 0 < self.ratio_tolerance < 0.1:
             raise MethodConfigError(
-                f"method.codebook_scope={self.codebook_scope!r} is unknown: use head or layer"
+                f"method.ratio_tolerance={self.ratio_tolerance} must be in (0, 0.1): how far "
+                "below the requested ratio the byte search may stop, e.g. 0.004"
             )
         if self.similarity_block < 1:
             raise MethodConfigError(f"method.similarity_block={self.similarity_block} must be >= 1")
-        self._rope: dict[int, Any] = {}  # layer -> the model's RoPE, while applied
+        self._rope: dict[int, tuple[Any, RopeTable]] = {}  # layer -> RoPE, while applied
+        self._tables: dict[tuple, RopeTable] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._stats: dict[str, Any] | None = None
         self._model: nn.Module | None = None
 
     def validate_for(self, config: Any) -> None:
@@ -157,21 +176,45 @@ class SpindleKV(SnapKV):
     def validate_runtime(self, device: Any, dtype: Any, attn_implementation: str) -> None:
         refuse_eager(self.name, attn_implementation)
 
+    @property
+    def untouched(self) -> bool:
+        return self.budget is None and self.ratio == 1.0
+
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
+        """Hooks (scoring after prefill, binding each layer's codebook before its attention)
+        and, unless ``ratio`` is 1, the codebook attention as the model's attention
+        implementation; all undone on exit."""
         self.validate_for(model.config)
+        base = model.config._attn_implementation
+        modules = attention_modules(model)
+        handles = []
         with super().apply(model):
             self._model = model
             try:
+                if not self.untouched:
+                    model.set_attn_implementation(codebook_attention.register(base))
+                    for module in modules:
+                        handles.append(
+                            module.register_forward_pre_hook(self._bind, with_kwargs=True)
+                        )
                 yield
             finally:
+                for handle in handles:
+                    handle.remove()
+                for module in modules:
+                    codebook_attention.bind(module, None)
+                if model.config._attn_implementation != base:
+                    model.set_attn_implementation(base)
                 self._model = None
                 self._rope.clear()
+                self._tables.clear()
+                self._pending = {}
 
-    def layer_budget(self, module: nn.Module, seq_len: int) -> int:
-        rank, layers = layer_rank(module)
-        target = self.kept_tokens(seq_len)
-        return spindle_budgets(target, seq_len, self.window + self.sinks, layers, self.beta)[rank]
+    def _bind(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layers = getattr(cache_of(kwargs), "layers", ())
+        layer = layers[module.layer_idx] if module.layer_idx < len(layers) else None
+        codebook_attention.bind(module, layer if isinstance(layer, CodebookLayer) else None)
 
     def score(
         self,
@@ -181,6 +224,7 @@ class SpindleKV(SnapKV):
         values: torch.Tensor,
         kwargs: dict,
     ) -> torch.Tensor:
+        """Scores per stored head: (B, H_q, S) for ``repeat``, else (B, H_kv, S)."""
         scores = self.window_scores(module, hidden_states, keys, kwargs)  # (B, H_kv, G, S)
         seq_len = keys.shape[-2]
         scores = scores / torch.arange(seq_len, 0, -1, device=scores.device)  # / (l - a)
@@ -189,6 +233,8 @@ class SpindleKV(SnapKV):
         groups = scores.shape[2]
         if self.gqa == "group_average" or groups == 1:
             return scores.mean(dim=2)
+        if self.gqa == "repeat":
+            return scores.flatten(1, 2)  # query head h copies KV head h // G
         scores[..., prefix:] = torch.inf  # kept anyway: rank only the evictable tokens
         return round_robin(scores)
 
@@ -200,31 +246,143 @@ class SpindleKV(SnapKV):
         values: torch.Tensor,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.budget is None and self.ratio == 1.0:
+        if self.untouched:
             return keys, values
-        batch, heads, seq_len, _ = keys.shape
-        n_kept = self.layer_budget(module, seq_len)
-        if n_kept < seq_len:
-            scores = self.score(module, hidden_states, keys, values, kwargs)
-            idx = top_indices(scores, n_kept, self.sinks, self.recent_tokens(n_kept))
-        else:
-            idx = torch.arange(seq_len, device=keys.device).expand(batch, heads, seq_len)
+        order = compressed_layers(module.config)
+        if module.layer_idx == order[0]:
+            self._pending = {}
+        scores = self.score(module, hidden_states, keys, values, kwargs)
         cos, sin = layer_rope(module, kwargs)
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = torch.arange(seq_len, device=keys.device).unsqueeze(0)
-        positions = positions.expand(batch, -1)
-        rope = self._layer_rope(module, positions, cos, sin)
-        pre_keys = undo_rope(keys.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1))
-        kept_positions = positions.unsqueeze(1).expand(-1, heads, -1).gather(2, idx)
-        layer = CodebookLayer(
-            self._codebook(gather_tokens(pre_keys, idx), self.key_threshold, keys.dtype),
-            self._codebook(gather_tokens(values, idx), self.value_threshold, values.dtype),
-            kept_positions.int(),
+            positions = torch.arange(keys.shape[-2], device=keys.device).unsqueeze(0)
+        positions = positions.expand(keys.shape[0], -1)
+        rope, table = self._layer_rope(module, positions, cos, sin)
+        self._pending[module.layer_idx] = _Pending(
+            module.layer_idx,
+            keep_order(scores, self.sinks, self.window),
+            keys,
+            values,
+            cos,
+            sin,
+            positions,
             rope,
+            table,
         )
-        cache_of(kwargs).layers[module.layer_idx] = layer
+        if module.layer_idx != order[-1]:
+            return keys, values  # compressed with the others once the last layer has run
+        cache = cache_of(kwargs)
+        self._install(cache)
+        layer = cache.layers[module.layer_idx]
         return layer.keys, layer.values
+
+    def _install(self, cache: Any) -> None:
+        """Choose every pending layer's budget (tokens or bytes), build and install them."""
+        pending, self._pending = list(self._pending.values()), {}
+        seq_len = pending[0].keys.shape[-2]
+        full = sum(p.keys.nbytes + p.values.nbytes for p in pending)
+        paper = self.kept_tokens(seq_len)
+        chosen: dict[str, Any] = {}
+        found = {p.layer_idx: ([], []) for p in pending}  # similarities, kept across targets
+
+        def evaluate(target: int) -> int:
+            budgets = spindle_budgets(
+                target, seq_len, self.window + self.sinks, len(pending), self.beta
+            )
+            layers = [
+                self._build(p, n, found[p.layer_idx]) for p, n in zip(pending, budgets, strict=True)
+            ]
+            stored = sum(layer.stored_nbytes() for layer in layers)
+            fits, chosen_fits = stored <= budget, bool(chosen) and chosen["stored"] <= budget
+            # keep the largest target that fits, else (nothing fits yet) the smallest tried
+            if (fits and (not chosen_fits or target > chosen["target"])) or (
+                not fits and not chosen_fits and target < chosen.get("target", seq_len + 1)
+            ):
+                chosen.update(target=target, stored=stored, layers=layers, budgets=budgets)
+            return stored
+
+        if self.budget_mode == "tokens":
+            budget = float("inf")
+            seen = {paper: evaluate(paper)}
+        else:
+            share = self.ratio if self.budget is None else min(self.budget / seq_len, 1.0)
+            budget = share * full
+            _, seen = search_target(
+                evaluate, budget, paper, 1, seq_len, self.ratio_tolerance * full
+            )
+        for p, layer in zip(pending, chosen["layers"], strict=True):
+            cache.layers[p.layer_idx] = layer
+        self._stats = self._describe(pending, chosen, full, budget, seen)
+
+    def _build(self, p: _Pending, n_kept: int, found: tuple[list, list]) -> CodebookLayer:
+        kept = p.order[..., :n_kept].sort(dim=-1).values  # (B, H, n)
+        cos, sin = p.cos.float().unsqueeze(1), p.sin.float().unsqueeze(1)
+        pre_keys = undo_rope(p.keys.float(), cos, sin)
+        heads = kept.shape[1]
+        positions = p.positions.unsqueeze(1).expand(-1, heads, -1).gather(2, kept)
+        return CodebookLayer(
+            self._codebook(pre_keys, kept, self.key_threshold, p.keys.dtype, found[0]),
+            self._codebook(p.values, kept, self.value_threshold, p.values.dtype, found[1]),
+            positions.int(),
+            p.rope,
+            p.table,
+            fast=self.decode_attention == "codebook",
+        )
+
+    def _codebook(
+        self,
+        vectors: torch.Tensor,
+        kept: torch.Tensor,
+        theta: float,
+        dtype: torch.dtype,
+        neighbours: list,
+    ) -> Codebook:
+        scope, block = self.codebook_scope, self.similarity_block
+        return Codebook.build(vectors, kept, theta, scope, self.magnitude, block, dtype, neighbours)
+
+    def _describe(
+        self, pending: list[_Pending], chosen: dict, full: int, budget: float, seen: dict
+    ) -> dict[str, Any]:
+        layers = []
+        for p, layer, n in zip(pending, chosen["layers"], chosen["budgets"], strict=True):
+            layers.append(
+                {
+                    "layer": p.layer_idx,
+                    "kept_tokens": n,
+                    "stored_heads": int(layer.positions.shape[1]),
+                    "key_entries": int(layer.key_book.entries.shape[0]),
+                    "value_entries": int(layer.value_book.entries.shape[0]),
+                    "bytes": int(layer.stored_nbytes()),
+                    "full_bytes": int(p.keys.nbytes + p.values.nbytes),
+                }
+            )
+        tables = {id(p.table): p.table.nbytes() for p in pending}
+        return {
+            "budget_mode": self.budget_mode,
+            "gqa": self.gqa,
+            "prompt_tokens": int(pending[0].keys.shape[-2]),
+            "paper_target_tokens": self.kept_tokens(int(pending[0].keys.shape[-2])),
+            "target_tokens": chosen["target"],
+            "search": {str(t): b / full for t, b in sorted(seen.items())},
+            "ratio_requested": None if budget == float("inf") else budget / full,
+            "ratio_compressed_layers": chosen["stored"] / full,
+            "bytes": chosen["stored"],
+            "full_bytes": full,
+            "layers": layers,
+            "rope_table_bytes": sum(tables.values()),
+        }
+
+    def last_stats(self) -> dict[str, Any] | None:
+        """What SpindleKV did to the last request's prefill, JSON-able, for the records:
+        ``target_tokens`` (the pyramid's mean tokens per stored head; the paper's own count
+        is ``paper_target_tokens``), ``search`` (every target tried -> its bytes / full),
+        ``ratio_compressed_layers`` (stored / full bytes over the layers it compresses;
+        ``ratio_requested`` is the byte budget's share, None in ``tokens`` mode), and per
+        compressed layer: ``kept_tokens`` per stored head, ``stored_heads`` (H_q under head
+        repeat), ``key_entries``/``value_entries`` (codebook sizes), ``bytes``, ``full_bytes``.
+        ``rope_table_bytes``: the tabulated RoPE the codebook attention reads (a function of
+        the position, not part of the cache). None before the first compressed request."""
+        return None if self._stats is None else dict(self._stats)
 
     def compress_decode(
         self,
@@ -246,19 +404,15 @@ class SpindleKV(SnapKV):
         layer.fold(positions.expand(keys.shape[0], -1)[:, -new:], cos[:, -new:], sin[:, -new:])
         return layer.keys, layer.values
 
-    def _codebook(self, vectors: torch.Tensor, theta: float, dtype: torch.dtype) -> Codebook:
-        return Codebook.build(
-            vectors, theta, self.codebook_scope, self.magnitude, self.similarity_block, dtype
-        )
-
     def _layer_rope(
         self, module: nn.Module, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> Any:
-        """The model's RoPE for this layer, checked once against what the layer received."""
+    ) -> tuple[Any, RopeTable]:
+        """The model's RoPE for this layer (checked once against what the layer received)
+        and its table, shared by the layers with the same RoPE."""
         if module.layer_idx not in self._rope:
             if self._model is None:
                 raise MethodConfigError("SpindleKV compresses only inside `method.apply(model)`")
-            rope = model_rope(self._model, module)
+            key, rope = model_rope(self._model, module)
             ref_cos, ref_sin = rope(positions, cos)
             same = torch.allclose(ref_cos, cos, atol=1e-4) and torch.allclose(
                 ref_sin, sin, atol=1e-4
@@ -268,5 +422,6 @@ class SpindleKV(SnapKV):
                     f"{type(module).__name__}: the model's rotary_emb does not reproduce the "
                     "layer's cos/sin, so SpindleKV cannot re-apply RoPE to its codebook keys"
                 )
-            self._rope[module.layer_idx] = rope
+            table = self._tables.setdefault(key, RopeTable(rope))
+            self._rope[module.layer_idx] = (rope, table)
         return self._rope[module.layer_idx]

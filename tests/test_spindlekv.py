@@ -1,0 +1,239 @@
+"""SpindleKV: head repeat as the paper describes, equal memory, and the codebook attention."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cache_methods import ARCHS, PROMPT, clustered, load, naive_codebook, prompt, run
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from harness.generation import greedy_generate
+from harness.measure import stored_kv_bytes
+from harness.models import ModelSpec
+from methods.base import MethodConfigError, attention_modules
+from methods.cache import codebook_attention
+from methods.cache.codebook import Codebook
+from methods.cache.codebook_layer import CodebookLayer
+from methods.cache.spindle_plan import keep_order, search_target
+from methods.cache.spindlekv import SpindleKV
+
+LOSSLESS = dict(key_threshold=1.0, value_threshold=1.0)  # every token its own entry
+_ALLOWED: dict[int, torch.Tensor] = {}
+
+
+def per_head_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Plain softmax attention of each query head over the keys ``_ALLOWED`` gives it."""
+    groups = query.shape[1] // key.shape[1]
+    keys, values = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    logits = query @ keys.transpose(-1, -2) * scaling  # (B, H_q, q, L)
+    allowed = _ALLOWED[module.layer_idx][None, :, None, :]
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return (probs @ values).transpose(1, 2), None
+
+
+AttentionInterface.register("test_per_head", per_head_attention)
+AttentionMaskInterface.register("test_per_head", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@torch.inference_mode()
+def decode_by_hand(model, ids, token, kept: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Logits of one decoding step after a full-cache prefill, where query head h of layer
+    i sees only the prompt positions kept[i][h] and the new token."""
+    _, cache = run(model, ids, steps=0)
+    length = ids.shape[1] + 1
+    for layer, positions in kept.items():
+        allowed = torch.zeros(positions.shape[0], length, dtype=torch.bool)
+        allowed.scatter_(1, positions, True)
+        allowed[:, -1] = True
+        _ALLOWED[layer] = allowed
+    model.set_attn_implementation("test_per_head")
+    try:
+        out = model(
+            input_ids=token.view(1, 1),
+            position_ids=torch.tensor([[ids.shape[1]]]),
+            past_key_values=cache,
+        )
+    finally:
+        model.set_attn_implementation("sdpa")
+    return out.logits[0, -1]
+
+
+@functools.cache
+def sharp_gqa() -> torch.nn.Module:
+    """The tiny GQA model with 8x query weights: peaked attention, so that the query heads
+    of a group rank the tokens differently (on the plain random model they barely do)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(name="gqa", source="random", architecture=ARCHS["gqa"])
+    model = spec.load()[0]
+    with torch.no_grad():
+        for module in attention_modules(model):
+            module.q_proj.weight.mul_(8)
+    return model
+
+
+@torch.inference_mode()
+def own_scores(model, ids, window: int = 8) -> list[torch.Tensor]:
+    """Per layer, each query head's score of the prompt's evictable tokens, (H_q, S - window):
+    ``sum_{b in window} A[b, a] / (l - a)`` from the eager attention, max-pooled (kernel 7)."""
+    model.set_attn_implementation("eager")
+    try:
+        attentions = model(input_ids=ids, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    seq_len = ids.shape[1]
+    out = []
+    for probs in attentions:  # (1, H_q, S, S)
+        scores = probs[0, :, -window:].sum(dim=1) / torch.arange(seq_len, 0, -1)
+        scores = F.max_pool1d(scores[:, None, :-window], 7, stride=1, padding=3)[:, 0]
+        out.append(scores)
+    return out
+
+
+def test_head_repeat_each_query_head_attends_exactly_its_own_tokens():
+    model, ids, token = sharp_gqa(), prompt(), torch.tensor(7)
+    method = SpindleKV(window=8, ratio=0.5, **LOSSLESS)
+    logits, cache = run(model, ids, [method], steps=1, extra=[token])
+    heads = model.config.num_attention_heads
+    kept = {}
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, CodebookLayer) and layer.positions.shape[1] == heads
+        kept[i] = layer.positions[0, :, :-1].long()  # the last one is the decoded token
+    # each query head keeps the best tokens by its own score (METHODS.md 2.1, by hand)
+    for i, own in enumerate(own_scores(model, ids)):
+        ranked = own.argsort(dim=-1, descending=True, stable=True)  # ties: lower index first
+        best = ranked[:, : kept[i].shape[1] - 8]  # (H_q, n - window)
+        assert torch.equal(kept[i][:, :-8], best.sort(dim=-1).values), i
+    # query heads sharing a KV head keep different tokens (no KV-head eviction can do this)
+    assert any(not torch.equal(k[0], k[1]) or not torch.equal(k[2], k[3]) for k in kept.values())
+    reference = decode_by_hand(model, ids, token, kept)
+    torch.testing.assert_close(logits[1], reference, atol=1e-5, rtol=1e-4)
+    # the union variant stores KV heads only: each group's query heads share one token set
+    union = SpindleKV(window=8, ratio=0.5, gqa="union", **LOSSLESS)
+    union_logits, union_cache = run(model, ids, [union], steps=1, extra=[token])
+    assert union_cache.layers[0].positions.shape[1] == model.config.num_key_value_heads
+    assert not torch.allclose(union_logits[1], reference, atol=1e-3)
+
+
+def test_codebook_over_copies_is_the_papers_greedy_on_the_repeated_heads():
+    vectors = clustered(40, 8).view(1, 1, 40, 8)
+    gen = torch.Generator().manual_seed(3)
+    kept = torch.stack([torch.randperm(40, generator=gen)[:25].sort().values for _ in range(3)])
+    kept = kept.unsqueeze(0)  # three copies of one KV head, each keeping its own 25 tokens
+    book = Codebook.build(vectors, kept, 0.98, "head", True, block=8, dtype=torch.float32)
+    # the paper's loop over the repeated heads' tokens (identical copies side by side)
+    multiset = kept.flatten().sort().values
+    centres, naive_ref = naive_codebook(vectors[0, 0, multiset], 0.98)
+    assert book.entries.shape[0] == len(centres) < len(torch.unique(multiset))
+    assert book.refs.shape == book.magnitudes.shape == (1, 3, 25)
+    ours = {}
+    for copy in range(3):
+        for token, ref in zip(kept[0, copy].tolist(), book.refs[0, copy].tolist(), strict=True):
+            assert ours.setdefault(token, ref) == ref  # a token's copies share one entry
+    mine = torch.tensor([ours[t] for t in multiset.tolist()])
+    assert torch.equal(mine[:, None] == mine[None, :], naive_ref[:, None] == naive_ref[None, :])
+    torch.testing.assert_close(book.decode().norm(dim=-1), vectors[0, 0][kept].norm(dim=-1))
+
+
+@pytest.mark.parametrize("gqa", ["repeat", "union"])
+@pytest.mark.parametrize("ratio", [0.25, 0.4])
+def test_bytes_mode_stores_the_requested_share_of_the_full_cache(gqa, ratio):
+    model, ids = load("gqa"), prompt()
+    full = stored_kv_bytes(run(model, ids, steps=0)[1])
+    method = SpindleKV(window=8, ratio=ratio, gqa=gqa)
+    _, cache = run(model, ids, [method], steps=0)
+    stored, stats = stored_kv_bytes(cache), method.last_stats()
+    assert stats["bytes"] == stored and stats["full_bytes"] == full
+    assert stored <= ratio * full
+    # tightest: within the tolerance, or one more token per head would not fit
+    target, search = stats["target_tokens"], stats["search"]
+    assert ratio - stored / full <= method.ratio_tolerance or search[str(target + 1)] > ratio
+    json.dumps(stats)
+    for row, layer in zip(stats["layers"], cache.layers, strict=True):
+        assert row["kept_tokens"] == layer.positions.shape[-1]
+        assert row["key_entries"] == layer.key_book.entries.shape[0]
+        assert row["value_entries"] == layer.value_book.entries.shape[0]
+        assert row["bytes"] == layer.stored_nbytes()
+
+
+def test_bytes_mode_spends_the_codebooks_savings_on_more_tokens():
+    model, ids = load("gqa"), prompt()
+    sharing = dict(window=8, ratio=0.3, key_threshold=0.2, value_threshold=0.2)
+    tokens, bytes_ = SpindleKV(budget_mode="tokens", **sharing), SpindleKV(**sharing)
+    _, by_count = run(model, ids, [tokens], steps=0)
+    _, by_bytes = run(model, ids, [bytes_], steps=0)
+    assert tokens.last_stats()["target_tokens"] == round(0.3 * PROMPT)
+    assert bytes_.last_stats()["target_tokens"] > tokens.last_stats()["target_tokens"]
+    assert (
+        stored_kv_bytes(by_count)
+        < stored_kv_bytes(by_bytes)
+        <= 0.3 * bytes_.last_stats()["full_bytes"]
+    )
+
+
+def test_search_finds_the_largest_target_within_budget():
+    calls = []
+
+    def cost(t: int) -> int:
+        calls.append(t)
+        return 1000 + 37 * t
+
+    target, seen = search_target(cost, budget=5000, start=50, low=1, high=400, tolerance=10)
+    assert target == 108 and seen[108] <= 5000 < 1000 + 37 * 109 and len(calls) <= 3
+    assert search_target(cost, budget=500, start=50, low=1, high=400, tolerance=10)[0] == 1
+
+
+def test_keep_order_puts_sinks_then_newest_then_scores():
+    scores = torch.tensor([[[0.0, 5.0, 1.0, 9.0, 3.0, 2.0, 8.0, 7.0]]])
+    assert keep_order(scores, sinks=1, window=2)[0, 0].tolist() == [0, 7, 6, 3, 1, 4, 5, 2]
+
+
+@pytest.mark.parametrize("kind, gqa", [("gqa", "repeat"), ("gqa", "union"), ("mha", "repeat")])
+def test_codebook_attention_equals_the_materialising_reading(kind, gqa):
+    model, ids = load(kind), prompt()
+    fields = dict(window=8, ratio=0.3, gqa=gqa, key_threshold=0.9, value_threshold=0.8)
+    fast, fast_cache = run(model, ids, [SpindleKV(**fields)], steps=4)
+    plain, _ = run(model, ids, [SpindleKV(decode_attention="materialize", **fields)], steps=4)
+    assert fast_cache.layers[0].key_book.entries.shape[0] < fast_cache.layers[0].positions.numel()
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+    generated = [
+        greedy_generate(
+            model, ids, max_new_tokens=6, cache_methods=[SpindleKV(decode_attention=mode, **fields)]
+        ).tokens
+        for mode in ("codebook", "materialize")
+    ]
+    assert generated[0] == generated[1]
+
+
+def test_apply_restores_the_attention_and_the_rope_table_is_the_models():
+    model, ids = load("gemma"), prompt(40)
+    method = SpindleKV(window=8, ratio=0.4)
+    _, cache = run(model, ids, [method], steps=2)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(m in codebook_attention._BOUND for m in attention_modules(model))
+    layer = cache.layers[1]
+    assert isinstance(layer, CodebookLayer) and not layer.attending
+    positions = torch.arange(60).view(1, 60)
+    cos, sin = layer.rope(positions, layer.key_book.entries)
+    rows = layer.table.rows(positions[0], layer.key_book.entries)
+    torch.testing.assert_close(rows, torch.cat([cos[0, :, :8], sin[0, :, :8]], dim=-1))
+    stats = method.last_stats()  # Gemma-3: the ratio is over the layers it compresses
+    assert [row["layer"] for row in stats["layers"]] == [1, 3]
+    assert stats["bytes"] <= 0.4 * stats["full_bytes"]
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(budget_mode="memory"), "budget_mode"),
+        (dict(decode_attention="fused"), "decode_attention"),
+        (dict(ratio_tolerance=0.5), "ratio_tolerance"),
+    ],
+)
+def test_bad_config_names_the_field(fields, field):
+    with pytest.raises(MethodConfigError, match=f"method.{field}"):
+        SpindleKV(**fields)
