@@ -13,7 +13,6 @@ differ only in their refs and magnitudes, which are stored per stored head and c
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -136,24 +135,76 @@ def cover(
     return np.array(centres + rest.tolist(), dtype=np.int64), ref
 
 
-@dataclass
+class Grown:
+    """A tensor that grows in place along ``dim`` (0 or -1): room is reserved ``CHUNK`` at a
+    time, so appending one decoding step copies only the new part, not the whole tensor.
+    ``data`` is the used part; :meth:`nbytes` counts the whole buffer (reserved room included)."""
+
+    CHUNK = 32
+
+    def __init__(self, data: torch.Tensor, dim: int) -> None:
+        self.buffer, self.dim, self.size = data, dim, data.shape[dim]
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.buffer.narrow(self.dim, 0, self.size)
+
+    def append(self, new: torch.Tensor) -> None:
+        n = new.shape[self.dim]
+        if self.size + n > self.buffer.shape[self.dim]:
+            shape = list(self.buffer.shape)
+            shape[self.dim] = self.size + n + self.CHUNK
+            grown = self.buffer.new_empty(shape)
+            grown.narrow(self.dim, 0, self.size).copy_(self.data)
+            self.buffer = grown
+        self.buffer.narrow(self.dim, self.size, n).copy_(new)
+        self.size += n
+
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
 class Codebook:
-    """Vectors kept by B x H stored heads, N each, as entries (E, D), ``owner`` (E,) int32
+    """Vectors kept by B x H stored heads, N each, as ``entries`` (E, D), ``owner`` (E,) int32
     (the group an entry belongs to: a (batch, KV head) pair for scope ``head``, a batch row
-    for ``layer``), refs (B, H, N) int32 into the entries, magnitudes (B, H, N) or None.
-    Stored head h is a copy of KV head ``h // copies``.
+    for ``layer``), ``refs`` (B, H, N) int32 into the entries, ``magnitudes`` (B, H, N) or
+    None. Stored head h is a copy of KV head ``h // copies``.
 
     With magnitudes, entries are unit vectors and a vector decodes to ``entry * magnitude``;
     without (the paper's ablation), an entry is its centre vector as is and members decode
-    to it. Every vector's cosine to its entry exceeds ``theta``."""
+    to it. Every vector's cosine to its entry exceeds ``theta``. The tensors grow in place
+    while decoding (:class:`Grown`)."""
 
-    entries: torch.Tensor
-    owner: torch.Tensor
-    refs: torch.Tensor
-    magnitudes: torch.Tensor | None
-    theta: float
-    scope: str
-    copies: int = 1
+    def __init__(
+        self,
+        entries: torch.Tensor,
+        owner: torch.Tensor,
+        refs: torch.Tensor,
+        magnitudes: torch.Tensor | None,
+        theta: float,
+        scope: str,
+        copies: int = 1,
+    ) -> None:
+        self._entries, self._owner = Grown(entries, 0), Grown(owner, 0)
+        self._refs = Grown(refs, -1)
+        self._magnitudes = None if magnitudes is None else Grown(magnitudes, -1)
+        self.theta, self.scope, self.copies = theta, scope, copies
+
+    @property
+    def entries(self) -> torch.Tensor:
+        return self._entries.data
+
+    @property
+    def owner(self) -> torch.Tensor:
+        return self._owner.data
+
+    @property
+    def refs(self) -> torch.Tensor:
+        return self._refs.data
+
+    @property
+    def magnitudes(self) -> torch.Tensor | None:
+        return None if self._magnitudes is None else self._magnitudes.data
 
     @classmethod
     def build(
@@ -213,7 +264,8 @@ class Codebook:
 
     def decode(self) -> torch.Tensor:
         """(B, H, N, D) in the entries' dtype."""
-        out = self.entries[self.refs.long()]
+        refs = self.refs
+        out = self.entries.index_select(0, refs.flatten()).view(*refs.shape, -1)
         return out if self.magnitudes is None else out * self.magnitudes.unsqueeze(-1)
 
     def append(self, vectors: torch.Tensor) -> None:
@@ -224,10 +276,10 @@ class Codebook:
         batch, kv_heads = vectors.shape[:2]
         device = vectors.device
         if self.scope == "head":
-            order = [torch.arange(batch * kv_heads, device=device).view(batch, kv_heads)]
+            order = [torch.arange(batch * kv_heads, device=device).view(batch, kv_heads).int()]
             heads = [slice(None)]
         else:
-            order = [torch.arange(batch, device=device).view(batch, 1)] * kv_heads
+            order = [torch.arange(batch, device=device).view(batch, 1).int()] * kv_heads
             heads = [slice(h, h + 1) for h in range(kv_heads)]
         for step in range(vectors.shape[2]):
             refs, norms = [], []
@@ -236,30 +288,30 @@ class Codebook:
                 refs.append(ref)
                 norms.append(norm)
             ref = torch.cat(refs, dim=1).repeat_interleave(self.copies, dim=1)
-            self.refs = torch.cat([self.refs, ref.unsqueeze(-1).int()], dim=-1)
-            if self.magnitudes is not None:
+            self._refs.append(ref.unsqueeze(-1).int())
+            if self._magnitudes is not None:
                 norm = torch.cat(norms, dim=1).repeat_interleave(self.copies, dim=1)
-                mags = norm.unsqueeze(-1).to(self.magnitudes.dtype)
-                self.magnitudes = torch.cat([self.magnitudes, mags], dim=-1)
+                self._magnitudes.append(norm.unsqueeze(-1).to(self._magnitudes.buffer.dtype))
 
     def _add(self, vectors: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """vectors (B, h, D) of groups (B, h) -> their entry indices (B, h) and norms."""
+        """vectors (B, h, D) of groups (B, h) int32 -> their entry indices (B, h), norms."""
         raw = vectors.float()
         norm = raw.norm(dim=-1)
         unit = raw / norm.clamp_min(_TINY).unsqueeze(-1)
-        book = self.entries.float()
+        book = self.entries.to(unit.dtype)
         if self.magnitudes is None:  # entries are raw centres: compare directions
             book = book / book.norm(dim=-1, keepdim=True).clamp_min(_TINY)
         sims = unit @ book.T  # (B, h, E)
-        sims = sims.masked_fill(self.owner.long() != group.unsqueeze(-1), float("-inf"))
+        sims.masked_fill_(self.owner != group.unsqueeze(-1), float("-inf"))
         best, ref = sims.max(dim=-1)
         new = best <= self.theta
-        ref[new] = self.entries.shape[0] + torch.arange(int(new.sum()), device=ref.device)
-        fresh = (unit if self.magnitudes is not None else raw)[new]
-        self.entries = torch.cat([self.entries, fresh.to(self.entries.dtype)])
-        self.owner = torch.cat([self.owner, group.expand_as(new)[new].int()])
+        if bool(new.any()):
+            ref[new] = self.entries.shape[0] + torch.arange(int(new.sum()), device=ref.device)
+            fresh = (unit if self.magnitudes is not None else raw)[new]
+            self._entries.append(fresh.to(self._entries.buffer.dtype))
+            self._owner.append(group.expand_as(new)[new])
         return ref, norm
 
     def nbytes(self) -> int:
-        tensors = (self.entries, self.owner, self.refs, self.magnitudes)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        parts = (self._entries, self._owner, self._refs, self._magnitudes)
+        return sum(part.nbytes() for part in parts if part is not None)

@@ -8,10 +8,10 @@ to the model's own kernel (``base``, e.g. sdpa), with the base's masks. Nothing 
 transformers is replaced; SpindleKV selects the implementation with
 ``model.set_attn_implementation`` while it is applied and restores the previous one after.
 
-Decoding one token (:func:`attend_codebook`), nothing is decoded to full size:
-- keys: each stored token's entry and its position's RoPE row are gathered and rotated into
-  one key buffer, scored against the query heads by one matmul and scaled by the token's
-  magnitude (RoPE is linear, so ``q . rope(m c) = m (q . rope(c))``);
+Decoding one token (:func:`attend_codebook`), no decoded token is kept:
+- keys (:func:`key_logits`): each stored token's entry and its position's tabulated RoPE row
+  are gathered and scored against the query without applying the magnitude, then scaled by
+  it (RoPE is linear: ``q . rope(m c) = m (q . rope(c))``);
 - values: the softmax weights times the value magnitudes are summed per entry
   (scatter-add into an (H_q, E) matrix), then one small matmul with the value entries.
 The plain reading (:func:`attend_materialized`: decode every token, re-apply RoPE with the
@@ -100,8 +100,7 @@ def attend_codebook(
     key_book, value_book = layer.key_book, layer.value_book
     heads = layer.positions.shape[1]
     q = query.reshape(batch, heads, q_heads // heads, query.shape[-1])  # (B, H, g, D)
-    keys = rotated_entries(layer, query)  # (B, H, N, D), before magnitudes
-    logits = q @ keys.transpose(-1, -2)  # (B, H, g, N)
+    logits = key_logits(layer, q)  # (B, H, g, N)
     if key_book.magnitudes is not None:
         logits = logits * key_book.magnitudes.unsqueeze(2)
     new_keys, new_values = layer.tail()
@@ -120,19 +119,32 @@ def attend_codebook(
     return out.reshape(batch, q_heads, 1, -1).transpose(1, 2)
 
 
-def rotated_entries(layer: CodebookLayer, like: torch.Tensor) -> torch.Tensor:
-    """Each stored token's key entry rotated to its position, (B, H, N, D): the entries and
-    the tabulated RoPE rows are gathered, then ``[a c - b s, b c + a s]`` in one buffer."""
+def key_logits(layer: CodebookLayer, q: torch.Tensor) -> torch.Tensor:
+    """``q . rope(entry, position)`` for every stored token, (B, H, g, N), for queries q
+    (B, H, g, D): the tokens' entries and their positions' RoPE rows ``[c | s]`` are gathered;
+    with ``[a | b]`` an entry and ``[x | y]`` a query (halves), the logit is
+    ``sum c (x a + y b) + s (y a - x b)``, summed over the half dims. One query per stored head
+    (head repeat) computes that in place; several (a KV head's group) rotate the entries once
+    and share them through a matmul."""
     book = layer.key_book
-    entries = book.entries[book.refs.long()]
-    rows = layer.table.rows(layer.positions, book.entries)
+    refs = book.refs
+    entries = book.entries.index_select(0, refs.flatten()).view(*refs.shape, -1)
+    rows = layer.table.rows(layer.positions, book.entries, layer.last_position)
     half = entries.shape[-1] // 2
     cos, sin = rows[..., :half], rows[..., half:]
     first, second = entries[..., :half], entries[..., half:]
-    out = torch.empty_like(entries)
-    torch.mul(first, cos, out=out[..., :half]).addcmul_(second, sin, value=-1)
-    torch.mul(second, cos, out=out[..., half:]).addcmul_(first, sin)
-    return out
+    if q.shape[2] == 1:
+        x, y = q[..., :half], q[..., half:]  # (B, H, 1, D/2): broadcast over the tokens
+        along = first * x
+        along.addcmul_(second, y)
+        across = first * y
+        across.addcmul_(second, x, value=-1)
+        along.mul_(cos).addcmul_(across, sin)
+        return along.sum(dim=-1).unsqueeze(2)
+    rotated = torch.empty_like(entries)
+    torch.mul(first, cos, out=rotated[..., :half]).addcmul_(second, sin, value=-1)
+    torch.mul(second, cos, out=rotated[..., half:]).addcmul_(first, sin)
+    return q @ rotated.transpose(-1, -2)
 
 
 def attend_materialized(

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from methods.base import MethodConfigError
 from methods.cache.attention import apply_rope, undo_rope
-from methods.cache.codebook import Codebook
+from methods.cache.codebook import Codebook, Grown
 
 Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,14 +35,14 @@ class RopeTable:
         self.rope = rope
         self.table: torch.Tensor | None = None
 
-    def rows(self, positions: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(..., D) rows ``[cos_half | sin_half]`` for integer positions (...)."""
-        need = int(positions.max()) + 1 if positions.numel() else 1
+    def rows(self, positions: torch.Tensor, like: torch.Tensor, last: int) -> torch.Tensor:
+        """(..., D) rows ``[cos_half | sin_half]`` for integer positions (...), the largest of
+        which is ``last``."""
         table = self.table
-        if table is None or table.shape[0] < need or table.dtype != like.dtype:
-            size = max(need, 1024, 0 if table is None else 2 * table.shape[0])
+        if table is None or table.shape[0] <= last or table.dtype != like.dtype:
+            size = max(last + 1, 1024, 0 if table is None else 2 * table.shape[0])
             table = self.table = self._tabulate(size, like)
-        return table[positions.long()]
+        return table.index_select(0, positions.flatten()).view(*positions.shape, -1)
 
     def _tabulate(self, size: int, like: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(size, device=like.device).unsqueeze(0)
@@ -85,7 +85,9 @@ class CodebookLayer(DynamicLayer):
         fast: bool = True,
     ) -> None:
         super().__init__()
-        self.key_book, self.value_book, self.positions = key_book, value_book, positions
+        self.key_book, self.value_book = key_book, value_book
+        self._positions = Grown(positions, -1)
+        self.last_position = int(positions.max()) if positions.numel() else -1
         self.rope, self.table, self.fast = rope, table, fast
         self.copies = key_book.copies
         batch, heads = positions.shape[:2]
@@ -95,6 +97,11 @@ class CodebookLayer(DynamicLayer):
         self.values = value_book.entries.new_zeros(batch, kv_heads, 0, value_book.entries.shape[-1])
         self.is_initialized = True
         self.attending = False
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B, H, N) int32: each stored head's tokens' true positions."""
+        return self._positions.data
 
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored tokens' keys (RoPE re-applied) and values, each (B, H, N, D): the plain
@@ -136,8 +143,8 @@ class CodebookLayer(DynamicLayer):
         self.key_book.append(pre)
         self.value_book.append(self.values)
         heads = self.positions.shape[1]
-        new = positions.to(self.positions).unsqueeze(1).expand(-1, heads, -1)
-        self.positions = torch.cat([self.positions, new], dim=-1)
+        self._positions.append(positions.to(self.positions).unsqueeze(1).expand(-1, heads, -1))
+        self.last_position = max(self.last_position, int(positions.max()))
         self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
 
     def get_seq_length(self) -> int:
@@ -145,9 +152,10 @@ class CodebookLayer(DynamicLayer):
 
     def stored_nbytes(self) -> int:
         """Bytes held: both codebooks (entries, owners, refs and magnitudes of every stored
-        head, copies included), the positions and any not-yet-folded tokens."""
+        head, copies included), the positions and any not-yet-folded tokens; tensors that grow
+        while decoding count their reserved room too (:class:`Grown`)."""
         tail = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-        positions = self.positions.numel() * self.positions.element_size()
+        positions = self._positions.nbytes()
         return self.key_book.nbytes() + self.value_book.nbytes() + positions + tail
 
     def _unsupported(self, *args, **kwargs) -> None:

@@ -14,12 +14,13 @@ from torch import nn
 
 from methods.base import MethodConfigError, attention_modules, cache_of
 from methods.cache import codebook_attention
-from methods.cache.attention import layer_rope, pool, undo_rope
+from methods.cache.attention import layer_rope, pool
 from methods.cache.budget import compressed_layers, refuse_eager, require_ragged_ok
-from methods.cache.codebook import SCOPES, Codebook
+from methods.cache.codebook import SCOPES
 from methods.cache.codebook_layer import CodebookLayer, RopeTable
 from methods.cache.snapkv import SnapKV
-from methods.cache.spindle_plan import keep_order, search_target, spindle_budgets
+from methods.cache.spindle_plan import keep_order, spindle_budgets
+from methods.cache.spindle_prefill import Pending, plan
 
 __all__ = ["SpindleKV", "model_rope", "round_robin", "spindle_budgets"]
 
@@ -61,22 +62,6 @@ def round_robin(scores: torch.Tensor) -> torch.Tensor:
     rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
     turn = rank * groups + torch.arange(groups, device=rank.device).view(1, 1, -1, 1)
     return -turn.min(dim=2).values.float()  # earlier in the round-robin = higher
-
-
-@dataclass
-class _Pending:
-    """One layer's prefill, kept until the last compressed layer has run (the budgets of all
-    layers are chosen together)."""
-
-    layer_idx: int
-    order: torch.Tensor  # (B, H, S) keep order per stored head
-    keys: torch.Tensor  # (B, H_kv, S, D) post-RoPE, as cached
-    values: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    positions: torch.Tensor  # (B, S)
-    rope: Any
-    table: RopeTable
 
 
 @dataclass
@@ -166,7 +151,7 @@ class SpindleKV(SnapKV):
             raise MethodConfigError(f"method.similarity_block={self.similarity_block} must be >= 1")
         self._rope: dict[int, tuple[Any, RopeTable]] = {}  # layer -> RoPE, while applied
         self._tables: dict[tuple, RopeTable] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._stats: dict[str, Any] | None = None
         self._model: nn.Module | None = None
 
@@ -258,7 +243,7 @@ class SpindleKV(SnapKV):
             positions = torch.arange(keys.shape[-2], device=keys.device).unsqueeze(0)
         positions = positions.expand(keys.shape[0], -1)
         rope, table = self._layer_rope(module, positions, cos, sin)
-        self._pending[module.layer_idx] = _Pending(
+        self._pending[module.layer_idx] = Pending(
             module.layer_idx,
             keep_order(scores, self.sinks, self.window),
             keys,
@@ -271,106 +256,12 @@ class SpindleKV(SnapKV):
         )
         if module.layer_idx != order[-1]:
             return keys, values  # compressed with the others once the last layer has run
-        cache = cache_of(kwargs)
-        self._install(cache)
-        layer = cache.layers[module.layer_idx]
-        return layer.keys, layer.values
-
-    def _install(self, cache: Any) -> None:
-        """Choose every pending layer's budget (tokens or bytes), build and install them."""
         pending, self._pending = list(self._pending.values()), {}
-        seq_len = pending[0].keys.shape[-2]
-        full = sum(p.keys.nbytes + p.values.nbytes for p in pending)
-        paper = self.kept_tokens(seq_len)
-        chosen: dict[str, Any] = {}
-        found = {p.layer_idx: ([], []) for p in pending}  # similarities, kept across targets
-
-        def evaluate(target: int) -> int:
-            budgets = spindle_budgets(
-                target, seq_len, self.window + self.sinks, len(pending), self.beta
-            )
-            layers = [
-                self._build(p, n, found[p.layer_idx]) for p, n in zip(pending, budgets, strict=True)
-            ]
-            stored = sum(layer.stored_nbytes() for layer in layers)
-            fits, chosen_fits = stored <= budget, bool(chosen) and chosen["stored"] <= budget
-            # keep the largest target that fits, else (nothing fits yet) the smallest tried
-            if (fits and (not chosen_fits or target > chosen["target"])) or (
-                not fits and not chosen_fits and target < chosen.get("target", seq_len + 1)
-            ):
-                chosen.update(target=target, stored=stored, layers=layers, budgets=budgets)
-            return stored
-
-        if self.budget_mode == "tokens":
-            budget = float("inf")
-            seen = {paper: evaluate(paper)}
-        else:
-            share = self.ratio if self.budget is None else min(self.budget / seq_len, 1.0)
-            budget = share * full
-            _, seen = search_target(
-                evaluate, budget, paper, 1, seq_len, self.ratio_tolerance * full
-            )
-        for p, layer in zip(pending, chosen["layers"], strict=True):
+        layers, self._stats = plan(self, pending)
+        cache = cache_of(kwargs)
+        for p, layer in zip(pending, layers, strict=True):
             cache.layers[p.layer_idx] = layer
-        self._stats = self._describe(pending, chosen, full, budget, seen)
-
-    def _build(self, p: _Pending, n_kept: int, found: tuple[list, list]) -> CodebookLayer:
-        kept = p.order[..., :n_kept].sort(dim=-1).values  # (B, H, n)
-        cos, sin = p.cos.float().unsqueeze(1), p.sin.float().unsqueeze(1)
-        pre_keys = undo_rope(p.keys.float(), cos, sin)
-        heads = kept.shape[1]
-        positions = p.positions.unsqueeze(1).expand(-1, heads, -1).gather(2, kept)
-        return CodebookLayer(
-            self._codebook(pre_keys, kept, self.key_threshold, p.keys.dtype, found[0]),
-            self._codebook(p.values, kept, self.value_threshold, p.values.dtype, found[1]),
-            positions.int(),
-            p.rope,
-            p.table,
-            fast=self.decode_attention == "codebook",
-        )
-
-    def _codebook(
-        self,
-        vectors: torch.Tensor,
-        kept: torch.Tensor,
-        theta: float,
-        dtype: torch.dtype,
-        neighbours: list,
-    ) -> Codebook:
-        scope, block = self.codebook_scope, self.similarity_block
-        return Codebook.build(vectors, kept, theta, scope, self.magnitude, block, dtype, neighbours)
-
-    def _describe(
-        self, pending: list[_Pending], chosen: dict, full: int, budget: float, seen: dict
-    ) -> dict[str, Any]:
-        layers = []
-        for p, layer, n in zip(pending, chosen["layers"], chosen["budgets"], strict=True):
-            layers.append(
-                {
-                    "layer": p.layer_idx,
-                    "kept_tokens": n,
-                    "stored_heads": int(layer.positions.shape[1]),
-                    "key_entries": int(layer.key_book.entries.shape[0]),
-                    "value_entries": int(layer.value_book.entries.shape[0]),
-                    "bytes": int(layer.stored_nbytes()),
-                    "full_bytes": int(p.keys.nbytes + p.values.nbytes),
-                }
-            )
-        tables = {id(p.table): p.table.nbytes() for p in pending}
-        return {
-            "budget_mode": self.budget_mode,
-            "gqa": self.gqa,
-            "prompt_tokens": int(pending[0].keys.shape[-2]),
-            "paper_target_tokens": self.kept_tokens(int(pending[0].keys.shape[-2])),
-            "target_tokens": chosen["target"],
-            "search": {str(t): b / full for t, b in sorted(seen.items())},
-            "ratio_requested": None if budget == float("inf") else budget / full,
-            "ratio_compressed_layers": chosen["stored"] / full,
-            "bytes": chosen["stored"],
-            "full_bytes": full,
-            "layers": layers,
-            "rope_table_bytes": sum(tables.values()),
-        }
+        return layer.keys, layer.values
 
     def last_stats(self) -> dict[str, Any] | None:
         """What SpindleKV did to the last request's prefill, JSON-able, for the records:
