@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_cache_methods import ARCHS, PROMPT, clustered, load, naive_codebook, prompt, run
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from harness.generation import greedy_generate
+from harness.generation import cache_methods_applied, greedy_generate
 from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from methods.base import MethodConfigError, attention_modules
@@ -20,6 +20,7 @@ from methods.cache import codebook_attention
 from methods.cache.codebook import Codebook
 from methods.cache.codebook_layer import CodebookLayer
 from methods.cache.spindle_plan import keep_order, search_target
+from methods.cache.spindle_prefill import slots
 from methods.cache.spindlekv import SpindleKV
 
 LOSSLESS = dict(key_threshold=1.0, value_threshold=1.0)  # every token its own entry
@@ -94,46 +95,56 @@ def own_scores(model, ids, window: int = 8) -> list[torch.Tensor]:
     return out
 
 
+def own_positions(layer: CodebookLayer) -> list[torch.Tensor]:
+    """Per query head (batch row 0), the positions its copy of the KV head keeps."""
+    if layer.heads is None:
+        return [layer.positions[0, h] for h in range(layer.positions.shape[1])]
+    return [layer.positions[0, h][copy] for h in range(layer.positions.shape[1])
+            for copy in layer.heads[0, h]]  # fmt: skip
+
+
 def test_head_repeat_each_query_head_attends_exactly_its_own_tokens():
     model, ids, token = sharp_gqa(), prompt(), torch.tensor(7)
     method = SpindleKV(window=8, ratio=0.5, **LOSSLESS)
     logits, cache = run(model, ids, [method], steps=1, extra=[token])
-    heads = model.config.num_attention_heads
     kept = {}
     for i, layer in enumerate(cache.layers):
-        assert isinstance(layer, CodebookLayer) and layer.positions.shape[1] == heads
-        kept[i] = layer.positions[0, :, :-1].long()  # the last one is the decoded token
+        assert isinstance(layer, CodebookLayer) and layer.heads is not None
+        own = own_positions(layer)
+        assert len(own) == model.config.num_attention_heads
+        kept[i] = torch.stack(own)[:, :-1].long()  # the last one is the decoded token
     # each query head keeps the best tokens by its own score (METHODS.md 2.1, by hand)
-    for i, own in enumerate(own_scores(model, ids)):
-        ranked = own.argsort(dim=-1, descending=True, stable=True)  # ties: lower index first
+    for i, scores in enumerate(own_scores(model, ids)):
+        ranked = scores.argsort(dim=-1, descending=True, stable=True)  # ties: lower index first
         best = ranked[:, : kept[i].shape[1] - 8]  # (H_q, n - window)
         assert torch.equal(kept[i][:, :-8], best.sort(dim=-1).values), i
-    # query heads sharing a KV head keep different tokens (no KV-head eviction can do this)
+    # query heads sharing a KV head keep different tokens (no KV-head eviction can do this),
+    # and the KV head stores their union once
     assert any(not torch.equal(k[0], k[1]) or not torch.equal(k[2], k[3]) for k in kept.values())
+    layer = cache.layers[0]
+    assert layer.positions.shape[-1] < 2 * kept[0].shape[1] + 1
     reference = decode_by_hand(model, ids, token, kept)
     torch.testing.assert_close(logits[1], reference, atol=1e-5, rtol=1e-4)
-    # the union variant stores KV heads only: each group's query heads share one token set
+    # the union variant: one token set per KV head, shared by its query heads
     union = SpindleKV(window=8, ratio=0.5, gqa="union", **LOSSLESS)
     union_logits, union_cache = run(model, ids, [union], steps=1, extra=[token])
-    assert union_cache.layers[0].positions.shape[1] == model.config.num_key_value_heads
+    assert union_cache.layers[0].heads is None
     assert not torch.allclose(union_logits[1], reference, atol=1e-3)
 
 
 def test_codebook_over_copies_is_the_papers_greedy_on_the_repeated_heads():
     vectors = clustered(40, 8).view(1, 1, 40, 8)
     gen = torch.Generator().manual_seed(3)
-    kept = torch.stack([torch.randperm(40, generator=gen)[:25].sort().values for _ in range(3)])
-    kept = kept.unsqueeze(0)  # three copies of one KV head, each keeping its own 25 tokens
-    book = Codebook.build(vectors, kept, 0.98, "head", True, block=8, dtype=torch.float32)
+    chosen = torch.stack([torch.randperm(40, generator=gen)[:25] for _ in range(3)])
+    kept, heads = slots(chosen.unsqueeze(0), kv_heads=1, seq_len=40)  # 3 copies of a KV head
+    weights = heads.sum(dim=2)
+    assert kept.shape[-1] == len(torch.unique(chosen)) and int(weights.sum()) == 75
+    book = Codebook.build(vectors, kept, weights, 0.98, "head", True, 8, torch.float32)
     # the paper's loop over the repeated heads' tokens (identical copies side by side)
-    multiset = kept.flatten().sort().values
+    multiset = chosen.flatten().sort().values
     centres, naive_ref = naive_codebook(vectors[0, 0, multiset], 0.98)
-    assert book.entries.shape[0] == len(centres) < len(torch.unique(multiset))
-    assert book.refs.shape == book.magnitudes.shape == (1, 3, 25)
-    ours = {}
-    for copy in range(3):
-        for token, ref in zip(kept[0, copy].tolist(), book.refs[0, copy].tolist(), strict=True):
-            assert ours.setdefault(token, ref) == ref  # a token's copies share one entry
+    assert book.entries.shape[0] == len(centres)
+    ours = dict(zip(kept[0, 0].tolist(), book.refs[0, 0].tolist(), strict=True))
     mine = torch.tensor([ours[t] for t in multiset.tolist()])
     assert torch.equal(mine[:, None] == mine[None, :], naive_ref[:, None] == naive_ref[None, :])
     torch.testing.assert_close(book.decode().norm(dim=-1), vectors[0, 0][kept].norm(dim=-1))
@@ -154,7 +165,7 @@ def test_bytes_mode_stores_the_requested_share_of_the_full_cache(gqa, ratio):
     assert ratio - stored / full <= method.ratio_tolerance or search[str(target + 1)] > ratio
     json.dumps(stats)
     for row, layer in zip(stats["layers"], cache.layers, strict=True):
-        assert row["kept_tokens"] == layer.positions.shape[-1]
+        assert {len(p) for p in own_positions(layer)} == {row["kept_tokens"]}
         assert row["key_entries"] == layer.key_book.entries.shape[0]
         assert row["value_entries"] == layer.value_book.entries.shape[0]
         assert row["bytes"] == layer.stored_nbytes()
@@ -192,13 +203,19 @@ def test_keep_order_puts_sinks_then_newest_then_scores():
     assert keep_order(scores, sinks=1, window=2)[0, 0].tolist() == [0, 7, 6, 3, 1, 4, 5, 2]
 
 
-@pytest.mark.parametrize("kind, gqa", [("gqa", "repeat"), ("gqa", "union"), ("mha", "repeat")])
+@pytest.mark.parametrize(
+    "kind, gqa", [("sharp", "repeat"), ("gqa", "repeat"), ("gqa", "union"), ("mha", "repeat")]
+)
 def test_codebook_attention_equals_the_materialising_reading(kind, gqa):
-    model, ids = load(kind), prompt()
+    model, ids = sharp_gqa() if kind == "sharp" else load(kind), prompt()
     fields = dict(window=8, ratio=0.3, gqa=gqa, key_threshold=0.9, value_threshold=0.8)
     fast, fast_cache = run(model, ids, [SpindleKV(**fields)], steps=4)
     plain, _ = run(model, ids, [SpindleKV(decode_attention="materialize", **fields)], steps=4)
-    assert fast_cache.layers[0].key_book.entries.shape[0] < fast_cache.layers[0].positions.numel()
+    layer = fast_cache.layers[0]
+    assert layer.key_book.entries.shape[0] < layer.positions.numel()  # entries are shared
+    if kind == "sharp":  # copies keep different tokens, and some KV heads have padding slots
+        assert not layer.heads.all()
+        assert any((~layer.heads.any(dim=2)).any() for layer in fast_cache.layers)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
     generated = [
         greedy_generate(
@@ -237,3 +254,19 @@ def test_apply_restores_the_attention_and_the_rope_table_is_the_models():
 def test_bad_config_names_the_field(fields, field):
     with pytest.raises(MethodConfigError, match=f"method.{field}"):
         SpindleKV(**fields)
+
+
+@torch.inference_mode()
+def test_an_attention_that_bypasses_the_codebook_attention_fails_loudly():
+    """Were another kernel to attend (here: sdpa switched back in), it would see only the
+    newest token: the step must fail, not decode from a near-empty cache."""
+    model, ids = load("gqa"), prompt()
+    cache = DynamicCache(config=model.config)
+    with cache_methods_applied(model, [SpindleKV(window=8, ratio=0.3)]):
+        model(input_ids=ids, past_key_values=cache)
+        model.set_attn_implementation("sdpa")
+        with pytest.raises(RuntimeError, match="never read SpindleKV's codebooks"):
+            model(
+                input_ids=ids[:, :1], position_ids=torch.tensor([[PROMPT]]), past_key_values=cache
+            )
+    assert model.config._attn_implementation == "sdpa"

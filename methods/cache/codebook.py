@@ -1,13 +1,11 @@
 """SpindleKV's codebook: similar vectors share one stored entry.
 
-A :class:`Codebook` stores vectors as shared entries (E, D), an int32 entry index per
-vector and, by default, a float magnitude per vector; a vector reads back as
-``entries[ref] * magnitude``. The vectors are those kept by each *stored head*: a KV head,
-or, under GQA with SpindleKV's head repeat, one copy of its KV head per query head
-(``copies`` stored heads per KV head), each copy keeping its own tokens. Copies hold the
-same vectors, so a codebook that spans them (scope ``head``: one codebook per KV head and its
-copies; ``layer``: one per layer) stores a token kept by several copies once: the copies
-differ only in their refs and magnitudes, which are stored per stored head and counted.
+A :class:`Codebook` stores the tokens kept per KV head (B, H_kv, U) as shared entries (E, D),
+an int32 entry index per token and, by default, a float magnitude per token; a token reads
+back as ``entries[ref] * magnitude``. Under SpindleKV's head repeat, the U tokens of a KV head
+are those kept by any of its copies (one per query head): the copies hold identical vectors,
+so each such token is coded once, and the greedy counts it once per copy that keeps it (the
+paper's loop over the repeated heads, identical copies folded together).
 """
 
 from __future__ import annotations
@@ -165,14 +163,15 @@ class Grown:
 
 
 class Codebook:
-    """Vectors kept by B x H stored heads, N each, as ``entries`` (E, D), ``owner`` (E,) int32
-    (the group an entry belongs to: a (batch, KV head) pair for scope ``head``, a batch row
-    for ``layer``), ``refs`` (B, H, N) int32 into the entries, ``magnitudes`` (B, H, N) or
-    None. Stored head h is a copy of KV head ``h // copies``.
+    """Tokens kept per KV head, (B, H_kv, U), as ``entries`` (E, D), ``owner`` (E,) int32 (the
+    group an entry belongs to: a (batch, KV head) pair for scope ``head``, a batch row for
+    ``layer``), ``refs`` (B, H_kv, U) int32 into the entries, ``magnitudes`` (B, H_kv, U) or
+    None. Slots that hold no token (padding, weight 0) point at their group's first entry
+    with magnitude 0.
 
-    With magnitudes, entries are unit vectors and a vector decodes to ``entry * magnitude``;
+    With magnitudes, entries are unit vectors and a token decodes to ``entry * magnitude``;
     without (the paper's ablation), an entry is its centre vector as is and members decode
-    to it. Every vector's cosine to its entry exceeds ``theta``. The tensors grow in place
+    to it. Every token's cosine to its entry exceeds ``theta``. The tensors grow in place
     while decoding (:class:`Grown`)."""
 
     def __init__(
@@ -183,12 +182,11 @@ class Codebook:
         magnitudes: torch.Tensor | None,
         theta: float,
         scope: str,
-        copies: int = 1,
     ) -> None:
         self._entries, self._owner = Grown(entries, 0), Grown(owner, 0)
         self._refs = Grown(refs, -1)
         self._magnitudes = None if magnitudes is None else Grown(magnitudes, -1)
-        self.theta, self.scope, self.copies = theta, scope, copies
+        self.theta, self.scope = theta, scope
 
     @property
     def entries(self) -> torch.Tensor:
@@ -211,6 +209,7 @@ class Codebook:
         cls,
         vectors: torch.Tensor,
         kept: torch.Tensor,
+        weights: torch.Tensor,
         theta: float,
         scope: str,
         magnitude: bool,
@@ -218,61 +217,64 @@ class Codebook:
         dtype: torch.dtype,
         neighbours: list[Neighbours] | None = None,
     ) -> Codebook:
-        """Codebook of the tokens ``kept`` (B, H, N) (indices into S, per stored head) of
-        vectors (B, H_kv, S, D), stored in ``dtype``; built in float32. H = copies * H_kv.
+        """Codebook of the tokens ``kept`` (B, H_kv, U) (indices into S, distinct per KV head)
+        of vectors (B, H_kv, S, D), stored in ``dtype``, built in float32. ``weights``
+        (B, H_kv, U) counts the copies keeping each token (0: a padding slot, not coded).
         ``neighbours`` (one per group, filled on first use) carries the similarities found
         by an earlier build over the same vectors (SpindleKV's budget search)."""
         batch, kv_heads, seq_len, dim = vectors.shape
-        heads, n = kept.shape[1], kept.shape[2]
-        copies = heads // kv_heads
         raw = vectors.float()
-        kv_of = torch.arange(heads, device=kept.device) // copies  # stored head -> KV head
         if scope == "head":
             sources = raw.reshape(batch * kv_heads, seq_len, dim)
-            rows = kept.reshape(batch * kv_heads, copies, n)
+            rows, counts = kept.reshape(batch * kv_heads, -1), weights.reshape(batch * kv_heads, -1)
         else:
             sources = raw.reshape(batch, kv_heads * seq_len, dim)
-            rows = kept + (kv_of * seq_len).view(1, heads, 1)
+            shift = (torch.arange(kv_heads, device=kept.device) * seq_len).view(1, kv_heads, 1)
+            rows, counts = (kept + shift).reshape(batch, -1), weights.reshape(batch, -1)
+        weighted = bool((weights > 1).any())
         neighbours = [] if neighbours is None else neighbours
         entries, owners, refs, offset = [], [], [], 0
-        for group, (source, row) in enumerate(zip(sources, rows, strict=True)):
-            members, inverse = torch.unique(row, return_inverse=True)
+        for group, (source, row, count) in enumerate(zip(sources, rows, counts, strict=True)):
+            used = count > 0
+            order = row[used].argsort()
+            ids = row[used][order].cpu().numpy()  # sorted: ties go to the lower token index
             if len(neighbours) <= group:
                 neighbours.append(Neighbours(source.shape[0], theta, block))
-            ids = members.cpu().numpy()
             src, dst = neighbours[group].among(source, ids)
             local = np.full(source.shape[0], -1, dtype=np.int64)
             local[ids] = np.arange(ids.size)
-            weights = torch.bincount(inverse.flatten(), minlength=ids.size).cpu().numpy()
-            centres, ref = cover(ids.size, local[src], local[dst], weights if copies > 1 else None)
-            centres_t = torch.from_numpy(centres).to(members.device)
-            picked = source[members[centres_t]]
+            count_np = count[used][order].cpu().numpy() if weighted else None
+            centres, ref = cover(ids.size, local[src], local[dst], count_np)
+            picked = source[torch.from_numpy(ids[centres]).to(row.device)]
             entries.append(_unit(picked) if magnitude else picked)
-            owners.append(torch.full_like(centres_t, group))
-            refs.append(torch.from_numpy(ref).to(members.device)[inverse] + offset)
+            owners.append(torch.full((centres.size,), group, dtype=torch.int32))
+            slot = torch.full_like(row, offset)  # padding: the group's first entry
+            slot[used.nonzero().squeeze(1)[order]] = torch.from_numpy(ref).to(row.device) + offset
+            refs.append(slot)
             offset += centres.size
-        norms = raw.norm(dim=-1)[:, kv_of].gather(2, kept) if magnitude else None
+        norms = None
+        if magnitude:
+            norms = raw.norm(dim=-1).gather(2, kept) * (weights > 0)
         return cls(
             entries=torch.cat(entries).to(dtype),
-            owner=torch.cat(owners).int(),
-            refs=torch.cat(refs).view(batch, heads, n).int(),
+            owner=torch.cat(owners).to(vectors.device),
+            refs=torch.cat(refs).view(kept.shape).int(),
             magnitudes=None if norms is None else norms.to(dtype),
             theta=theta,
             scope=scope,
-            copies=copies,
         )
 
     def decode(self) -> torch.Tensor:
-        """(B, H, N, D) in the entries' dtype."""
+        """(B, H_kv, U, D) in the entries' dtype."""
         refs = self.refs
         out = self.entries.index_select(0, refs.flatten()).view(*refs.shape, -1)
         return out if self.magnitudes is None else out * self.magnitudes.unsqueeze(-1)
 
     def append(self, vectors: torch.Tensor) -> None:
-        """Add vectors (B, H_kv, t, D), one position at a time, to every copy of their KV head:
-        a vector reuses its group's most similar entry when their cosine exceeds ``theta``,
-        else it becomes a new entry (within a ``layer`` group, the KV heads go in order, so a
-        head may reuse the entry the previous head just added)."""
+        """Add vectors (B, H_kv, t, D), one position at a time: a vector reuses its group's
+        most similar entry when their cosine exceeds ``theta``, else it becomes a new entry
+        (within a ``layer`` group, the KV heads go in order, so a head may reuse the entry
+        the previous head just added)."""
         batch, kv_heads = vectors.shape[:2]
         device = vectors.device
         if self.scope == "head":
@@ -287,11 +289,10 @@ class Codebook:
                 ref, norm = self._add(vectors[:, head, step], group)
                 refs.append(ref)
                 norms.append(norm)
-            ref = torch.cat(refs, dim=1).repeat_interleave(self.copies, dim=1)
-            self._refs.append(ref.unsqueeze(-1).int())
+            self._refs.append(torch.cat(refs, dim=1).unsqueeze(-1).int())
             if self._magnitudes is not None:
-                norm = torch.cat(norms, dim=1).repeat_interleave(self.copies, dim=1)
-                self._magnitudes.append(norm.unsqueeze(-1).to(self._magnitudes.buffer.dtype))
+                norm = torch.cat(norms, dim=1).unsqueeze(-1)
+                self._magnitudes.append(norm.to(self._magnitudes.buffer.dtype))
 
     def _add(self, vectors: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """vectors (B, h, D) of groups (B, h) int32 -> their entry indices (B, h), norms."""

@@ -12,8 +12,8 @@ Decoding one token (:func:`attend_codebook`), no decoded token is kept:
 - keys (:func:`key_logits`): each stored token's entry and its position's tabulated RoPE row
   are gathered and scored against the query without applying the magnitude, then scaled by
   it (RoPE is linear: ``q . rope(m c) = m (q . rope(c))``);
-- values: the softmax weights times the value magnitudes are summed per entry
-  (scatter-add into an (H_q, E) matrix), then one small matmul with the value entries.
+- values (:func:`weighted_entries`): the softmax weights times the value magnitudes are
+  summed into their entries' rows and multiplied by them in one fused kernel.
 The plain reading (:func:`attend_materialized`: decode every token, re-apply RoPE with the
 model's rotary, sdpa) is kept as ``decode_attention: materialize`` and is what the tests
 compare the codebook attention against.
@@ -56,7 +56,7 @@ def bind(module: nn.Module, layer: CodebookLayer | None) -> None:
     if previous is not None:
         previous.attending = False
     if layer is not None:
-        layer.attending = True
+        layer.attending, layer.served = True, False
         _BOUND[module] = layer
 
 
@@ -79,6 +79,7 @@ def codebook_attention(
         return fallback(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    layer.served = True
     scaling = module.scaling if scaling is None else scaling
     softcap = kwargs.get("softcap")
     if layer.fast and query.shape[2] == 1 and _all_visible(attention_mask):
@@ -95,37 +96,35 @@ def _all_visible(mask: torch.Tensor | None) -> bool:
 def attend_codebook(
     layer: CodebookLayer, query: torch.Tensor, scaling: float, softcap: float | None
 ) -> torch.Tensor:
-    """One query token (B, H_q, 1, D) over the codebooks and the newest tokens: (B, 1, H_q, D)."""
-    batch, q_heads, _, _ = query.shape
+    """One query token (B, H_q, 1, D) over the codebooks and the newest tokens: (B, 1, H_q, D).
+    Query head h reads KV head ``h // G``'s slots, those its copy keeps (``layer.heads``)."""
+    batch, q_heads, _, dim = query.shape
     key_book, value_book = layer.key_book, layer.value_book
-    heads = layer.positions.shape[1]
-    q = query.reshape(batch, heads, q_heads // heads, query.shape[-1])  # (B, H, g, D)
-    logits = key_logits(layer, q)  # (B, H, g, N)
+    kv_heads = layer.positions.shape[1]
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)  # (B, H_kv, G, D)
+    logits = key_logits(layer, q)  # (B, H_kv, G, U)
     if key_book.magnitudes is not None:
         logits = logits * key_book.magnitudes.unsqueeze(2)
-    new_keys, new_values = layer.tail()
-    logits = torch.cat([logits, q @ new_keys.transpose(-1, -2)], dim=-1) * scaling
+    if layer.heads is not None:
+        logits = logits.masked_fill(~layer.heads, float("-inf"))
+    logits = torch.cat([logits, q @ layer.keys.transpose(-1, -2)], dim=-1) * scaling
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     probs = logits.float().softmax(dim=-1).to(value_book.entries.dtype)
-    stored = layer.positions.shape[-1]
-    weights = probs[..., :stored]
+    slots = layer.positions.shape[-1]
+    weights = probs[..., :slots]
     if value_book.magnitudes is not None:
         weights = weights * value_book.magnitudes.unsqueeze(2)
-    per_entry = weights.new_zeros(*weights.shape[:-1], value_book.entries.shape[0])
-    refs = value_book.refs.long().unsqueeze(2).expand_as(weights)
-    per_entry.scatter_add_(-1, refs, weights)
-    out = per_entry @ value_book.entries + probs[..., stored:] @ new_values  # (B, H, g, Dv)
+    out = weighted_entries(value_book.refs, weights, value_book.entries)  # (B, H_kv, G, Dv)
+    out = out + probs[..., slots:] @ layer.values
     return out.reshape(batch, q_heads, 1, -1).transpose(1, 2)
 
 
 def key_logits(layer: CodebookLayer, q: torch.Tensor) -> torch.Tensor:
-    """``q . rope(entry, position)`` for every stored token, (B, H, g, N), for queries q
-    (B, H, g, D): the tokens' entries and their positions' RoPE rows ``[c | s]`` are gathered;
-    with ``[a | b]`` an entry and ``[x | y]`` a query (halves), the logit is
-    ``sum c (x a + y b) + s (y a - x b)``, summed over the half dims. One query per stored head
-    (head repeat) computes that in place; several (a KV head's group) rotate the entries once
-    and share them through a matmul."""
+    """``q . rope(entry, position)`` for every slot, (B, H_kv, G, U), for queries q
+    (B, H_kv, G, D): the slots' entries and their positions' RoPE rows ``[c | s]`` are
+    gathered, the entries rotated (``[a c - b s, b c + a s]`` for halves ``[a | b]``) into one
+    buffer, then one matmul with the G query heads that share the KV head."""
     book = layer.key_book
     refs = book.refs
     entries = book.entries.index_select(0, refs.flatten()).view(*refs.shape, -1)
@@ -133,18 +132,27 @@ def key_logits(layer: CodebookLayer, q: torch.Tensor) -> torch.Tensor:
     half = entries.shape[-1] // 2
     cos, sin = rows[..., :half], rows[..., half:]
     first, second = entries[..., :half], entries[..., half:]
-    if q.shape[2] == 1:
-        x, y = q[..., :half], q[..., half:]  # (B, H, 1, D/2): broadcast over the tokens
-        along = first * x
-        along.addcmul_(second, y)
-        across = first * y
-        across.addcmul_(second, x, value=-1)
-        along.mul_(cos).addcmul_(across, sin)
-        return along.sum(dim=-1).unsqueeze(2)
     rotated = torch.empty_like(entries)
     torch.mul(first, cos, out=rotated[..., :half]).addcmul_(second, sin, value=-1)
     torch.mul(second, cos, out=rotated[..., half:]).addcmul_(first, sin)
     return q @ rotated.transpose(-1, -2)
+
+
+def weighted_entries(
+    refs: torch.Tensor, weights: torch.Tensor, entries: torch.Tensor
+) -> torch.Tensor:
+    """``sum_j weights[..., j] * entries[refs[..., j]]`` for refs (B, H, U) and weights
+    (B, H, G, U): (B, H, G, D). The softmax weights are summed into the codebook rows and
+    multiplied by them in one fused kernel (``embedding_bag``, one bag per query head), so
+    no (U, D) tensor is written; the profile (BENCHMARKS.md) showed a scatter-add into an
+    (H_q, E) matrix followed by a matmul cost 20x more on this 2-core CPU."""
+    batch, heads, groups, n = weights.shape
+    index = refs.unsqueeze(2).expand(batch, heads, groups, n).reshape(-1)
+    offsets = torch.arange(0, index.numel(), n, dtype=index.dtype, device=index.device)
+    out = F.embedding_bag(
+        index, entries, offsets, mode="sum", per_sample_weights=weights.reshape(-1)
+    )
+    return out.view(batch, heads, groups, -1)
 
 
 def attend_materialized(
@@ -154,22 +162,25 @@ def attend_materialized(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """The plain reading: every stored token decoded (RoPE re-applied with the model's own
-    rotary), each stored head's keys given to its query heads, then attention. (B, q, H_q, D)."""
-    keys, values = layer.materialized()
+    """The plain reading: every slot decoded (RoPE re-applied with the model's own rotary),
+    each KV head's keys given to its query heads, each query head masked to the tokens its
+    copy keeps, then attention. (B, q, H_q, D)."""
+    keys, values, heads = layer.materialized()
     groups = query.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)
     values = values.repeat_interleave(groups, dim=1)
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask == 0
+    if heads is not None:
+        visible = heads.flatten(1, 2).unsqueeze(2)  # (B, H_q, 1, U+t)
+        mask = visible if mask is None else mask & visible
     if softcap:
         logits = query @ keys.transpose(-1, -2) * scaling
         logits = torch.tanh(logits / softcap) * softcap
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attention_mask, float("-inf"))
-        elif attention_mask is not None:
-            logits = logits + attention_mask
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
         out = logits.float().softmax(dim=-1).to(values.dtype) @ values
     else:
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=attention_mask, scale=scaling
-        )
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous()

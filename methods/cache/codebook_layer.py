@@ -1,10 +1,9 @@
 """The cache layer that holds SpindleKV's compressed form, and the RoPE table its keys use.
 
-A :class:`CodebookLayer` stores a key codebook over pre-RoPE keys, a value codebook and each
-kept token's true position, per stored head (a KV head, or one copy of it per query head
-under SpindleKV's head repeat). Decoded keys are never kept: attention reads the codebooks
-directly (``methods.cache.codebook_attention``), or, outside SpindleKV's attention
-implementation, ``update`` returns them decoded for that call only.
+A :class:`CodebookLayer` stores, per KV head, a key codebook over pre-RoPE keys, a value
+codebook, each kept token's true position and (under SpindleKV's head repeat) which query
+heads keep it. Decoded keys are never kept: attention reads the codebooks directly
+(``methods.cache.codebook_attention``).
 """
 
 from __future__ import annotations
@@ -63,16 +62,22 @@ class RopeTable:
 
 
 class CodebookLayer(DynamicLayer):
-    """SpindleKV's compressed cache layer: ``key_book`` over pre-RoPE keys, ``value_book``,
-    and ``positions`` (B, H, N) int32, the true position of each stored head's tokens.
+    """SpindleKV's compressed cache layer. Per KV head, U token slots: ``key_book`` over their
+    pre-RoPE keys, ``value_book`` over their values, ``positions`` (B, H_kv, U) int32 (each
+    token's true position) and, under head repeat, ``heads`` (B, H_kv, G, U) bool: which of
+    the KV head's G copies (one per query head) keep the token; a slot no copy keeps is
+    padding. Without ``heads`` every query head of the group sees every token.
+
     ``keys``/``values`` hold only the newest tokens (B, H_kv, t, D), post-RoPE as the model
     gives them, until the method folds them into the codebooks after the forward pass
-    (:meth:`fold`); every copy of a KV head receives them. ``rope`` is the model's RoPE for
-    this layer, ``table`` the same tabulated (for the codebook attention).
+    (:meth:`fold`); every copy keeps them. ``rope`` is the model's RoPE for this layer,
+    ``table`` the same tabulated (for the codebook attention).
 
     ``attending`` is set while SpindleKV's attention implementation attends over this layer
     for the current call: ``update`` then returns only the newest tokens, and the attention
-    reads the codebooks. Otherwise ``update`` returns every stored head's tokens decoded.
+    reads the codebooks (and sets ``served``). Otherwise ``update`` returns the tokens
+    decoded (for a head-repeat layer that would hand every query head its group's union, so
+    it refuses).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class CodebookLayer(DynamicLayer):
         key_book: Codebook,
         value_book: Codebook,
         positions: torch.Tensor,
+        heads: torch.Tensor | None,
         rope: Rope,
         table: RopeTable,
         fast: bool = True,
@@ -87,24 +93,28 @@ class CodebookLayer(DynamicLayer):
         super().__init__()
         self.key_book, self.value_book = key_book, value_book
         self._positions = Grown(positions, -1)
+        self._heads = None if heads is None else Grown(heads, -1)
         self.last_position = int(positions.max()) if positions.numel() else -1
         self.rope, self.table, self.fast = rope, table, fast
-        self.copies = key_book.copies
-        batch, heads = positions.shape[:2]
-        kv_heads = heads // self.copies
+        batch, kv_heads = positions.shape[:2]
         self.dtype, self.device = key_book.entries.dtype, key_book.entries.device
         self.keys = key_book.entries.new_zeros(batch, kv_heads, 0, key_book.entries.shape[-1])
         self.values = value_book.entries.new_zeros(batch, kv_heads, 0, value_book.entries.shape[-1])
         self.is_initialized = True
-        self.attending = False
+        self.attending = self.served = False
 
     @property
     def positions(self) -> torch.Tensor:
-        """(B, H, N) int32: each stored head's tokens' true positions."""
+        """(B, H_kv, U) int32: each slot's true position."""
         return self._positions.data
 
+    @property
+    def heads(self) -> torch.Tensor | None:
+        """(B, H_kv, G, U) bool: which query heads keep each slot (None: all of them)."""
+        return None if self._heads is None else self._heads.data
+
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored tokens' keys (RoPE re-applied) and values, each (B, H, N, D): the plain
+        """The slots' keys (RoPE re-applied) and values, each (B, H_kv, U, D): the plain
         reading, with the model's own rotary embedding at each token's position."""
         pre = self.key_book.decode()
         batch, heads, n, dim = pre.shape
@@ -112,18 +122,17 @@ class CodebookLayer(DynamicLayer):
         keys = apply_rope(pre, cos.view(batch, heads, n, dim), sin.view(batch, heads, n, dim))
         return keys, self.value_book.decode()
 
-    def tail(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The newest tokens, given to every copy of their KV head: (B, H, t, D) each."""
-        return (
-            self.keys.repeat_interleave(self.copies, dim=1),
-            self.values.repeat_interleave(self.copies, dim=1),
-        )
-
-    def materialized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stored head's keys and values, stored tokens then the newest: (B, H, N+t, D)."""
+    def materialized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys and values of the slots then the newest tokens, (B, H_kv, U+t, D), and which
+        query heads see each, (B, H_kv, G, U+t) bool (None: all)."""
         keys, values = self.decoded()
-        new_keys, new_values = self.tail()
-        return torch.cat([keys, new_keys], dim=-2), torch.cat([values, new_values], dim=-2)
+        keys = torch.cat([keys, self.keys], dim=-2)
+        values = torch.cat([values, self.values], dim=-2)
+        heads = self.heads
+        if heads is not None:
+            new = heads.new_ones(*heads.shape[:-1], self.keys.shape[-2])
+            heads = torch.cat([heads, new], dim=-1)
+        return keys, values, heads
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -132,18 +141,28 @@ class CodebookLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         if self.attending:
             return self.keys, self.values
-        return self.materialized()
+        if self._heads is not None:
+            raise RuntimeError(
+                "SpindleKV's head-repeat cache keeps a token set per query head, which only "
+                "its own attention implementation reads: decode inside `method.apply(model)`"
+            )
+        keys, values, _ = self.materialized()
+        return keys, values
 
     def fold(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Move the newest tokens (``keys``/``values``, post-RoPE) into the codebooks;
-        positions (B, t) and cos/sin (B, t, D) are those the model used for them."""
-        if self.keys.shape[-2] == 0:
+        """Move the newest tokens (``keys``/``values``, post-RoPE) into the codebooks, kept
+        by every copy; positions (B, t) and cos/sin (B, t, D) are those the model used."""
+        new = self.keys.shape[-2]
+        if new == 0:
             return
         pre = undo_rope(self.keys.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1))
         self.key_book.append(pre)
         self.value_book.append(self.values)
-        heads = self.positions.shape[1]
-        self._positions.append(positions.to(self.positions).unsqueeze(1).expand(-1, heads, -1))
+        kv_heads = self.positions.shape[1]
+        self._positions.append(positions.to(self.positions).unsqueeze(1).expand(-1, kv_heads, -1))
+        if self._heads is not None:
+            heads = self._heads.data
+            self._heads.append(heads.new_ones(*heads.shape[:-1], new))
         self.last_position = max(self.last_position, int(positions.max()))
         self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
 
@@ -151,12 +170,13 @@ class CodebookLayer(DynamicLayer):
         return self.positions.shape[-1] + self.keys.shape[-2]
 
     def stored_nbytes(self) -> int:
-        """Bytes held: both codebooks (entries, owners, refs and magnitudes of every stored
-        head, copies included), the positions and any not-yet-folded tokens; tensors that grow
-        while decoding count their reserved room too (:class:`Grown`)."""
+        """Bytes held: both codebooks (entries, owners, refs, magnitudes), the positions, the
+        per-query-head token sets and any not-yet-folded tokens; tensors that grow while
+        decoding count their reserved room too (:class:`Grown`)."""
         tail = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-        positions = self._positions.nbytes()
-        return self.key_book.nbytes() + self.value_book.nbytes() + positions + tail
+        parts = (self._positions, self._heads)
+        stored = sum(part.nbytes() for part in parts if part is not None)
+        return self.key_book.nbytes() + self.value_book.nbytes() + stored + tail
 
     def _unsupported(self, *args, **kwargs) -> None:
         raise NotImplementedError(

@@ -68,22 +68,54 @@ def plan(method: Any, pending: list[Pending]) -> tuple[list[CodebookLayer], dict
 
 
 def build(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> CodebookLayer:
-    """Layer ``p`` keeping the first ``n_kept`` of each stored head's keep order, coded;
-    ``found`` carries the similarities of earlier builds (keys, values)."""
-    kept = p.order[..., :n_kept].sort(dim=-1).values  # (B, H, n)
+    """Layer ``p`` keeping the first ``n_kept`` of each keep order (per query head under head
+    repeat, else per KV head), coded; ``found`` carries earlier builds' similarities."""
+    kept, heads = slots(p.order[..., :n_kept], p.keys.shape[1], p.keys.shape[-2])
+    weights = torch.ones_like(kept) if heads is None else heads.sum(dim=2)
     cos, sin = p.cos.float().unsqueeze(1), p.sin.float().unsqueeze(1)
     pre_keys = undo_rope(p.keys.float(), cos, sin)
-    heads = kept.shape[1]
-    positions = p.positions.unsqueeze(1).expand(-1, heads, -1).gather(2, kept)
+    positions = p.positions.unsqueeze(1).expand(-1, kept.shape[1], -1).gather(2, kept)
     scope, block, magnitude = method.codebook_scope, method.similarity_block, method.magnitude
     key_book = Codebook.build(
-        pre_keys, kept, method.key_threshold, scope, magnitude, block, p.keys.dtype, found[0]
-    )
+        pre_keys, kept, weights, method.key_threshold, scope, magnitude, block, p.keys.dtype,
+        found[0],
+    )  # fmt: skip
     value_book = Codebook.build(
-        p.values, kept, method.value_threshold, scope, magnitude, block, p.values.dtype, found[1]
-    )
+        p.values, kept, weights, method.value_threshold, scope, magnitude, block,
+        p.values.dtype, found[1],
+    )  # fmt: skip
     fast = method.decode_attention == "codebook"
-    return CodebookLayer(key_book, value_book, positions.int(), p.rope, p.table, fast=fast)
+    return CodebookLayer(key_book, value_book, positions.int(), heads, p.rope, p.table, fast)
+
+
+def slots(
+    chosen: torch.Tensor, kv_heads: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens chosen (B, H, n) per query head (H = G H_kv) or per KV head (H = H_kv) ->
+    (kept (B, H_kv, U) distinct token indices, increasing; which of each KV head's G copies
+    keep each slot, (B, H_kv, G, U) bool, or None when H = H_kv). A KV head stores the union
+    of its copies' tokens once; U is the largest union, smaller unions are padded with slots
+    that no copy keeps."""
+    batch, heads, _ = chosen.shape
+    if heads == kv_heads:
+        return chosen.sort(dim=-1).values, None
+    groups = heads // kv_heads
+    member = torch.zeros(batch, heads, seq_len, dtype=torch.bool, device=chosen.device)
+    member.scatter_(2, chosen, True)
+    member = member.view(batch, kv_heads, groups, seq_len)
+    union = member.any(dim=2)  # (B, H_kv, S)
+    size = int(union.sum(dim=-1).max())
+    kept = union.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :size]
+    kept = kept.sort(dim=-1).values  # padding slots (no copy keeps them) sort in among them
+    index = kept.unsqueeze(2).expand(batch, kv_heads, groups, size)
+    return kept, member.gather(3, index)
+
+
+def union_sizes(layer: CodebookLayer) -> list[int]:
+    """Tokens each KV head stores (batch row 0): its copies' union under head repeat."""
+    if layer.heads is None:
+        return [int(layer.positions.shape[-1])] * int(layer.positions.shape[1])
+    return layer.heads[0].any(dim=1).sum(dim=-1).tolist()
 
 
 def describe(
@@ -95,7 +127,7 @@ def describe(
             {
                 "layer": p.layer_idx,
                 "kept_tokens": n,
-                "stored_heads": int(layer.positions.shape[1]),
+                "unique_tokens": union_sizes(layer),
                 "key_entries": int(layer.key_book.entries.shape[0]),
                 "value_entries": int(layer.value_book.entries.shape[0]),
                 "bytes": int(layer.stored_nbytes()),

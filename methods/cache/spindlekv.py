@@ -74,12 +74,14 @@ class SpindleKV(SnapKV):
     0.05), window always kept.
 
     GQA (``gqa``): ``repeat`` (the paper, default) repeats each KV head once per query head;
-    every copy keeps its own query head's best tokens and is stored: refs, magnitudes and
-    positions per query head, counted in the bytes; the codebook spans a KV head's copies, so
-    a token kept by several copies is one entry. While decoding, a new token goes to every copy.
-    ``union`` (ours, the earlier default) stores KV heads only, each keeping the round-robin
-    union of its query heads' rankings; ``group_average`` (the paper's ablation) averages a
-    group's scores. On MHA models the three are the same.
+    every copy keeps its own query head's best tokens. The copies are identical, so a KV head
+    stores the union of its copies' tokens once (coded once; the greedy codebook counts a
+    token once per copy keeping it, as the paper's loop over the repeated heads would) plus,
+    per copy, which of them it keeps (one byte per token and query head), all counted in the
+    bytes; each query head attends to exactly its own tokens. While decoding, a new token goes
+    to every copy. ``union`` (ours, the earlier default) keeps per KV head the round-robin
+    union of its query heads' rankings, the same for the whole group; ``group_average`` (the
+    paper's ablation) averages a group's scores. On MHA models the three are the same.
 
     Budget (``budget_mode``): ``bytes`` (default) stores ``ratio`` of the full cache's bytes
     over the compressed layers, measured: the pyramid's mean token count is searched
@@ -286,6 +288,12 @@ class SpindleKV(SnapKV):
         layer = cache_of(kwargs).layers[module.layer_idx]
         if not isinstance(layer, CodebookLayer):
             return keys, values
+        if layer.attending and not layer.served:  # its update gave the attention the tail only
+            raise RuntimeError(
+                f"{type(module).__name__} (layer {module.layer_idx}) attended without "
+                "transformers' attention interface, so it never read SpindleKV's codebooks: "
+                "this attention module is not supported by SpindleKV's codebook cache"
+            )
         new = layer.keys.shape[-2]
         positions = kwargs.get("position_ids")
         if positions is None:  # the model passes them; else they continue the stored ones
