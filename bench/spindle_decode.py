@@ -4,19 +4,25 @@
     python bench/spindle_decode.py --lengths 4096 --variants codebook materialize union
     python bench/spindle_decode.py --lengths 4096 --profile codebook   # torch.profiler top ops
 
-For each context length the prompt is real text (LongBench multi_news) cut to that length;
-the full cache and each SpindleKV variant decode ``--decode-tokens`` greedy tokens (always
-to the end), best of ``--repeats`` per-token decode time; ``vs full`` = variant ÷ full in
-this run. Variants: ``codebook`` (the default: head repeat, attention over the codebooks),
-``materialize`` (head repeat, every token decoded each step: the plain reading), ``union``
-(KV heads only, codebook attention). ``--profile VARIANT`` prints the top operators of that
-variant's decode steps (prefill excluded) from ``torch.profiler`` instead of the table.
+For each context length the prompt is real text (LongBench multi_news) cut to that length.
+Each method prefills once (SpindleKV compresses then); its cache is kept. Then, ``--repeats``
+times, every method decodes ``--decode-tokens`` greedy tokens from a copy of its cache, the
+methods taking turns (the order rotates each round), so that a change in the machine's load
+falls on all of them; a method's figure is its fastest round (``median`` too), per token.
+``vs full`` = method ÷ full cache, fastest rounds. Variants: ``codebook`` (the default: head
+repeat, attention over the codebooks), ``materialize`` (every token decoded each step: the
+plain reading), ``union`` (one token set per KV head), ``fold8`` (new tokens join the
+codebooks every 8 steps instead of every step). ``--profile VARIANT`` prints the top
+operators of that variant's decode steps (prefill excluded) from ``torch.profiler`` instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,55 +32,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cache_costs import prompt_ids  # noqa: E402
 from bench.common import load  # noqa: E402
-from harness.generation import greedy_generate  # noqa: E402
+from harness.generation import cache_methods_applied, greedy_generate, new_cache  # noqa: E402
+from harness.measure import stored_kv_bytes  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
 VARIANTS = {
     "codebook": {},
     "materialize": {"decode_attention": "materialize"},
     "union": {"gqa": "union"},
+    "fold8": {"fold_every": 8},
 }
 
 
-def method(variant: str | None, ratio: float):
-    if variant is None:
+def methods_for(variant: str, ratio: float) -> list:
+    if variant == "full":
         return []
     return [load("method", "spindlekv", ratio=ratio, **VARIANTS[variant])]
 
 
-def decode_time(model, ids, variant, ratio, tokens: int, repeats: int) -> dict:
-    best = None
-    for _ in range(repeats):
-        run = greedy_generate(
-            model, ids, max_new_tokens=tokens, cache_methods=method(variant, ratio)
-        )
-        per_token = run.decode_s / max(run.decode_steps, 1)
-        if best is None or per_token < best["decode_s"]:
-            best = {"decode_s": per_token, "kv_bytes": run.kv_bytes_prefill, "tokens": run.tokens}
-    return best
-
-
-def profile(model, ids, variant: str, ratio: float, tokens: int) -> None:
-    """Top operators of the decode steps: prefill and compression run before profiling."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from harness.generation import cache_methods_applied, new_cache
-
-    methods = method(variant, ratio)
+@torch.inference_mode()
+def prefill(model, ids, methods) -> tuple:
+    """The cache after prefill (compressed by ``methods``) and the first generated token."""
     cache = new_cache(model)
-    with torch.inference_mode(), cache_methods_applied(model, methods):
+    with cache_methods_applied(model, methods):
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = logits.logits[0, -1].argmax().view(1, 1)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for step in range(tokens):
-                with record_function("decode_step"):
-                    out = model(
-                        input_ids=token,
-                        position_ids=torch.tensor([[ids.shape[1] + step]]),
-                        past_key_values=cache,
-                        use_cache=True,
-                    )
-                token = out.logits[0, -1].argmax().view(1, 1)
+    return cache, logits.logits[0, -1].argmax().view(1, 1)
+
+
+@torch.inference_mode()
+def decode(model, methods, cache, token, start: int, steps: int) -> tuple[float, list[int]]:
+    """Seconds per token of ``steps`` greedy steps from ``cache``, and the tokens."""
+    tokens = []
+    with cache_methods_applied(model, methods):
+        begin = time.perf_counter()
+        for step in range(steps):
+            out = model(
+                input_ids=token,
+                position_ids=torch.tensor([[start + step]]),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            token = out.logits[0, -1].argmax().view(1, 1)
+            tokens.append(int(token))
+        elapsed = time.perf_counter() - begin
+    return elapsed / steps, tokens
+
+
+def profile(model, ids, variant: str, ratio: float, steps: int) -> None:
+    """Top operators of the decode steps: prefill and compression run before profiling."""
+    from torch.profiler import ProfilerActivity, profile
+
+    methods = methods_for(variant, ratio)
+    cache, token = prefill(model, ids, methods)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode(model, methods, cache, token, ids.shape[1], steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -84,34 +95,46 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--variants", nargs="+", default=["codebook"], choices=list(VARIANTS))
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", choices=[*VARIANTS, "full"])
     args = parser.parse_args()
 
     model, tokenizer = load("model", args.model).load()
     greedy_generate(model, prompt_ids(tokenizer, 256), max_new_tokens=4)  # warm-up
     if args.profile:
-        variant = None if args.profile == "full" else args.profile
         for length in args.lengths:
             print(f"\n## {args.profile}, context {length}")
-            profile(model, prompt_ids(tokenizer, length), variant, args.ratio, args.decode_tokens)
+            ids = prompt_ids(tokenizer, length)
+            profile(model, ids, args.profile, args.ratio, args.decode_tokens)
         return
     rows = []
+    names = ["full", *args.variants]
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
-        full = decode_time(model, ids, None, args.ratio, args.decode_tokens, args.repeats)
-        rows.append({"context": length, "method": "full", "KV MB": full["kv_bytes"] / 2**20,
-                     "decode ms/tok": full["decode_s"] * 1000, "vs full": 1.0})  # fmt: skip
-        for variant in args.variants:
-            got = decode_time(model, ids, variant, args.ratio, args.decode_tokens, args.repeats)
+        start = {name: (methods_for(name, args.ratio),) for name in names}
+        for name in names:
+            start[name] += prefill(model, ids, start[name][0])
+        times: dict[str, list[float]] = {name: [] for name in names}
+        tokens: dict[str, list[int]] = {}
+        for round_ in range(args.repeats):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                methods, cache, token = start[name]
+                cache = copy.deepcopy(cache)
+                per_token, tokens[name] = decode(
+                    model, methods, cache, token, length, args.decode_tokens
+                )
+                times[name].append(per_token)
+        for name in names:
             rows.append(
                 {
                     "context": length,
-                    "method": f"spindlekv ({variant})",
-                    "KV MB": got["kv_bytes"] / 2**20,
-                    "decode ms/tok": got["decode_s"] * 1000,
-                    "vs full": got["decode_s"] / full["decode_s"],
+                    "method": name if name == "full" else f"spindlekv ({name})",
+                    "KV MB": stored_kv_bytes(start[name][1]) / 2**20,
+                    "decode ms/tok": min(times[name]) * 1000,
+                    "median ms/tok": statistics.median(times[name]) * 1000,
+                    "vs full": min(times[name]) / min(times["full"]),
+                    "same tokens": tokens[name] == tokens["full"],
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)

@@ -270,3 +270,41 @@ def test_an_attention_that_bypasses_the_codebook_attention_fails_loudly():
                 input_ids=ids[:, :1], position_ids=torch.tensor([[PROMPT]]), past_key_values=cache
             )
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("scope", ["head", "layer"])
+def test_appending_several_vectors_at_once_is_appending_them_in_order(scope):
+    vectors = clustered(48, 8, seed=4).view(1, 2, 24, 8)
+    kept, weights = torch.arange(16).expand(1, 2, 16), torch.ones(1, 2, 16, dtype=torch.long)
+    far = 3 * torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(9))
+    new = torch.cat([vectors[:, :, 16:], far, far * 1.01 + 1e-3], dim=2)
+    books = [
+        Codebook.build(vectors[:, :, :16], kept, weights, 0.98, scope, True, 8, torch.float32)
+        for _ in range(2)
+    ]
+    before = books[0].entries.shape[0]
+    books[0].append(new)  # 12 steps at once: later ones reuse entries earlier ones made
+    for step in range(new.shape[2]):
+        books[1].append(new[:, :, step : step + 1])
+    assert (books[0].refs[..., -4:] >= before).any()  # a near-duplicate joined a new entry
+    for name in ("entries", "owner", "refs", "magnitudes"):
+        assert torch.equal(getattr(books[0], name), getattr(books[1], name)), name
+
+
+def test_folding_every_few_steps_reaches_the_same_codebooks():
+    model, ids = load("gqa"), prompt()
+    forced = torch.tensor([5, 9, 200, 7])
+    fields = dict(window=8, ratio=0.3, key_threshold=0.9, value_threshold=0.8)
+    _, every = run(model, ids, [SpindleKV(**fields)], steps=4, extra=forced)
+    logits, batched = run(model, ids, [SpindleKV(fold_every=4, **fields)], steps=3, extra=forced)
+    assert batched.layers[0].keys.shape[-2] == 3  # three tokens wait, attended as they are
+    plain, _ = run(
+        model, ids, [SpindleKV(fold_every=4, decode_attention="materialize", **fields)], 3, forced
+    )
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-4)
+    _, batched = run(model, ids, [SpindleKV(fold_every=4, **fields)], steps=4, extra=forced)
+    first, second = every.layers[0], batched.layers[0]  # layer 0: the same new keys and values
+    assert second.keys.shape[-2] == 0 and torch.equal(first.positions, second.positions)
+    for book in ("key_book", "value_book"):
+        a, b = getattr(first, book), getattr(second, book)
+        assert torch.equal(a.refs, b.refs) and torch.allclose(a.entries, b.entries, atol=1e-6)

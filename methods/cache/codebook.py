@@ -271,48 +271,76 @@ class Codebook:
         return out if self.magnitudes is None else out * self.magnitudes.unsqueeze(-1)
 
     def append(self, vectors: torch.Tensor) -> None:
-        """Add vectors (B, H_kv, t, D), one position at a time: a vector reuses its group's
-        most similar entry when their cosine exceeds ``theta``, else it becomes a new entry
-        (within a ``layer`` group, the KV heads go in order, so a head may reuse the entry
-        the previous head just added)."""
-        batch, kv_heads = vectors.shape[:2]
-        device = vectors.device
-        if self.scope == "head":
-            order = [torch.arange(batch * kv_heads, device=device).view(batch, kv_heads).int()]
-            heads = [slice(None)]
-        else:
-            order = [torch.arange(batch, device=device).view(batch, 1).int()] * kv_heads
-            heads = [slice(h, h + 1) for h in range(kv_heads)]
-        for step in range(vectors.shape[2]):
-            refs, norms = [], []
-            for group, head in zip(order, heads, strict=True):
-                ref, norm = self._add(vectors[:, head, step], group)
-                refs.append(ref)
-                norms.append(norm)
-            self._refs.append(torch.cat(refs, dim=1).unsqueeze(-1).int())
-            if self._magnitudes is not None:
-                norm = torch.cat(norms, dim=1).unsqueeze(-1)
-                self._magnitudes.append(norm.to(self._magnitudes.buffer.dtype))
-
-    def _add(self, vectors: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """vectors (B, h, D) of groups (B, h) int32 -> their entry indices (B, h), norms."""
+        """Add vectors (B, H_kv, t, D) in order (time, then KV head): each reuses its group's
+        most similar entry, among the entries so far and those the earlier new vectors just
+        added, when their cosine exceeds ``theta``, else it becomes a new entry. The
+        similarities come from two matmuls (against the entries, among the new vectors); only
+        the choice runs in order, over t (times H_kv for scope ``layer``) small steps."""
+        batch, kv_heads, steps, dim = vectors.shape
         raw = vectors.float()
-        norm = raw.norm(dim=-1)
+        norm = raw.norm(dim=-1)  # (B, H_kv, t)
         unit = raw / norm.clamp_min(_TINY).unsqueeze(-1)
-        book = self.entries.to(unit.dtype)
+        stored = unit if self.magnitudes is not None else raw
+        if self.scope == "head":  # a group per (batch, KV head), its vectors in time order
+            seq, kept = unit.reshape(batch * kv_heads, steps, dim), stored
+            seq_kept = kept.reshape(batch * kv_heads, steps, dim)
+        else:  # a group per batch row, its vectors in (time, KV head) order
+            seq = unit.transpose(1, 2).reshape(batch, steps * kv_heads, dim)
+            seq_kept = stored.transpose(1, 2).reshape(batch, steps * kv_heads, dim)
+        groups = torch.arange(seq.shape[0], device=seq.device, dtype=torch.int32)
+        book = self.entries.to(seq.dtype)
         if self.magnitudes is None:  # entries are raw centres: compare directions
             book = book / book.norm(dim=-1, keepdim=True).clamp_min(_TINY)
-        sims = unit @ book.T  # (B, h, E)
-        sims.masked_fill_(self.owner != group.unsqueeze(-1), float("-inf"))
-        best, ref = sims.max(dim=-1)
-        new = best <= self.theta
-        if bool(new.any()):
-            ref[new] = self.entries.shape[0] + torch.arange(int(new.sum()), device=ref.device)
-            fresh = (unit if self.magnitudes is not None else raw)[new]
-            self._entries.append(fresh.to(self._entries.buffer.dtype))
-            self._owner.append(group.expand_as(new)[new])
-        return ref, norm
+        sims = seq @ book.T  # (G, L, E)
+        sims.masked_fill_(self.owner.view(1, 1, -1) != groups.view(-1, 1, 1), float("-inf"))
+        best, ref = sims.max(dim=-1)  # (G, L)
+        among = (seq @ seq.transpose(1, 2)).cpu().numpy() if seq.shape[1] > 1 else None
+        refs, made = _choose(
+            best.cpu().numpy(), ref.cpu().numpy(), among, self.theta, self.entries.shape[0]
+        )
+        if made.size:  # made: (group, index) of each new entry, in creation order
+            g, i = torch.from_numpy(made).to(seq.device).unbind(1)
+            self._entries.append(seq_kept[g, i].to(self._entries.buffer.dtype))
+            self._owner.append(groups[g])
+        refs = torch.from_numpy(refs).to(seq.device).int()
+        if self.scope == "head":
+            refs = refs.view(batch, kv_heads, steps)
+        else:
+            refs = refs.view(batch, steps, kv_heads).transpose(1, 2)
+        self._refs.append(refs)
+        if self._magnitudes is not None:
+            self._magnitudes.append(norm.to(self._magnitudes.buffer.dtype))
 
     def nbytes(self) -> int:
         parts = (self._entries, self._owner, self._refs, self._magnitudes)
         return sum(part.nbytes() for part in parts if part is not None)
+
+
+def _choose(
+    best: np.ndarray, ref: np.ndarray, among: np.ndarray | None, theta: float, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's vectors in order (G, L): ``best``/``ref`` are their most similar existing
+    entry, ``among`` (G, L, L) their cosines to each other. Returns the entry of each vector
+    (new entries numbered from ``count`` in creation order: by index, then group) and the
+    (group, index) of each new entry, (M, 2)."""
+    groups, length = best.shape
+    out = np.empty((groups, length), dtype=np.int64)
+    created = np.zeros((groups, length), dtype=bool)
+    rows = np.arange(groups)
+    made = []
+    for i in range(length):
+        cos, entry = best[:, i], ref[:, i]
+        if i and created[:, :i].any():  # an entry an earlier new vector made may be closer
+            earlier = np.where(created[:, :i], among[:, i, :i], -np.inf)
+            j = earlier.argmax(axis=1)
+            closer = earlier[rows, j] > cos
+            cos = np.where(closer, earlier[rows, j], cos)
+            entry = np.where(closer, out[rows, j], entry)
+        new = cos <= theta
+        fresh = np.flatnonzero(new)
+        entry = entry.copy()
+        entry[fresh] = count + len(made) + np.arange(fresh.size)
+        made += [(g, i) for g in fresh.tolist()]
+        created[fresh, i] = True
+        out[:, i] = entry
+    return out, np.array(made, dtype=np.int64).reshape(-1, 2)

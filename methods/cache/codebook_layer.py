@@ -69,9 +69,10 @@ class CodebookLayer(DynamicLayer):
     padding. Without ``heads`` every query head of the group sees every token.
 
     ``keys``/``values`` hold only the newest tokens (B, H_kv, t, D), post-RoPE as the model
-    gives them, until the method folds them into the codebooks after the forward pass
-    (:meth:`fold`); every copy keeps them. ``rope`` is the model's RoPE for this layer,
-    ``table`` the same tabulated (for the codebook attention).
+    gives them (their positions in ``tail_positions``), until they are folded into the
+    codebooks (:meth:`fold`), after every ``fold_every`` decoding steps; every copy keeps
+    them, and attention reads them as they are until then. ``rope`` is the model's RoPE for
+    this layer, ``table`` the same tabulated (the codebook attention and the fold use it).
 
     ``attending`` is set while SpindleKV's attention implementation attends over this layer
     for the current call: ``update`` then returns only the newest tokens, and the attention
@@ -89,14 +90,16 @@ class CodebookLayer(DynamicLayer):
         rope: Rope,
         table: RopeTable,
         fast: bool = True,
+        fold_every: int = 1,
     ) -> None:
         super().__init__()
         self.key_book, self.value_book = key_book, value_book
         self._positions = Grown(positions, -1)
         self._heads = None if heads is None else Grown(heads, -1)
         self.last_position = int(positions.max()) if positions.numel() else -1
-        self.rope, self.table, self.fast = rope, table, fast
+        self.rope, self.table, self.fast, self.fold_every = rope, table, fast, fold_every
         batch, kv_heads = positions.shape[:2]
+        self.tail_positions = positions.new_zeros(batch, 0)
         self.dtype, self.device = key_book.entries.dtype, key_book.entries.device
         self.keys = key_book.entries.new_zeros(batch, kv_heads, 0, key_book.entries.shape[-1])
         self.values = value_book.entries.new_zeros(batch, kv_heads, 0, value_book.entries.shape[-1])
@@ -149,22 +152,35 @@ class CodebookLayer(DynamicLayer):
         keys, values, _ = self.materialized()
         return keys, values
 
-    def fold(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    def settle(self, positions: torch.Tensor) -> None:
+        """Record the true positions (B, t) of the tokens ``update`` just added, and fold the
+        newest tokens into the codebooks once ``fold_every`` of them are waiting."""
+        self.tail_positions = torch.cat([self.tail_positions, positions.to(self.positions)], -1)
+        if self.keys.shape[-2] >= self.fold_every:
+            self.fold()
+
+    def fold(self) -> None:
         """Move the newest tokens (``keys``/``values``, post-RoPE) into the codebooks, kept
-        by every copy; positions (B, t) and cos/sin (B, t, D) are those the model used."""
+        by every copy: their keys go back to pre-RoPE with the tabulated RoPE of their
+        positions (the model's own values), then each joins or opens an entry in order."""
         new = self.keys.shape[-2]
         if new == 0:
             return
-        pre = undo_rope(self.keys.float(), cos.float().unsqueeze(1), sin.float().unsqueeze(1))
-        self.key_book.append(pre)
+        positions = self.tail_positions
+        rows = self.table.rows(positions, self.keys, int(positions.max())).float().unsqueeze(1)
+        half = rows.shape[-1] // 2
+        cos = torch.cat([rows[..., :half], rows[..., :half]], dim=-1)
+        sin = torch.cat([rows[..., half:], rows[..., half:]], dim=-1)
+        self.key_book.append(undo_rope(self.keys.float(), cos, sin))
         self.value_book.append(self.values)
         kv_heads = self.positions.shape[1]
-        self._positions.append(positions.to(self.positions).unsqueeze(1).expand(-1, kv_heads, -1))
+        self._positions.append(positions.unsqueeze(1).expand(-1, kv_heads, -1))
         if self._heads is not None:
             heads = self._heads.data
             self._heads.append(heads.new_ones(*heads.shape[:-1], new))
         self.last_position = max(self.last_position, int(positions.max()))
         self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
+        self.tail_positions = self.tail_positions[:, :0]
 
     def get_seq_length(self) -> int:
         return self.positions.shape[-1] + self.keys.shape[-2]
@@ -174,6 +190,7 @@ class CodebookLayer(DynamicLayer):
         per-query-head token sets and any not-yet-folded tokens; tensors that grow while
         decoding count their reserved room too (:class:`Grown`)."""
         tail = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        tail += self.tail_positions.numel() * self.tail_positions.element_size()
         parts = (self._positions, self._heads)
         stored = sum(part.nbytes() for part in parts if part is not None)
         return self.key_book.nbytes() + self.value_book.nbytes() + stored + tail

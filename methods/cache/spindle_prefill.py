@@ -85,7 +85,9 @@ def build(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> Cod
         p.values.dtype, found[1],
     )  # fmt: skip
     fast = method.decode_attention == "codebook"
-    return CodebookLayer(key_book, value_book, positions.int(), heads, p.rope, p.table, fast)
+    return CodebookLayer(
+        key_book, value_book, positions.int(), heads, p.rope, p.table, fast, method.fold_every
+    )
 
 
 def slots(

@@ -101,6 +101,10 @@ class SpindleKV(SnapKV):
     stores no magnitudes: tokens decode to their entry's centre vector. Decoding: each new
     key/value joins its group's best entry if cos > threshold, else becomes an entry.
 
+    ``fold_every`` [ours]: the new tokens join the codebooks after every step (1, the paper)
+    or every n steps, meanwhile attended as they are and counted in the bytes; the entries
+    they join or open are the same either way (they are decided in order).
+
     Decode attention (``decode_attention``): ``codebook`` reads the codebooks directly (see
     ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry),
     ``materialize`` decodes every token each step (the plain reading). ``ratio: 1.0`` (with
@@ -119,6 +123,7 @@ class SpindleKV(SnapKV):
     codebook_scope: str = "head"
     similarity_block: int = 1024
     decode_attention: str = "codebook"
+    fold_every: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,6 +153,11 @@ class SpindleKV(SnapKV):
             raise MethodConfigError(
                 f"method.ratio_tolerance={self.ratio_tolerance} must be in (0, 0.1): how far "
                 "below the requested ratio the byte search may stop, e.g. 0.004"
+            )
+        if self.fold_every < 1:
+            raise MethodConfigError(
+                f"method.fold_every={self.fold_every} must be >= 1: after how many decoding "
+                "steps the newest tokens join the codebooks (1: every step, as in the paper)"
             )
         if self.similarity_block < 1:
             raise MethodConfigError(f"method.similarity_block={self.similarity_block} must be >= 1")
@@ -294,13 +304,13 @@ class SpindleKV(SnapKV):
                 "transformers' attention interface, so it never read SpindleKV's codebooks: "
                 "this attention module is not supported by SpindleKV's codebook cache"
             )
-        new = layer.keys.shape[-2]
+        new = layer.keys.shape[-2] - layer.tail_positions.shape[-1]
         positions = kwargs.get("position_ids")
         if positions is None:  # the model passes them; else they continue the stored ones
-            start = int(layer.positions.max()) + 1
+            waiting = layer.tail_positions
+            start = int(waiting.max()) + 1 if waiting.numel() else layer.last_position + 1
             positions = torch.arange(start, start + new, device=keys.device).unsqueeze(0)
-        cos, sin = layer_rope(module, kwargs)
-        layer.fold(positions.expand(keys.shape[0], -1)[:, -new:], cos[:, -new:], sin[:, -new:])
+        layer.settle(positions.expand(keys.shape[0], -1)[:, -new:])
         return layer.keys, layer.values
 
     def _layer_rope(
