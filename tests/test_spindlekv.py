@@ -308,3 +308,12 @@ def test_folding_every_few_steps_reaches_the_same_codebooks():
     for book in ("key_book", "value_book"):
         a, b = getattr(first, book), getattr(second, book)
         assert torch.equal(a.refs, b.refs) and torch.allclose(a.entries, b.entries, atol=1e-6)
+
+
+def test_a_token_budget_in_bytes_mode_is_the_bytes_of_that_many_full_tokens():
+    model, ids = load("gqa"), prompt()
+    method = SpindleKV(window=8, budget=30)
+    _, cache = run(model, ids, [method], steps=0)
+    stats = method.last_stats()
+    assert stats["ratio_requested"] == pytest.approx(30 / PROMPT)
+    assert stored_kv_bytes(cache) <= 30 / PROMPT * stats["full_bytes"]

@@ -282,8 +282,8 @@ class Codebook:
         unit = raw / norm.clamp_min(_TINY).unsqueeze(-1)
         stored = unit if self.magnitudes is not None else raw
         if self.scope == "head":  # a group per (batch, KV head), its vectors in time order
-            seq, kept = unit.reshape(batch * kv_heads, steps, dim), stored
-            seq_kept = kept.reshape(batch * kv_heads, steps, dim)
+            seq = unit.reshape(batch * kv_heads, steps, dim)
+            seq_kept = stored.reshape(batch * kv_heads, steps, dim)
         else:  # a group per batch row, its vectors in (time, KV head) order
             seq = unit.transpose(1, 2).reshape(batch, steps * kv_heads, dim)
             seq_kept = stored.transpose(1, 2).reshape(batch, steps * kv_heads, dim)
@@ -294,15 +294,24 @@ class Codebook:
         sims = seq @ book.T  # (G, L, E)
         sims.masked_fill_(self.owner.view(1, 1, -1) != groups.view(-1, 1, 1), float("-inf"))
         best, ref = sims.max(dim=-1)  # (G, L)
-        among = (seq @ seq.transpose(1, 2)).cpu().numpy() if seq.shape[1] > 1 else None
-        refs, made = _choose(
-            best.cpu().numpy(), ref.cpu().numpy(), among, self.theta, self.entries.shape[0]
-        )
-        if made.size:  # made: (group, index) of each new entry, in creation order
-            g, i = torch.from_numpy(made).to(seq.device).unbind(1)
-            self._entries.append(seq_kept[g, i].to(self._entries.buffer.dtype))
-            self._owner.append(groups[g])
-        refs = torch.from_numpy(refs).to(seq.device).int()
+        if seq.shape[1] == 1:  # one vector per group: nothing new to compare it with
+            new = best[:, 0] <= self.theta
+            refs = ref.int()
+            if bool(new.any()):
+                created = self.entries.shape[0] + new.cumsum(dim=0, dtype=torch.int32) - 1
+                refs = torch.where(new, created, refs[:, 0]).unsqueeze(1)
+                self._entries.append(seq_kept[new, 0].to(self._entries.buffer.dtype))
+                self._owner.append(groups[new])
+        else:
+            among = (seq @ seq.transpose(1, 2)).cpu().numpy()
+            refs, made = _choose(
+                best.cpu().numpy(), ref.cpu().numpy(), among, self.theta, self.entries.shape[0]
+            )
+            if made.size:  # made: (group, index) of each new entry, in creation order
+                g, i = torch.from_numpy(made).to(seq.device).unbind(1)
+                self._entries.append(seq_kept[g, i].to(self._entries.buffer.dtype))
+                self._owner.append(groups[g])
+            refs = torch.from_numpy(refs).to(seq.device).int()
         if self.scope == "head":
             refs = refs.view(batch, kv_heads, steps)
         else:

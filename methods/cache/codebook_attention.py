@@ -101,13 +101,13 @@ def attend_codebook(
     batch, q_heads, _, dim = query.shape
     key_book, value_book = layer.key_book, layer.value_book
     kv_heads = layer.positions.shape[1]
-    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)  # (B, H_kv, G, D)
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim) * scaling  # (B, H_kv, G, D)
     logits = key_logits(layer, q)  # (B, H_kv, G, U)
     if key_book.magnitudes is not None:
         logits = logits * key_book.magnitudes.unsqueeze(2)
-    if layer.heads is not None:
-        logits = logits.masked_fill(~layer.heads, float("-inf"))
-    logits = torch.cat([logits, q @ layer.keys.transpose(-1, -2)], dim=-1) * scaling
+    if layer.heads is not None:  # a query head sees only the tokens its copy keeps
+        logits = torch.where(layer.heads, logits, float("-inf"))
+    logits = torch.cat([logits, q @ layer.keys.transpose(-1, -2)], dim=-1)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     probs = logits.float().softmax(dim=-1).to(value_book.entries.dtype)

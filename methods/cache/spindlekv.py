@@ -88,15 +88,17 @@ class SpindleKV(SnapKV):
     (:func:`search_target`) until the layers' codebooks, refs, magnitudes and positions fill
     the byte budget to within ``ratio_tolerance`` of the full bytes (never above it); the
     codebook's savings become more kept tokens. ``tokens`` is the paper's token count
-    (``ratio`` of the prompt's tokens per stored head), for the ablation. With ``budget`` (a
+    (``ratio`` of the prompt's tokens per query head, or per KV head without head repeat),
+    for the ablation. With ``budget`` (a
     token count) instead of ``ratio``, the byte budget is that of a full cache of ``budget``
     tokens. The budgets of all compressed layers are chosen together once the last one has
     run its prefill (prefill attention never sees a compressed layer, so nothing changes).
 
     Codebook: the kept keys are taken back to pre-RoPE (exactly, from the cached keys and the
     layer's cos/sin) and coded with threshold ``key_threshold`` (0.98), the values with
-    ``value_threshold`` (0.95), by the paper's greedy algorithm, the N x N similarity built
-    ``similarity_block`` rows at a time. ``codebook_scope`` [open]: ``head`` (a KV head and
+    ``value_threshold`` (0.95), by the paper's greedy algorithm (exact; only the pairs above
+    the threshold are kept, the similarities computed ``similarity_block`` rows at a time and
+    reused by the budget search). ``codebook_scope`` [open]: ``head`` (a KV head and
     its copies share a codebook) or ``layer``. ``magnitude: false`` (the paper's ablation)
     stores no magnitudes: tokens decode to their entry's centre vector. Decoding: each new
     key/value joins its group's best entry if cos > threshold, else becomes an entry.
