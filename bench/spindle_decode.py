@@ -31,10 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cache_costs import prompt_ids  # noqa: E402
-from bench.common import load  # noqa: E402
-from harness.generation import cache_methods_applied, greedy_generate, new_cache  # noqa: E402
+from bench.common import generate, load  # noqa: E402
+from harness.generation import new_cache  # noqa: E402
 from harness.measure import stored_kv_bytes  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
+from methods.base import cache_kwarg  # noqa: E402
 
 VARIANTS = {
     "codebook": {},
@@ -44,33 +45,32 @@ VARIANTS = {
 }
 
 
-def methods_for(variant: str, ratio: float) -> list:
+def method_for(variant: str, ratio: float):
     if variant == "full":
-        return []
-    return [load("method", "spindlekv", ratio=ratio, **VARIANTS[variant])]
+        return load("method", "full")
+    return load("method", "spindlekv", ratio=ratio, **VARIANTS[variant])
 
 
 @torch.inference_mode()
-def prefill(model, ids, methods) -> tuple:
-    """The cache after prefill (compressed by ``methods``) and the first generated token."""
+def prefill(model, ids, method) -> tuple:
+    """The cache after prefill (compressed by ``method``) and the first generated token."""
     cache = new_cache(model)
-    with cache_methods_applied(model, methods):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    with method.applied(model):
+        logits = model(input_ids=ids, **cache_kwarg(model, cache), logits_to_keep=1)
     return cache, logits.logits[0, -1].argmax().view(1, 1)
 
 
 @torch.inference_mode()
-def decode(model, methods, cache, token, start: int, steps: int) -> tuple[float, list[int]]:
+def decode(model, method, cache, token, start: int, steps: int) -> tuple[float, list[int]]:
     """Seconds per token of ``steps`` greedy steps from ``cache``, and the tokens."""
     tokens = []
-    with cache_methods_applied(model, methods):
+    with method.applied(model):
         begin = time.perf_counter()
         for step in range(steps):
             out = model(
                 input_ids=token,
                 position_ids=torch.tensor([[start + step]]),
-                past_key_values=cache,
-                use_cache=True,
+                **cache_kwarg(model, cache),
             )
             token = out.logits[0, -1].argmax().view(1, 1)
             tokens.append(int(token))
@@ -82,10 +82,10 @@ def profile(model, ids, variant: str, ratio: float, steps: int) -> None:
     """Top operators of the decode steps: prefill and compression run before profiling."""
     from torch.profiler import ProfilerActivity, profile
 
-    methods = methods_for(variant, ratio)
-    cache, token = prefill(model, ids, methods)
+    method = method_for(variant, ratio)
+    cache, token = prefill(model, ids, method)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        decode(model, methods, cache, token, ids.shape[1], steps)
+        decode(model, method, cache, token, ids.shape[1], steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load("model", args.model).load()
-    greedy_generate(model, prompt_ids(tokenizer, 256), max_new_tokens=4)  # warm-up
+    generate(model, tokenizer, None, prompt_ids(tokenizer, 256), 4)  # warm-up
     if args.profile:
         for length in args.lengths:
             print(f"\n## {args.profile}, context {length}")
@@ -112,17 +112,17 @@ def main() -> None:
     names = ["full", *args.variants]
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
-        start = {name: (methods_for(name, args.ratio),) for name in names}
+        start = {name: (method_for(name, args.ratio),) for name in names}
         for name in names:
             start[name] += prefill(model, ids, start[name][0])
         times: dict[str, list[float]] = {name: [] for name in names}
         tokens: dict[str, list[int]] = {}
         for round_ in range(args.repeats):
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                methods, cache, token = start[name]
+                method, cache, token = start[name]
                 cache = copy.deepcopy(cache)
                 per_token, tokens[name] = decode(
-                    model, methods, cache, token, length, args.decode_tokens
+                    model, method, cache, token, length, args.decode_tokens
                 )
                 times[name].append(per_token)
         for name in names:

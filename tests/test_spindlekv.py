@@ -12,7 +12,7 @@ from test_cache_methods import ARCHS, PROMPT, clustered, load, naive_codebook, p
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from harness.generation import cache_methods_applied, greedy_generate
+from harness.generation import greedy_generate
 from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from methods.base import MethodConfigError, attention_modules
@@ -217,12 +217,10 @@ def test_codebook_attention_equals_the_materialising_reading(kind, gqa):
         assert not layer.heads.all()
         assert any((~layer.heads.any(dim=2)).any() for layer in fast_cache.layers)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
-    generated = [
-        greedy_generate(
-            model, ids, max_new_tokens=6, cache_methods=[SpindleKV(decode_attention=mode, **fields)]
-        ).tokens
-        for mode in ("codebook", "materialize")
-    ]
+    generated = []
+    for mode in ("codebook", "materialize"):
+        with SpindleKV(decode_attention=mode, **fields).applied(model):
+            generated.append(greedy_generate(model, ids, max_new_tokens=6).tokens)
     assert generated[0] == generated[1]
 
 
@@ -262,7 +260,7 @@ def test_an_attention_that_bypasses_the_codebook_attention_fails_loudly():
     newest token: the step must fail, not decode from a near-empty cache."""
     model, ids = load("gqa"), prompt()
     cache = DynamicCache(config=model.config)
-    with cache_methods_applied(model, [SpindleKV(window=8, ratio=0.3)]):
+    with SpindleKV(window=8, ratio=0.3).applied(model):
         model(input_ids=ids, past_key_values=cache)
         model.set_attn_implementation("sdpa")
         with pytest.raises(RuntimeError, match="never read SpindleKV's codebooks"):
