@@ -247,7 +247,7 @@ class Codebook:
             centres, ref = cover(ids.size, local[src], local[dst], count_np)
             picked = source[torch.from_numpy(ids[centres]).to(row.device)]
             entries.append(_unit(picked) if magnitude else picked)
-            owners.append(torch.full((centres.size,), group, dtype=torch.int32))
+            owners.append(torch.full((centres.size,), group, dtype=torch.int32, device=row.device))
             slot = torch.full_like(row, offset)  # padding: the group's first entry
             slot[used.nonzero().squeeze(1)[order]] = torch.from_numpy(ref).to(row.device) + offset
             refs.append(slot)
@@ -257,7 +257,7 @@ class Codebook:
             norms = raw.norm(dim=-1).gather(2, kept) * (weights > 0)
         return cls(
             entries=torch.cat(entries).to(dtype),
-            owner=torch.cat(owners).to(vectors.device),
+            owner=torch.cat(owners),
             refs=torch.cat(refs).view(kept.shape).int(),
             magnitudes=None if norms is None else norms.to(dtype),
             theta=theta,
