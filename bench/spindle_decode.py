@@ -5,7 +5,8 @@
     python bench/spindle_decode.py --lengths 4096 --profile codebook   # torch.profiler top ops
 
 For each context length the prompt is real text (LongBench multi_news) cut to that length.
-Each method prefills once (SpindleKV compresses then); its cache is kept. Then, ``--repeats``
+Each method prefills once (SpindleKV compresses then: ``prefill s``, one measurement); its
+cache is kept. Then, ``--repeats``
 times, every method decodes ``--decode-tokens`` greedy tokens from a copy of its cache, the
 methods taking turns (the order rotates each round), so that a change in the machine's load
 falls on all of them; a method's figure is its fastest round (``median`` too), per token.
@@ -53,11 +54,14 @@ def method_for(variant: str, ratio: float):
 
 @torch.inference_mode()
 def prefill(model, ids, method) -> tuple:
-    """The cache after prefill (compressed by ``method``) and the first generated token."""
+    """The cache after prefill (compressed by ``method``), the first generated token and the
+    prefill's seconds (compression included; one measurement)."""
     cache = new_cache(model)
     with method.applied(model):
+        begin = time.perf_counter()
         logits = model(input_ids=ids, **cache_kwarg(model, cache), logits_to_keep=1)
-    return cache, logits.logits[0, -1].argmax().view(1, 1)
+        seconds = time.perf_counter() - begin
+    return cache, logits.logits[0, -1].argmax().view(1, 1), seconds
 
 
 @torch.inference_mode()
@@ -83,7 +87,7 @@ def profile(model, ids, variant: str, ratio: float, steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     method = method_for(variant, ratio)
-    cache, token = prefill(model, ids, method)
+    cache, token, _ = prefill(model, ids, method)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         decode(model, method, cache, token, ids.shape[1], steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
@@ -119,7 +123,7 @@ def main() -> None:
         tokens: dict[str, list[int]] = {}
         for round_ in range(args.repeats):
             for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                method, cache, token = start[name]
+                method, cache, token, _ = start[name]
                 cache = copy.deepcopy(cache)
                 per_token, tokens[name] = decode(
                     model, method, cache, token, length, args.decode_tokens
@@ -131,6 +135,7 @@ def main() -> None:
                     "context": length,
                     "method": name if name == "full" else f"spindlekv ({name})",
                     "KV MB": stored_kv_bytes(start[name][1]) / 2**20,
+                    "prefill s": start[name][3],
                     "decode ms/tok": min(times[name]) * 1000,
                     "median ms/tok": statistics.median(times[name]) * 1000,
                     "vs full": min(times[name]) / min(times["full"]),
