@@ -315,3 +315,53 @@ def test_a_token_budget_in_bytes_mode_is_the_bytes_of_that_many_full_tokens():
     stats = method.last_stats()
     assert stats["ratio_requested"] == pytest.approx(30 / PROMPT)
     assert stored_kv_bytes(cache) <= 30 / PROMPT * stats["full_bytes"]
+
+
+@pytest.mark.parametrize("kind", ["gqa", "gemma"])
+def test_the_harness_decoding_loop_decodes_spindlekvs_layers_as_a_plain_loop(kind):
+    """harness.generation's loop (in-place cache layers, packed decode attention) leaves the
+    layers SpindleKV installs to it: same bytes and logits as a DynamicCache loop."""
+    model, ids = load(kind), prompt()
+    fields = dict(window=8, ratio=0.3, key_threshold=0.9, value_threshold=0.8)
+    with SpindleKV(**fields).applied(model):
+        generated = greedy_generate(model, ids, max_new_tokens=5)
+    fed = torch.tensor(generated.tokens[:4])
+    logits, cache = run(model, ids, [SpindleKV(**fields)], steps=4, extra=fed)
+    assert sum(isinstance(layer, CodebookLayer) for layer in cache.layers) >= 2
+    assert generated.kv_bytes_final == stored_kv_bytes(cache)
+    torch.testing.assert_close(generated.last_logits, logits[-1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gqa", ["repeat", "union"])
+def test_compress_sliding_codes_the_sliding_layers_and_drops_what_the_window_passes(gqa):
+    model, ids = load("gemma"), prompt()
+    window, steps = model.config.sliding_window, 20  # every prompt token leaves the window
+    fields = dict(window=4, ratio=0.4, compress_sliding=True, gqa=gqa, **LOSSLESS)
+    method = SpindleKV(**fields)
+    _, prefilled = run(model, ids, [method], steps=0)
+    _, full = run(model, ids, steps=0)
+    assert 0.3 < stored_kv_bytes(prefilled) / stored_kv_bytes(full) <= 0.4  # equal memory
+    stats = json.loads(json.dumps(method.last_stats()))
+    sliding = [i for i, kind in enumerate(model.config.layer_types) if kind != "full_attention"]
+    assert stats["compressed_layers"] == [0, 1, 2, 3]
+    assert [layer["layer"] for layer in stats["layers"] if layer.get("sliding")] == sliding
+    assert 0.25 < stats["sliding"]["ratio"] <= 0.4
+    for layer in stats["layers"]:
+        assert sum(layer["bytes_by_part"].values()) == layer["bytes"]
+        assert sum(layer["key_entries_per_head"]) == layer["key_entries"]
+    logits, cache = run(model, ids, [SpindleKV(**fields)], steps=steps)
+    plain, _ = run(model, ids, [SpindleKV(decode_attention="materialize", **fields)], steps)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-4)
+    # after `steps` tokens a sliding layer holds the last window - 1 positions, as a full one
+    tokens = logits[:steps].argmax(-1)
+    _, reference = run(model, torch.cat([ids[0], tokens]).view(1, -1), steps=0)
+    last = PROMPT + steps - 1
+    for i in sliding:
+        layer = cache.layers[i]
+        assert isinstance(layer, CodebookLayer) and layer.window == window
+        expected = torch.arange(last + 2 - window, last + 1, dtype=torch.int32)
+        assert (layer.positions == expected).all() and layer.heads is None
+    # the first layer's keys and values depend on the tokens alone: the same tokens exactly
+    keys, values = cache.layers[0].decoded()
+    torch.testing.assert_close(keys, reference.layers[0].keys, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(values, reference.layers[0].values, atol=1e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ paper's loop over the repeated heads, identical copies folded together).
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -133,15 +134,21 @@ def cover(
     return np.array(centres + rest.tolist(), dtype=np.int64), ref
 
 
+@dataclass(eq=False, repr=False)
 class Grown:
     """A tensor that grows in place along ``dim`` (0 or -1): room is reserved ``CHUNK`` at a
     time, so appending one decoding step copies only the new part, not the whole tensor.
-    ``data`` is the used part; :meth:`nbytes` counts the whole buffer (reserved room included)."""
+    ``data`` is the used part; :meth:`nbytes` counts the whole buffer (reserved room included).
+    A dataclass so that ``harness.measure.allocated_kv_bytes`` finds the buffer."""
 
     CHUNK = 32
 
-    def __init__(self, data: torch.Tensor, dim: int) -> None:
-        self.buffer, self.dim, self.size = data, dim, data.shape[dim]
+    buffer: torch.Tensor
+    dim: int
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = self.buffer.shape[self.dim]
 
     @property
     def data(self) -> torch.Tensor:
@@ -162,6 +169,7 @@ class Grown:
         return self.buffer.numel() * self.buffer.element_size()
 
 
+@dataclass(init=False, eq=False, repr=False)
 class Codebook:
     """Tokens kept per KV head, (B, H_kv, U), as ``entries`` (E, D), ``owner`` (E,) int32 (the
     group an entry belongs to: a (batch, KV head) pair for scope ``head``, a batch row for
@@ -172,7 +180,15 @@ class Codebook:
     With magnitudes, entries are unit vectors and a token decodes to ``entry * magnitude``;
     without (the paper's ablation), an entry is its centre vector as is and members decode
     to it. Every token's cosine to its entry exceeds ``theta``. The tensors grow in place
-    while decoding (:class:`Grown`)."""
+    while decoding (:class:`Grown`). A dataclass (its fields the tensors it holds) so that
+    ``harness.measure.allocated_kv_bytes`` finds them."""
+
+    _entries: Grown
+    _owner: Grown
+    _refs: Grown
+    _magnitudes: Grown | None
+    theta: float
+    scope: str
 
     def __init__(
         self,
@@ -320,9 +336,28 @@ class Codebook:
         if self._magnitudes is not None:
             self._magnitudes.append(norm.to(self._magnitudes.buffer.dtype))
 
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the slots ``index`` (B, H_kv, U') of each KV head, in that order (a
+        sliding-window layer dropping what its window has passed). Entries stay."""
+        self._refs = Grown(self.refs.gather(-1, index), -1)
+        if self._magnitudes is not None:
+            self._magnitudes = Grown(self.magnitudes.gather(-1, index), -1)
+
+    def parts(self) -> dict[str, int]:
+        """Bytes held per part: ``entries`` (with their owners), ``refs``, ``magnitudes``."""
+        mags = 0 if self._magnitudes is None else self._magnitudes.nbytes()
+        entries = self._entries.nbytes() + self._owner.nbytes()
+        return {"entries": entries, "refs": self._refs.nbytes(), "magnitudes": mags}
+
+    def entries_per_group(self) -> list[int]:
+        """Entries of each group: per (batch, KV head) for scope ``head``, per batch row for
+        ``layer``."""
+        batch, kv_heads = self.refs.shape[:2]
+        groups = batch * kv_heads if self.scope == "head" else batch
+        return torch.bincount(self.owner.long(), minlength=groups).tolist()
+
     def nbytes(self) -> int:
-        parts = (self._entries, self._owner, self._refs, self._magnitudes)
-        return sum(part.nbytes() for part in parts if part is not None)
+        return sum(self.parts().values())
 
 
 def _choose(

@@ -82,9 +82,11 @@ def codebook_attention(
     layer.served = True
     scaling = module.scaling if scaling is None else scaling
     softcap = kwargs.get("softcap")
-    if layer.fast and query.shape[2] == 1 and _all_visible(attention_mask):
+    visible = _all_visible(attention_mask)
+    if layer.fast and query.shape[2] == 1 and visible:
         return attend_codebook(layer, query, scaling, softcap), None
-    return attend_materialized(layer, query, attention_mask, scaling, softcap), None
+    mask = None if visible else attention_mask  # (a mask sized for another layer's cache)
+    return attend_materialized(layer, query, mask, scaling, softcap), None
 
 
 def _all_visible(mask: torch.Tensor | None) -> bool:
@@ -172,7 +174,8 @@ def attend_materialized(
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask == 0
-    if heads is not None:
+    if heads is not None:  # (B, H_kv, G or 1, U+t): 1 when all copies see the same slots
+        heads = heads.expand(-1, -1, groups, -1)
         visible = heads.flatten(1, 2).unsqueeze(2)  # (B, H_q, 1, U+t)
         mask = visible if mask is None else mask & visible
     if softcap:

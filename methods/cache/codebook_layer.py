@@ -79,6 +79,11 @@ class CodebookLayer(DynamicLayer):
     reads the codebooks (and sets ``served``). Otherwise ``update`` returns the tokens
     decoded (for a head-repeat layer that would hand every query head its group's union, so
     it refuses).
+
+    ``window`` (a sliding-window layer, SpindleKV's ``compress_sliding``): after
+    each step the slots whose position the window has passed are dropped (:meth:`slide`),
+    as transformers' sliding layer drops its oldest tokens, and the mask is sized from what
+    the layer holds (the kept tokens are the most recent, all inside the window).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class CodebookLayer(DynamicLayer):
         table: RopeTable,
         fast: bool = True,
         fold_every: int = 1,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.key_book, self.value_book = key_book, value_book
@@ -98,6 +104,7 @@ class CodebookLayer(DynamicLayer):
         self._heads = None if heads is None else Grown(heads, -1)
         self.last_position = int(positions.max()) if positions.numel() else -1
         self.rope, self.table, self.fast, self.fold_every = rope, table, fast, fold_every
+        self.window = sliding_window  # not `sliding_window`: methods.base's is_sliding
         batch, kv_heads = positions.shape[:2]
         self.tail_positions = positions.new_zeros(batch, 0)
         self.dtype, self.device = key_book.entries.dtype, key_book.entries.device
@@ -158,6 +165,44 @@ class CodebookLayer(DynamicLayer):
         self.tail_positions = torch.cat([self.tail_positions, positions.to(self.positions)], -1)
         if self.keys.shape[-2] >= self.fold_every:
             self.fold()
+        if self.window is not None:
+            self.slide(self.newest() + 2 - self.window)
+
+    def newest(self) -> int:
+        """The largest position held (stored or waiting to be folded)."""
+        tail = self.tail_positions
+        return max(self.last_position, int(tail.max()) if tail.numel() else -1)
+
+    def slide(self, first: int) -> None:
+        """Drop the stored slots before position ``first`` (the next query's window starts
+        there): each KV head keeps its slots at or after it, in order; heads keeping fewer
+        than the most are padded with slots no query head sees. Entries stay (counted)."""
+        alive = self.positions >= first
+        if self._heads is not None:
+            alive &= self.heads.any(dim=2)
+        if bool(alive.all()):
+            return
+        if self.keys.shape[-2] and int(self.tail_positions.min()) < first:
+            self.fold()  # waiting tokens the window passed (fold_every > window)
+            return self.slide(first)
+        size = int(alive.sum(dim=-1).max())
+        index = alive.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :size]
+        index = index.sort(dim=-1).values
+        seen = alive.gather(-1, index).unsqueeze(2)  # (B, H_kv, 1, U')
+        if self._heads is not None:
+            expanded = index.unsqueeze(2).expand(-1, -1, self.heads.shape[2], -1)
+            seen = self.heads.gather(-1, expanded) & seen
+        self._heads = None if bool(seen.all()) else Grown(seen.contiguous(), -1)
+        self._positions = Grown(self.positions.gather(-1, index), -1)
+        self.key_book.select(index)
+        self.value_book.select(index)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """A sliding layer's mask covers exactly the tokens held, as the most recent ones."""
+        if self.window is None:
+            return super().get_mask_sizes(query_length)
+        held = self.get_seq_length()
+        return held + query_length, max(self.newest() + 1 - held, 0)
 
     def fold(self) -> None:
         """Move the newest tokens (``keys``/``values``, post-RoPE) into the codebooks, kept
@@ -194,6 +239,16 @@ class CodebookLayer(DynamicLayer):
         parts = (self._positions, self._heads)
         stored = sum(part.nbytes() for part in parts if part is not None)
         return self.key_book.nbytes() + self.value_book.nbytes() + stored + tail
+
+    def parts(self) -> dict[str, int]:
+        """Bytes held per part (they sum to :meth:`stored_nbytes`), for SpindleKV's stats."""
+        out = {f"key_{k}": v for k, v in self.key_book.parts().items()}
+        out |= {f"value_{k}": v for k, v in self.value_book.parts().items()}
+        out["positions"] = self._positions.nbytes()
+        out["heads"] = 0 if self._heads is None else self._heads.nbytes()
+        tail = (self.keys, self.values, self.tail_positions)
+        out["newest"] = sum(t.numel() * t.element_size() for t in tail)
+        return out
 
     def _unsupported(self, *args, **kwargs) -> None:
         raise NotImplementedError(

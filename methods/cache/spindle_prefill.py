@@ -28,6 +28,7 @@ class Pending:
     positions: torch.Tensor  # (B, S)
     rope: Any
     table: RopeTable
+    sliding_window: int | None = None  # a sliding-window layer (compress_sliding)
 
 
 def plan(method: Any, pending: list[Pending]) -> tuple[list[CodebookLayer], dict[str, Any]]:
@@ -86,8 +87,9 @@ def build(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> Cod
     )  # fmt: skip
     fast = method.decode_attention == "codebook"
     return CodebookLayer(
-        key_book, value_book, positions.int(), heads, p.rope, p.table, fast, method.fold_every
-    )
+        key_book, value_book, positions.int(), heads, p.rope, p.table, fast, method.fold_every,
+        p.sliding_window,
+    )  # fmt: skip
 
 
 def slots(
@@ -132,7 +134,10 @@ def describe(
                 "unique_tokens": union_sizes(layer),
                 "key_entries": int(layer.key_book.entries.shape[0]),
                 "value_entries": int(layer.value_book.entries.shape[0]),
+                "key_entries_per_head": layer.key_book.entries_per_group(),
+                "value_entries_per_head": layer.value_book.entries_per_group(),
                 "bytes": int(layer.stored_nbytes()),
+                "bytes_by_part": layer.parts(),
                 "full_bytes": int(p.keys.nbytes + p.values.nbytes),
             }
         )

@@ -111,7 +111,9 @@ class SpindleKV(SnapKV):
     ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry),
     ``materialize`` decodes every token each step (the plain reading). ``ratio: 1.0`` (with
     no ``budget``) is the full cache, untouched. Sliding-window layers keep their own window
-    and are not counted. Eager attention is refused (per-layer cache lengths, see budget.py).
+    and are not counted, unless ``compress_sliding``: then each sliding layer is coded alone
+    (the tokens it holds, no pyramid) to ``ratio`` of its bytes, and drops the tokens its
+    window passes while decoding. Eager attention is refused (per-layer cache lengths).
     """
 
     name: str = "spindlekv"
@@ -167,6 +169,7 @@ class SpindleKV(SnapKV):
         self._tables: dict[tuple, RopeTable] = {}
         self._pending: dict[int, Pending] = {}
         self._stats: dict[str, Any] | None = None
+        self._sliding: dict[int, dict[str, Any]] = {}  # sliding layer -> its plan's stats
         self._model: nn.Module | None = None
 
     def validate_for(self, config: Any) -> None:
@@ -248,16 +251,18 @@ class SpindleKV(SnapKV):
         if self.untouched:
             return keys, values
         order = compressed_layers(module.config)
-        if module.layer_idx == order[0]:
-            self._pending = {}
+        if module.layer_idx == (0 if self.compress_sliding else order[0]):
+            self._pending, self._sliding = {}, {}
         scores = self.score(module, hidden_states, keys, values, kwargs)
-        cos, sin = layer_rope(module, kwargs)
+        held = keys.shape[-2]  # a sliding layer holds the prompt's last window - 1 tokens
+        cos, sin = (t[:, -held:] for t in layer_rope(module, kwargs))
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = torch.arange(keys.shape[-2], device=keys.device).unsqueeze(0)
-        positions = positions.expand(keys.shape[0], -1)
+            positions = torch.arange(hidden_states.shape[1], device=keys.device).unsqueeze(0)
+        positions = positions.expand(keys.shape[0], -1)[:, -held:]
         rope, table = self._layer_rope(module, positions, cos, sin)
-        self._pending[module.layer_idx] = Pending(
+        window = getattr(module, "sliding_window", None)
+        pending = Pending(
             module.layer_idx,
             keep_order(scores, self.sinks, self.window),
             keys,
@@ -267,7 +272,13 @@ class SpindleKV(SnapKV):
             positions,
             rope,
             table,
+            window if module.layer_idx not in order else None,
         )
+        if module.layer_idx not in order:  # a sliding layer (compress_sliding): r of it alone
+            (layer,), self._sliding[module.layer_idx] = plan(self, [pending])
+            cache_of(kwargs).layers[module.layer_idx] = layer
+            return layer.keys, layer.values
+        self._pending[module.layer_idx] = pending
         if module.layer_idx != order[-1]:
             return keys, values  # compressed with the others once the last layer has run
         pending, self._pending = list(self._pending.values()), {}
@@ -278,16 +289,42 @@ class SpindleKV(SnapKV):
         return layer.keys, layer.values
 
     def last_stats(self) -> dict[str, Any] | None:
-        """What SpindleKV did to the last request's prefill, JSON-able, for the records:
-        ``target_tokens`` (the pyramid's mean tokens per stored head; the paper's own count
-        is ``paper_target_tokens``), ``search`` (every target tried -> its bytes / full),
-        ``ratio_compressed_layers`` (stored / full bytes over the layers it compresses;
-        ``ratio_requested`` is the byte budget's share, None in ``tokens`` mode), and per
-        compressed layer: ``kept_tokens`` per stored head, ``stored_heads`` (H_q under head
-        repeat), ``key_entries``/``value_entries`` (codebook sizes), ``bytes``, ``full_bytes``.
-        ``rope_table_bytes``: the tabulated RoPE the codebook attention reads (a function of
-        the position, not part of the cache). None before the first compressed request."""
-        return None if self._stats is None else dict(self._stats)
+        """What SpindleKV did to the last request's prefill, JSON-able, for the records: the
+        base per-layer stats (``compressed_layers``, ``tokens_before``; ``tokens_kept`` is
+        the mean over KV heads of the distinct tokens each stores) plus ``target_tokens``
+        (the pyramid's mean tokens per stored head; the paper's own count is
+        ``paper_target_tokens``), ``search`` (every target tried -> its bytes / full),
+        ``ratio_compressed_layers`` (stored / full bytes over the pyramid's layers;
+        ``ratio_requested`` the byte budget's share, None in ``tokens`` mode), ``bytes`` and
+        ``full_bytes``, and per compressed layer (``layers``): ``kept_tokens`` per stored
+        head, ``unique_tokens`` per KV head, ``key_entries``/``value_entries`` and per head
+        (``*_entries_per_head``, per batch row for scope ``layer``), ``bytes``,
+        ``full_bytes`` and ``bytes_by_part`` (codebook entries, refs, magnitudes for keys and
+        values, positions, per-query-head token sets, not-yet-folded tokens). With
+        ``compress_sliding``, sliding layers (each coded alone, ``sliding: true``) are in
+        ``layers`` too and ``sliding`` sums them. ``rope_table_bytes``: the tabulated RoPE
+        the codebook attention reads (a function of the position, not part of the cache).
+        None before the first request."""
+        base = super().last_stats()
+        if self._stats is None and not self._sliding:
+            return base
+        out = dict(base or {})
+        out.update(self._stats or {})
+        layers = [dict(layer) for layer in out.get("layers", [])]
+        for stats in self._sliding.values():
+            layers += [dict(layer, sliding=True) for layer in stats["layers"]]
+        out["layers"] = sorted(layers, key=lambda layer: layer["layer"])
+        if self._sliding:
+            stored = sum(s["bytes"] for s in self._sliding.values())
+            full = sum(s["full_bytes"] for s in self._sliding.values())
+            out["sliding"] = {"bytes": stored, "full_bytes": full, "ratio": stored / full}
+        if out.get("tokens_kept") is not None:
+            kept = list(out["tokens_kept"])
+            for layer in out["layers"]:
+                unique = layer["unique_tokens"]
+                kept[layer["layer"]] = sum(unique) / len(unique)
+            out["tokens_kept"] = kept
+        return out
 
     def compress_decode(
         self,
