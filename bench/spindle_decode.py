@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cache_costs import prompt_ids  # noqa: E402
 from bench.common import generate, load  # noqa: E402
-from harness.generation import new_cache  # noqa: E402
+from harness.kvcache import decode_attention, new_cache  # noqa: E402
 from harness.measure import stored_kv_bytes  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 from methods.base import cache_kwarg  # noqa: E402
@@ -53,10 +53,11 @@ def method_for(variant: str, ratio: float):
 
 
 @torch.inference_mode()
-def prefill(model, ids, method) -> tuple:
+def prefill(model, ids, method, reserve: int) -> tuple:
     """The cache after prefill (compressed by ``method``), the first generated token and the
-    prefill's seconds (compression included; one measurement)."""
-    cache = new_cache(model)
+    prefill's seconds (compression included; one measurement). The cache is the harness's
+    (:func:`harness.kvcache.new_cache`, room for ``reserve`` more tokens)."""
+    cache = new_cache(model, reserve=reserve)
     with method.applied(model):
         begin = time.perf_counter()
         logits = model(input_ids=ids, **cache_kwarg(model, cache), logits_to_keep=1)
@@ -66,9 +67,11 @@ def prefill(model, ids, method) -> tuple:
 
 @torch.inference_mode()
 def decode(model, method, cache, token, start: int, steps: int) -> tuple[float, list[int]]:
-    """Seconds per token of ``steps`` greedy steps from ``cache``, and the tokens."""
+    """Seconds per token of ``steps`` greedy steps from ``cache``, and the tokens; decoding
+    as the harness's loop does (``decode_attention``: the full cache's steps pack each KV
+    group's query heads; SpindleKV's codebook attention is left as it is)."""
     tokens = []
-    with method.applied(model):
+    with method.applied(model), decode_attention(model):
         begin = time.perf_counter()
         for step in range(steps):
             out = model(
@@ -87,7 +90,7 @@ def profile(model, ids, variant: str, ratio: float, steps: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     method = method_for(variant, ratio)
-    cache, token, _ = prefill(model, ids, method)
+    cache, token, _ = prefill(model, ids, method, steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         decode(model, method, cache, token, ids.shape[1], steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
@@ -118,7 +121,7 @@ def main() -> None:
         ids = prompt_ids(tokenizer, length)
         start = {name: (method_for(name, args.ratio),) for name in names}
         for name in names:
-            start[name] += prefill(model, ids, start[name][0])
+            start[name] += prefill(model, ids, start[name][0], args.decode_tokens)
         times: dict[str, list[float]] = {name: [] for name in names}
         tokens: dict[str, list[int]] = {}
         for round_ in range(args.repeats):
