@@ -165,13 +165,15 @@ class RequestMeasurement:
     # with prompt methods only (None otherwise): the compressible part (demonstrations,
     # context) in the target model's tokens before/after them, the rate of it they were
     # asked to remove, the rate removed (in target tokens), the rate removed in the
-    # methods' own (compressor) tokens, and the compressor's forward passes
+    # methods' own (compressor) tokens, the compressor's forward passes, and the chunks
+    # (inputs scored apart: 1 while the input fits the compressor's window)
     compressible_tokens_original: int | None = None
     compressible_tokens: int | None = None
     prompt_rate_requested: float | None = None
     prompt_rate_achieved: float | None = None
     compressor_rate_achieved: float | None = None
     compressor_passes: int | None = None
+    compressor_chunks: int | None = None
     # with a reference answer only (TaskSpec.reference_field): its mean NLL in nats per
     # token, teacher-forced after the prompt the model saw, under the same cache methods
     reference_nll: float | None = None

@@ -35,6 +35,7 @@ MEASURED_FIELDS = (
     "prompt_rate_achieved",
     "compressor_rate_achieved",
     "compressor_passes",
+    "compressor_chunks",
     # with a task.reference_field only: mean NLL (nats/token) of the reference answer,
     # teacher-forced after the (method-processed) prompt, and the tokens it averages over
     "reference_nll",

@@ -161,6 +161,7 @@ class Session:
                 "prompt_rate_achieved": 1.0 - after / before if before else 0.0,
                 "compressor_rate_achieved": stats.get("achieved_rate", 0.0),
                 "compressor_passes": int(stats.get("compressor_passes", 0)),
+                "compressor_chunks": int(stats.get("compressor_chunks", 0)),
             },
         )
 

@@ -380,7 +380,8 @@ class Compose(Method):
 
     def prompt_stats(self) -> dict[str, float] | None:
         """The members' stats combined: rates compose multiplicatively (each removes its
-        share of what the previous left), passes and seconds add up."""
+        share of what the previous left), passes and seconds add up, chunks is the most any
+        member cut its input into."""
         stats = self._stats
         if not stats:
             return None
@@ -392,5 +393,6 @@ class Compose(Method):
             "requested_rate": 1.0 - kept_requested,
             "achieved_rate": 1.0 - kept_achieved,
             "compressor_passes": sum(s.get("compressor_passes", 0) for s in stats),
+            "compressor_chunks": max(s.get("compressor_chunks", 0) for s in stats),
             "compress_s": sum(s.get("compress_s", 0.0) for s in stats),
         }

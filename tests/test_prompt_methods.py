@@ -19,7 +19,7 @@ from harness.results import aggregate
 from harness.session import apply
 from harness.tasks import TASKS_DIR
 from methods.base import Compose, MethodConfigError, PromptParts
-from methods.prompt.compressor import Compressor, chunk_spans
+from methods.prompt.compressor import chunk_spans
 from methods.prompt.dac import DAC
 from methods.prompt.llmlingua import LLMLingua
 from methods.prompt.random_deletion import RandomDeletion
@@ -148,24 +148,10 @@ def test_dac_rescoring_counts_passes_and_changes_the_selection(tiny):
     assert three.last_stats()["compressor_passes"] == 3
     _, kept_one = one.select_text(TEXT)
     _, kept_three = three.select_text(TEXT)
-    assert len(kept_one) == len(kept_three) and kept_one != kept_three
+    assert len(kept_three) == three.step_sizes(len(three.scorer.encode(TEXT)))[-1]
+    assert kept_one != kept_three
     auto = DAC(rate=0.5)  # T = min(max(1, n // 100), 15)
     assert (auto.steps(99), auto.steps(460), auto.steps(5000)) == (1, 4, 15)
-
-
-def test_attention_received_equals_the_eager_attention_column_sums(tiny):
-    model, tokenizer = tiny
-    eager, _ = model_spec("tiny_llama_gqa", attn_implementation="eager").load()
-    eager.load_state_dict(model.state_dict())
-    ids = tokenizer(TEXT[:300], add_special_tokens=False)["input_ids"]
-    scores = Compressor(model, tokenizer, attention=True, query_chunk=64).score(ids, True)
-    with torch.no_grad():
-        out = eager(torch.tensor([ids]), output_attentions=True)
-    expected = sum(a[0].sum(dim=(0, 1)) for a in out.attentions)  # (H, q, k) -> (k,)
-    torch.testing.assert_close(scores.attention, expected, rtol=1e-4, atol=1e-4)
-    logp = out.logits[0, :-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    torch.testing.assert_close(scores.self_info[1:], -logp, rtol=1e-4, atol=1e-4)
-    assert scores.self_info[0] == 0
 
 
 def test_selfinfo_keeps_the_most_surprising_tokens(tiny):
@@ -238,6 +224,7 @@ def test_chunks_end_after_a_newline_or_full_stop():
         ("dac", {"iterations": 0}, r"method\.iterations=0: T must be >= 1"),
         ("dac", {"alpha": 1.5}, r"method\.alpha=1\.5 is outside \[0, 1\]"),
         ("dac", {"chunk_size": 4}, r"method\.chunk_size=4 is too small"),
+        ("dac", {"schedule": "linear"}, r"method\.schedule='linear' is unknown"),
         ("selfinfo", {"compressor": "gpt5"}, r"method\.compressor='gpt5'.*tiny_llama_gqa"),
         ("random_deletion", {"rate": 2}, r"method\.rate=2"),
         ("llmlingua", {"iterative_size": 1}, r"method\.iterative_size=1"),

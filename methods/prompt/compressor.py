@@ -6,12 +6,18 @@ Two per-token scores from one forward pass over token ids (n,):
 - attention received ``A_t``: the attention probability that token t receives, summed over
   every query row, every query head and every layer (DAC's column sum).
 
+The pass runs the decoder alone and applies the LM head ``head_chunk`` positions at a
+time (the (n, vocabulary) logits are never held at once: 262k columns for Gemma-3).
+
 The benchmarked model runs with sdpa/flash attention, which never materialises attention
 probabilities, so ``A`` is computed by forward hooks on each ``self_attn`` module that
 recompute the layer's probabilities from its own q projection, RoPE and the keys it has
-just cached (:func:`methods.cache.attention.accumulated_attention`, ``query_chunk`` query
-rows at a time) and add their column sums to a running total: one layer's
-(chunk x n) block at a time, never every layer's full (n x n) map at once.
+just cached (:func:`methods.prompt.received.attention_received`, ``query_chunk`` query rows
+at a time, the causal upper triangle skipped) and add their column sums to a running
+total. The keys come from a plain ``DynamicCache()``, whose layers all keep every token:
+a config-built cache would give a sliding-window layer (Gemma-3) only its last
+``window - 1`` keys, and the column sums need all of them (the layer's own window is
+applied by the recomputation, as by the model).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from methods.base import MethodConfigError, attention_modules, cache_kwarg, cache_of
-from methods.cache.attention import accumulated_attention
+from methods.prompt.received import attention_received
 
 
 @dataclass
@@ -49,7 +55,8 @@ class Compressor:
     model: nn.Module
     tokenizer: Any
     attention: bool = False
-    query_chunk: int = 256
+    query_chunk: int = 128
+    head_chunk: int = 256
     forward_passes: int = 0
     _modules: list[nn.Module] = field(default_factory=list, repr=False)
 
@@ -63,6 +70,14 @@ class Compressor:
             raise MethodConfigError(
                 f"{type(self.model).__name__} is an encoder-decoder: the compressor must be "
                 "a causal (decoder-only) LM"
+            )
+        scaled = [
+            a for a in ("logit_scale", "logits_scaling") if getattr(self.text_config, a, 1) != 1
+        ]
+        if scaled:
+            raise MethodConfigError(
+                f"compressor {type(self.model).__name__} scales its logits ({scaled[0]}), which "
+                "the compressor's chunked LM head does not apply: use another compressor model"
             )
         if self.attention:
             try:
@@ -87,10 +102,14 @@ class Compressor:
         return next(self.model.parameters()).device
 
     @property
-    def max_positions(self) -> int:
+    def text_config(self) -> Any:
         config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(getattr(config, "max_position_embeddings", None) or 2048)
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def max_positions(self) -> int:
+        """The compressor's window: the longest input it scores in one pass."""
+        return int(getattr(self.text_config, "max_position_embeddings", None) or 2048)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -101,9 +120,10 @@ class Compressor:
         )
 
     def boundaries(self, ids: list[int]) -> list[bool]:
-        """Whether each token ends with a newline or a full stop (a place to cut chunks)."""
+        """Whether each token ends a line or a sentence (newline, ".", "?", "!"): where a
+        chunk may be cut."""
         pieces = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
-        return [p.rstrip(" ").endswith(("\n", ".")) for p in pieces]
+        return [p.rstrip(" ").endswith(("\n", ".", "?", "!")) for p in pieces]
 
     @torch.no_grad()
     def score(self, ids: list[int] | torch.Tensor, attention: bool) -> TokenScores:
@@ -115,17 +135,36 @@ class Compressor:
         self.forward_passes += 1
         received = torch.zeros(n, dtype=torch.float32, device=self.device)
         with self._hooks(received) if attention else _nothing():
-            out = self.model(
+            decoder = self.model.get_decoder()
+            hidden = decoder(
                 input_ids=input_ids,
-                **cache_kwarg(
-                    self.model, DynamicCache(config=self.model.config) if attention else None
-                ),
+                # a plain DynamicCache: full layers, see above
+                **cache_kwarg(decoder, DynamicCache() if attention else None),
                 use_cache=attention,
-            )
+            ).last_hidden_state[0]
         return TokenScores(
-            self_info=self_information(out.logits[0], input_ids[0]),
+            self_info=self.self_information(hidden, input_ids[0]),
             attention=received if attention else None,
         )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states (..., hidden): what the model's own forward
+        returns as logits (with Gemma's final soft-capping)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def self_information(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """-log p(x_t | x_<t) from final hidden states (n, hidden): (n,) float32, 0 at t = 0;
+        the logits of ``head_chunk`` positions at a time."""
+        n = ids.shape[0]
+        info = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n - 1, self.head_chunk):
+            end = min(start + self.head_chunk, n - 1)
+            info[start + 1 : end + 1] = self_information(
+                self.logits(hidden[start : end + 1]), ids[start : end + 1]
+            )[1:]
+        return info
 
     @contextmanager
     def _hooks(self, received: torch.Tensor) -> Iterator[None]:
@@ -138,8 +177,7 @@ class Compressor:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             keys = cache_of(kwargs).layers[module.layer_idx].keys
-            cols = accumulated_attention(module, hidden, keys, kwargs, self.query_chunk)
-            received.add_(cols.sum(dim=(0, 1)))  # (B, H_kv, n) -> (n,)
+            received.add_(attention_received(module, hidden, keys, kwargs, self.query_chunk))
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._modules]
         try:
@@ -149,15 +187,12 @@ class Compressor:
                 handle.remove()
 
 
-def self_information(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """-log p(x_t | x_<t) for logits (n, V) and ids (n,): (n,) float32, 0 at t = 0.
-    The log-softmax is taken ``chunk`` rows at a time (a float32 copy of (n, V) is large)."""
-    n = ids.shape[0]
-    info = torch.zeros(n, dtype=torch.float32, device=logits.device)
-    for start in range(0, n - 1, chunk):
-        end = min(start + chunk, n - 1)
-        logp = logits[start:end].float().log_softmax(dim=-1)
-        info[start + 1 : end + 1] = -logp.gather(1, ids[start + 1 : end + 1, None])[:, 0]
+def self_information(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log p(x_t | x_<t) for logits (n, V) and ids (n,): (n,) float32, 0 at t = 0
+    (a log-sum-exp less the target's logit: no (n, V) log-softmax is written)."""
+    logits = logits[:-1].float()
+    info = torch.zeros(ids.shape[0], dtype=torch.float32, device=logits.device)
+    info[1:] = logits.logsumexp(dim=-1) - logits.gather(1, ids[1:, None])[:, 0]
     return info
 
 

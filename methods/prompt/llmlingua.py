@@ -31,7 +31,10 @@ token is always kept; each demonstration is tokenised alone and ends with its "\
 separator token, which counts in its perplexity and its length; demonstrations are not
 reordered (``reorder_context="original"``) and no question conditioning is used (LLMLingua
 v1, not LongLLMLingua). When the compressed prefix would outgrow the compressor's window,
-the conditioning restarts from the current segment.
+the conditioning restarts from the current segment (``compressor_chunks`` in
+:meth:`last_stats` counts the windows). The prefix is held in a plain ``DynamicCache()``,
+whose layers keep every token: a config-built one would give a sliding-window layer
+(Gemma-3) only its last ``window - 1`` tokens, and could not be cropped past them.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class LLMLingua(TokenDropMethod):
         starts = [sum(len(d) for d in demos[:i]) for i in range(len(demos))]
         ids = [t for d in demos for t in d]
         target = self.kept_count(len(ids))
+        self._chunks = 1
         if target >= len(ids):
             return ids, list(range(len(ids)))
         chosen = self.control_context_budget(demos, target)
@@ -115,15 +119,16 @@ class LLMLingua(TokenDropMethod):
         if target >= n:
             return list(range(n))
         scorer, tau = self.scorer, target / n
-        new_cache = lambda: DynamicCache(config=scorer.model.config)  # noqa: E731
-        cache, cached, kept, pending = new_cache(), 0, [0], [0]
+        cache, cached, kept, pending = DynamicCache(), 0, [0], [0]
+        self._chunks = 1
         for begin in range(1, n, self.iterative_size):
             segment = list(range(begin, min(begin + self.iterative_size, n)))
             if not pending:  # feed the prefix's last token again to score segment[0]
                 cache.crop(-1)
                 cached, pending = cached - 1, [kept[-1]]
             if cached + len(pending) + len(segment) > scorer.max_positions:
-                cache, cached = new_cache(), 0
+                cache, cached = DynamicCache(), 0
+                self._chunks += 1
             inputs = torch.tensor([ids[i] for i in pending + segment], device=scorer.device)
             positions = torch.arange(cached, cached + len(inputs), device=scorer.device)
             logits = scorer.model(

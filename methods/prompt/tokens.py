@@ -3,14 +3,19 @@
 A request's compressible part (demonstrations, context) is tokenised with the compressor's
 tokenizer, a subclass picks which tokens to keep (:meth:`TokenDropMethod.select`, in order,
 token 0 always kept), and the kept tokens are decoded back to text and joined to the
-protected part, which comes back byte-identical. Inputs longer than ``chunk_size`` tokens
-are compressed chunk by chunk (cut after a newline or full stop where one is near), each
-chunk at the same rate.
+protected part, which comes back byte-identical.
+
+An input is scored whole while it fits the compressor's window (``chunk_size: null``, the
+default: the compressor's ``max_position_embeddings``; as the authors' DAC code, which never
+chunks). A longer one is cut into chunks of at most ``chunk_size`` tokens, each ending after
+a line or a sentence (newline, ".", "?", "!") in its second half where there is one, and
+compressed chunk by chunk at the same rate; :meth:`last_stats` records the chunk count and
+the limit (``compressor_chunks``, ``compressor_window``).
 
 ``rate`` is the fraction of the compressible tokens removed, in [0, 1): 0 is a no-op (the
 prompt is returned unchanged, nothing is tokenised), and so is a compressible part that
-is empty or only whitespace. Each chunk keeps ``max(1, round(n * (1 - rate)))`` of its n
-tokens, so the achieved rate is the requested one to within one token per chunk.
+is empty or only whitespace. Each chunk keeps about ``n * (1 - rate)`` of its n tokens
+(:meth:`TokenDropMethod.kept_count`, or DAC's own schedule).
 :meth:`last_stats` tells the LM adapter what the last request asked for and got.
 """
 
@@ -38,12 +43,13 @@ class TokenDropMethod(PromptMethod):
         rate: fraction of the compressible tokens removed, in [0, 1) (0: unchanged).
         compressor: None (the benchmarked model, shared: no second load) or the name of a
             model config in ``conf/model/`` (e.g. ``smollm2_135m``), loaded once.
-        chunk_size: compressor tokens per chunk (longer inputs are compressed in chunks).
+        chunk_size: the most compressor tokens scored in one pass; longer inputs are cut into
+            chunks. None: the compressor's window (inputs that fit are never chunked).
     """
 
     rate: float = 0.5
     compressor: str | None = None
-    chunk_size: int = 1024
+    chunk_size: int | None = None
 
     needs_model: ClassVar[bool] = True  # random deletion needs only the tokenizer
 
@@ -55,10 +61,10 @@ class TokenDropMethod(PromptMethod):
                 "compressible prompt tokens removed (0 leaves the prompt unchanged); pass "
                 "e.g. method.rate=0.5"
             )
-        if self.chunk_size < 16:
+        if self.chunk_size is not None and self.chunk_size < 16:
             raise MethodConfigError(
-                f"method.chunk_size={self.chunk_size} is too small: pass >= 16 tokens "
-                "(the authors' code uses 1024)"
+                f"method.chunk_size={self.chunk_size} is too small: pass >= 16 tokens, or null "
+                "(the compressor's window: no chunking while the input fits, as the authors)"
             )
         if self.compressor is not None and not (MODEL_CONF / f"{self.compressor}.yaml").is_file():
             names = sorted(p.stem for p in MODEL_CONF.glob("*.yaml"))
@@ -68,6 +74,7 @@ class TokenDropMethod(PromptMethod):
             )
         self._compressor: Compressor | None = None
         self._stats: dict[str, float] | None = None
+        self._chunks = 0
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
         if self.compressor is not None:  # on the benchmarked model's device
@@ -91,6 +98,7 @@ class TokenDropMethod(PromptMethod):
         start = time.perf_counter()
         scorer = self.scorer
         passes = scorer.forward_passes
+        self._chunks = 0
         if self.rate == 0 or not prompt.compressible.strip():
             self._record(0, 0, 0, start)
             return prompt.text
@@ -103,12 +111,23 @@ class TokenDropMethod(PromptMethod):
         """Tokenise ``text`` and choose the tokens to keep, chunk by chunk: (ids, kept
         indices into ids, increasing)."""
         ids = self.scorer.encode(text)
-        if len(ids) <= self.chunk_size:
+        window = self.window()
+        if window is None or len(ids) <= window:
+            self._chunks = 1
             return ids, self.select(ids)
         kept: list[int] = []
-        for begin, end in chunk_spans(self.scorer.boundaries(ids), self.chunk_size):
+        spans = chunk_spans(self.scorer.boundaries(ids), window)
+        for begin, end in spans:
             kept += [begin + i for i in self.select(ids[begin:end])]
+        self._chunks = len(spans)
         return ids, kept
+
+    def window(self) -> int | None:
+        """The most tokens scored at once: ``chunk_size``, else the compressor's window (None
+        without a model: random deletion draws over the whole input)."""
+        if self.chunk_size is not None:
+            return int(self.chunk_size)
+        return self.scorer.max_positions if self.scorer.model is not None else None
 
     def select(self, ids: list[int]) -> list[int]:
         """Indices of the tokens of ids (n,) to keep, increasing, starting with 0."""
@@ -123,6 +142,8 @@ class TokenDropMethod(PromptMethod):
             "achieved_rate": 1.0 - kept / total if total else 0.0,
             "compressor_tokens": float(total),
             "compressor_passes": float(passes),
+            "compressor_chunks": float(self._chunks),
+            "compressor_window": float(self.window() or 0),
             "compress_s": time.perf_counter() - start,
         }
 
