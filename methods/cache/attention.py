@@ -56,16 +56,23 @@ def layer_rope(module: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Ten
 
 
 def query_states(
-    module: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    projected: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Post-RoPE queries (B, H_q, q, D) of hidden_states (B, q, hidden); cos/sin (B, q, D)."""
+    """Post-RoPE queries (B, H_q, q, D) of hidden_states (B, q, hidden); cos/sin (B, q, D).
+    ``projected``: ``module.q_proj(hidden_states)`` when the caller captured it already."""
     if not hasattr(module, "q_proj"):
         raise MethodConfigError(
             f"{type(module).__name__} has no `q_proj`: the attention-scoring cache methods need "
             "a Llama-style attention module (separate q/k/v projections)"
         )
     batch, q_len, _ = hidden_states.shape
-    queries = module.q_proj(hidden_states).view(batch, q_len, -1, module.head_dim).transpose(1, 2)
+    if projected is None:
+        projected = module.q_proj(hidden_states)
+    queries = projected.view(batch, q_len, -1, module.head_dim).transpose(1, 2)
     if hasattr(module, "q_norm"):
         queries = module.q_norm(queries)
     if cos.shape[-1] != queries.shape[-1]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -168,18 +169,28 @@ class Compressor:
 
     @contextmanager
     def _hooks(self, received: torch.Tensor) -> Iterator[None]:
-        """Forward hooks adding each layer's column sums of attention into ``received`` (n,)."""
+        """Forward hooks adding each layer's column sums of attention into ``received`` (n,);
+        a hook on each ``q_proj`` hands its output to them (the queries are not projected
+        twice)."""
         if not self._modules:
             raise MethodConfigError(
                 "the compressor was prepared without attention (attention=False)"
             )
+        projected: dict[nn.Module, torch.Tensor] = {}
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def keep_queries(owner: nn.Module, module: nn.Module, args: tuple, output: Any) -> None:
+            projected[owner] = output
+
+        def add_received(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             keys = cache_of(kwargs).layers[module.layer_idx].keys
-            received.add_(attention_received(module, hidden, keys, kwargs, self.query_chunk))
+            queries = projected.pop(module, None)
+            received.add_(
+                attention_received(module, hidden, keys, kwargs, self.query_chunk, queries)
+            )
 
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._modules]
+        handles = [m.q_proj.register_forward_hook(partial(keep_queries, m)) for m in self._modules]
+        handles += [m.register_forward_hook(add_received, with_kwargs=True) for m in self._modules]
         try:
             yield
         finally:

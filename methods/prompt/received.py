@@ -11,7 +11,9 @@ them block by block, as cheaply as it can while giving the same column sums:
   layer): the masked upper triangle is never computed, which halves the work;
 - the scaling is folded into the queries (a (q, D) multiply, not a (q, S) one), and only
   the block's diagonal square (and a sliding layer's band) is masked, in place;
-- GQA without copies: the ``G`` query heads of a group are stacked against their KV head.
+- GQA without copies: the ``G`` query heads of a group are stacked against their KV head;
+- the queries are the layer's own ``q_proj`` output when the caller captured it (a forward
+  hook on ``q_proj``: :class:`methods.prompt.compressor.Compressor`), not a second projection.
 
 Probabilities are float32, as eager attention's softmax. Batch size 1 (the compressor
 scores one sequence at a time).
@@ -31,15 +33,18 @@ def attention_received(
     keys: torch.Tensor,
     kwargs: dict,
     query_chunk: int,
+    projected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Column sums (S,) float32 of the causal attention of a prefill of S tokens.
 
     hidden_states (1, S, hidden) is the layer's input, keys (1, H_kv, S, D) its post-RoPE
     keys (from a cache that keeps all S of them), kwargs the layer's call kwargs (for the
-    RoPE cos/sin). Sliding window and logit soft-capping are applied where the layer has them.
+    RoPE cos/sin), ``projected`` the layer's ``q_proj`` output if the caller captured it
+    (else it is recomputed). Sliding window and logit soft-capping are applied where the
+    layer has them.
     """
     cos, sin = layer_rope(module, kwargs)
-    queries = query_states(module, hidden_states, cos, sin)  # (1, H_q, S, D)
+    queries = query_states(module, hidden_states, cos, sin, projected)  # (1, H_q, S, D)
     _, kv_heads, seq_len, head_dim = keys.shape
     if hidden_states.shape[0] != 1 or hidden_states.shape[1] != seq_len:
         raise ValueError("attention_received scores one prefill: batch 1, all keys are queries")
