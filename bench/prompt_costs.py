@@ -4,7 +4,8 @@
         python bench/prompt_costs.py --tokens 1000 1500 [--profile]
 
 For each input length n (GSM8K train solutions, ``Question: ...\\nAnswer: ...`` shots, cut to
-exactly n compressor tokens) every row is timed in the same process, best of ``--repeats``:
+exactly n compressor tokens) every row is timed in the same process, the best of
+``--repeats`` rounds in which the passes take turns:
 
 - ``plain forward``: one forward pass of the compressor over the n tokens (the model's own
   forward, sdpa, logits for every position, no cache): the unit of every ratio;
@@ -85,13 +86,16 @@ def eager_pass(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return sum(a[0].sum(dim=(0, 1)) for a in out.attentions), losses
 
 
-def best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def interleaved(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best wall seconds of each candidate over ``rounds`` rounds, the candidates taking turns
+    within a round (so that a change in the machine's load hits them all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def text_ids(tokenizer, n: int) -> list[int]:
@@ -112,21 +116,25 @@ def measure(model, eager, tokenizer, n: int, args) -> list[dict]:
     ids = text_ids(tokenizer, n)
     x = torch.tensor([ids])
     steps = method.steps(n)
-    plain = best(lambda: model(input_ids=x, use_cache=False), args.repeats)
-    rows = [("plain forward", plain)]
+    candidates = {"plain forward": lambda: model(input_ids=x, use_cache=False)}
     if eager is not None:
-        rows.append(("eager + output_attentions", best(lambda: eager_pass(eager, x), args.repeats)))
-    rows.append(("kvbench before", best(lambda: before.score(ids, True), args.repeats)))
-    rows.append(("kvbench now", best(lambda: now.score(ids, True), args.repeats)))
-    out = [{"n": n, "what": "one pass: " + w, "s": s, "ratio": s / plain} for w, s in rows]
+        candidates["eager + output_attentions"] = lambda: eager_pass(eager, x)
+    candidates["kvbench before"] = lambda: before.score(ids, True)
+    candidates["kvbench now"] = lambda: now.score(ids, True)
+    seconds = interleaved(candidates, args.repeats)
+    plain = seconds["plain forward"]
+    out = [
+        {"n": n, "what": "one pass: " + w, "s": s, "ratio": s / plain} for w, s in seconds.items()
+    ]
     kept = {}
-    for name, scorer in (("before", before), ("now", now)):
+
+    def compress(scorer: Compressor, name: str) -> None:
         method._compressor = scorer
-        start = time.perf_counter()
         kept[name] = method.select(ids)
-        seconds = time.perf_counter() - start
-        out.append({"n": n, "what": f"DAC {name}, T={steps}", "s": seconds,
-                    "ratio": seconds / (steps * plain)})  # fmt: skip
+
+    runs = {"before": lambda: compress(before, "before"), "now": lambda: compress(now, "now")}
+    for name, s in interleaved(runs, 1).items():
+        out.append({"n": n, "what": f"DAC {name}, T={steps}", "s": s, "ratio": s / (steps * plain)})
     same = kept["before"] == kept["now"]
     for row in out:
         row["same kept"] = same if row["what"].startswith("DAC") else ""

@@ -217,7 +217,7 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_spans(boundaries: list[bool], chunk_size: int) -> list[tuple[int, int]]:
     """Cut n tokens into spans of at most ``chunk_size``, each ending, where one exists in its
-    second half, just after the last boundary token (a newline or full stop)."""
+    second half, just after the last boundary token (a line or sentence end)."""
     n, spans, start = len(boundaries), [], 0
     while start < n:
         end = min(start + chunk_size, n)
