@@ -50,19 +50,21 @@ def attention_received(
         raise ValueError("attention_received scores one prefill: batch 1, all keys are queries")
     groups = queries.shape[1] // kv_heads
     queries = (queries.float() * module.scaling).view(kv_heads, groups, seq_len, head_dim)
-    keys_t = keys[0].float().transpose(-1, -2).unsqueeze(1)  # (H_kv, 1, D, S)
+    keys_t = keys[0].float().transpose(-1, -2)  # (H_kv, D, S)
     window = getattr(module, "sliding_window", None) or seq_len
     softcap = getattr(module, "attn_logit_softcapping", None)
     total = torch.zeros(kv_heads, groups, seq_len, dtype=torch.float32, device=keys.device)
     for start in range(0, seq_len, query_chunk):
         end = min(start + query_chunk, seq_len)
         low = max(0, start - window + 1)
-        logits = queries[:, :, start:end] @ keys_t[..., low:end]  # (H_kv, G, c, end - low)
+        size = end - start  # the group's queries stacked: one (G c, D) @ (D, S') per KV head
+        block = queries[:, :, start:end].reshape(kv_heads, groups * size, head_dim)
+        logits = torch.bmm(block, keys_t[..., low:end]).view(kv_heads, groups, size, end - low)
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
         if end <= window:  # every key up to the diagonal is visible: mask the square only
             square = logits[..., start - low :]
-            square.masked_fill_(_future(end - start, keys.device), float("-inf"))
+            square.masked_fill_(_future(size, keys.device), float("-inf"))
         else:
             logits.masked_fill_(_hidden(start, end, low, window, keys.device), float("-inf"))
         total[..., low:end] += logits.softmax(dim=-1).sum(dim=-2)
