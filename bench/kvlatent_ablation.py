@@ -116,19 +116,19 @@ def main() -> None:
                               train=train, training=training)  # fmt: skip
             d_qk, d_vo = method.dims(head_dim)
             clock = time.perf_counter()
-            model = method.apply(copy.deepcopy(original), tokenizer)
-            seconds = time.perf_counter() - clock
-            info = getattr(model, "kvbench_recovery", {})
-            trained = {}
-            if info:  # the loss at the first and last step; the whole log is in the folder
-                meta = json.loads((Path(info["folder"]) / "meta.json").read_text())
-                losses = meta["losses"].get("stage1", {})
-                trained = {"loss_first": losses.get("first"), "loss_last": losses.get("last"),
-                         "train_s": meta["train_s"], "checkpoint": info["folder"]}  # fmt: skip
-            row = {"variant": variant, "d_qk": d_qk, "d_vo": d_vo,
-                   "rope": rope if d_qk < head_dim else "model", "stage": stage,
-                   **evaluate(model, chunks, ref, layout), **trained,
-                   "apply_s": seconds}  # fmt: skip
+            with method.applied(copy.deepcopy(original), tokenizer) as model:
+                seconds = time.perf_counter() - clock
+                info = getattr(model, "kvbench_recovery", {})
+                trained = {}
+                if info:  # the loss at the first and last step; the whole log is in the folder
+                    meta = json.loads((Path(info["folder"]) / "meta.json").read_text())
+                    losses = meta["losses"].get("stage1", {})
+                    trained = {"loss_first": losses.get("first"), "loss_last": losses.get("last"),
+                               "train_s": meta["train_s"], "checkpoint": info["folder"]}  # fmt: skip
+                row = {"variant": variant, "d_qk": d_qk, "d_vo": d_vo,
+                       "rope": rope if d_qk < head_dim else "model", "stage": stage,
+                       **evaluate(model, chunks, ref, layout), **trained,
+                       "apply_s": seconds}  # fmt: skip
             record(row)
             del model
     table = pd.DataFrame(rows)
