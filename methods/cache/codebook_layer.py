@@ -9,6 +9,7 @@ heads keep it. Decoded keys are never kept: attention reads the codebooks direct
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -16,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from methods.base import MethodConfigError
 from methods.cache.attention import apply_rope, undo_rope
 from methods.cache.codebook import Codebook, Grown
+from methods.cache.layers import query_length_of
 
 Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -197,12 +199,12 @@ class CodebookLayer(DynamicLayer):
         self.key_book.select(index)
         self.value_book.select(index)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
         """A sliding layer's mask covers exactly the tokens held, as the most recent ones."""
         if self.window is None:
             return super().get_mask_sizes(query_length)
         held = self.get_seq_length()
-        return held + query_length, max(self.newest() + 1 - held, 0)
+        return held + query_length_of(query_length), max(self.newest() + 1 - held, 0)
 
     def fold(self) -> None:
         """Move the newest tokens (``keys``/``values``, post-RoPE) into the codebooks, kept

@@ -85,12 +85,18 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def query_length_of(arg: Any) -> int:
+    """The query length a cache layer's ``get_mask_sizes`` is given: transformers < 5.24
+    passes the query's ``cache_position`` (a tensor), later versions its length."""
+    return int(arg.shape[0]) if hasattr(arg, "shape") else int(arg)
+
+
 class EvictedSlidingWindowLayer(DynamicSlidingWindowLayer):
     """A ``DynamicSlidingWindowLayer`` whose mask covers exactly the tokens it holds."""
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
         held = self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
-        return held + query_length, max(self.cumulative_length - held, 0)
+        return held + query_length_of(query_length), max(self.cumulative_length - held, 0)
 
     @classmethod
     def from_layer(cls, layer: Any) -> EvictedSlidingWindowLayer:
