@@ -448,3 +448,25 @@ def test_the_report_warns_when_a_comparison_mixes_code_versions(tmp_path: Path) 
     assert "2 versions of the harness's generation/measurement code" in text
     paths = write_report(report.runs, tmp_path / "rep")
     assert "## Warnings" in paths["md"].read_text()
+
+
+def test_the_report_warns_when_a_run_has_no_full_cache_reference_of_its_settings(
+    tmp_path: Path,
+) -> None:
+    """A run whose task config differs from every full-cache run's (here a widened
+    `protect_from`, as a config change between two runs of a sweep makes it) has no
+    reference: its Δ and fidelity stay empty, and the report says so instead of leaving
+    the blank unexplained."""
+    root = tmp_path / "results"
+    dump(root, make_record("full", "full", {}, 0.5, 1.0, ["1", "2"]), "full")
+    paired = make_record("s1", "streamingllm", {"ratio": 0.2}, 0.5, 0.2, ["1", "2"])
+    dump(root, paired, "s1")
+    alone = make_record("s2", "snapkv", {"ratio": 0.2}, 0.5, 0.2, ["1", "2"])
+    alone["config"]["task"]["protect_from"] = "\\nQuestion: "
+    dump(root, alone, "s2")
+    report = load_report(root)
+    rows = report.runs.set_index("run_id")
+    assert rows.at["s1", "reference"] == "full" and rows.at["s2", "reference"] is None
+    text = "\n".join(report.warnings)
+    assert "1 run(s) have no full-cache run with the same settings" in text
+    assert "(s2)" in text and "s1" not in text

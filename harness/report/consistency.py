@@ -44,10 +44,29 @@ def code_warnings(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def pairing_warnings(table: pd.DataFrame) -> list[str]:
-    """One line per run compared with a reference on fewer samples than it has (the rest
-    had another prompt, i.e. another ``prompt_hash``, or were missing from the reference)."""
+    """One line per comparison whose runs have no full-cache reference of the same settings
+    (their Δ and fidelity columns stay empty), and one per run compared with a reference on
+    fewer samples than it has (the rest had another prompt, i.e. another ``prompt_hash``,
+    or were missing from the reference)."""
     out = []
+    if table.empty or "reference" not in table:
+        return out
+    for (model, task), group in table.groupby(["model", "task"], sort=True):
+        alone = [
+            r.run_id for r in group.itertuples() if r.method != "full" and _missing(r.reference)
+        ]
+        if alone:
+            out.append(
+                f"{model} · {task}: {len(alone)} run(s) have no full-cache run with the same "
+                f"settings (task config, slice, window, generation length, data) to be paired "
+                f"with, so their Δ and fidelity are empty ({', '.join(alone)}): run the full "
+                "cache with their config"
+            )
     for row in table.itertuples():
         paired, n = getattr(row, "n_paired", math.nan), getattr(row, "n_samples", math.nan)
         if row.reference is None or math.isnan(paired) or math.isnan(n) or paired >= n:
