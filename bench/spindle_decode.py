@@ -1,8 +1,8 @@
 """SpindleKV decode speed against the full cache, measured in one run (and a profile).
 
     python bench/spindle_decode.py                                  # SmolLM2, 4k and 8k, 20 % KV
-    python bench/spindle_decode.py --lengths 4096 --variants codebook materialize union
-    python bench/spindle_decode.py --lengths 4096 --profile codebook   # torch.profiler top ops
+    python bench/spindle_decode.py --lengths 4096 --variants fused codebook materialize union
+    python bench/spindle_decode.py --lengths 4096 --profile fused   # torch.profiler top ops
 
 For each context length the prompt is real text (LongBench multi_news) cut to that length.
 Each method prefills once (SpindleKV compresses then: ``prefill s``, one measurement); its
@@ -10,8 +10,9 @@ cache is kept. Then, ``--repeats``
 times, every method decodes ``--decode-tokens`` greedy tokens from a copy of its cache, the
 methods taking turns (the order rotates each round), so that a change in the machine's load
 falls on all of them; a method's figure is its fastest round (``median`` too), per token.
-``vs full`` = method ÷ full cache, fastest rounds. Variants: ``codebook`` (the default: head
-repeat, attention over the codebooks), ``materialize`` (every token decoded each step: the
+``vs full`` = method ÷ full cache, fastest rounds. Variants: ``fused`` (the default: head
+repeat, attention over the codebooks by the C++ kernels), ``codebook`` (the same with PyTorch
+operations), ``materialize`` (every token decoded each step: the
 plain reading), ``union`` (one token set per KV head), ``fold8`` (new tokens join the
 codebooks every 8 steps instead of every step). ``--profile VARIANT`` prints the top
 operators of that variant's decode steps (prefill excluded) from ``torch.profiler`` instead.
@@ -39,7 +40,8 @@ from harness.provenance import device_description  # noqa: E402
 from methods.base import cache_kwarg  # noqa: E402
 
 VARIANTS = {
-    "codebook": {},
+    "fused": {},
+    "codebook": {"decode_attention": "codebook"},
     "materialize": {"decode_attention": "materialize"},
     "union": {"gqa": "union"},
     "fold8": {"fold_every": 8},
@@ -101,7 +103,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--variants", nargs="+", default=["codebook"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["fused"], choices=list(VARIANTS))
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", choices=[*VARIANTS, "full"])

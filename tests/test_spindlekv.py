@@ -218,10 +218,12 @@ def test_codebook_attention_equals_the_materialising_reading(kind, gqa):
         assert any((~layer.heads.any(dim=2)).any() for layer in fast_cache.layers)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
     generated = []
-    for mode in ("codebook", "materialize"):
+    eager, _ = run(model, ids, [SpindleKV(decode_attention="codebook", **fields)], steps=4)
+    torch.testing.assert_close(eager, plain, atol=1e-5, rtol=1e-4)
+    for mode in ("fused", "codebook", "materialize"):
         with SpindleKV(decode_attention=mode, **fields).applied(model):
             generated.append(greedy_generate(model, ids, max_new_tokens=6).tokens)
-    assert generated[0] == generated[1]
+    assert generated[0] == generated[1] == generated[2]
 
 
 def test_apply_restores_the_attention_and_the_rope_table_is_the_models():
@@ -245,7 +247,7 @@ def test_apply_restores_the_attention_and_the_rope_table_is_the_models():
     "fields, field",
     [
         (dict(budget_mode="memory"), "budget_mode"),
-        (dict(decode_attention="fused"), "decode_attention"),
+        (dict(decode_attention="flash"), "decode_attention"),
         (dict(ratio_tolerance=0.5), "ratio_tolerance"),
     ],
 )

@@ -11,10 +11,13 @@ paper's loop over the repeated heads, identical copies folded together).
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from methods.cache import codebook_kernels
+from methods.cache.grown import Grown
 
 SCOPES = ("head", "layer")
 _TINY = 1e-12
@@ -134,41 +137,6 @@ def cover(
     return np.array(centres + rest.tolist(), dtype=np.int64), ref
 
 
-@dataclass(eq=False, repr=False)
-class Grown:
-    """A tensor that grows in place along ``dim`` (0 or -1): room is reserved ``CHUNK`` at a
-    time, so appending one decoding step copies only the new part, not the whole tensor.
-    ``data`` is the used part; :meth:`nbytes` counts the whole buffer (reserved room included).
-    A dataclass so that ``harness.measure.allocated_kv_bytes`` finds the buffer."""
-
-    CHUNK = 32
-
-    buffer: torch.Tensor
-    dim: int
-    size: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.size = self.buffer.shape[self.dim]
-
-    @property
-    def data(self) -> torch.Tensor:
-        return self.buffer.narrow(self.dim, 0, self.size)
-
-    def append(self, new: torch.Tensor) -> None:
-        n = new.shape[self.dim]
-        if self.size + n > self.buffer.shape[self.dim]:
-            shape = list(self.buffer.shape)
-            shape[self.dim] = self.size + n + self.CHUNK
-            grown = self.buffer.new_empty(shape)
-            grown.narrow(self.dim, 0, self.size).copy_(self.data)
-            self.buffer = grown
-        self.buffer.narrow(self.dim, self.size, n).copy_(new)
-        self.size += n
-
-    def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
-
-
 @dataclass(init=False, eq=False, repr=False)
 class Codebook:
     """Tokens kept per KV head, (B, H_kv, U), as ``entries`` (E, D), ``owner`` (E,) int32 (the
@@ -286,11 +254,12 @@ class Codebook:
         out = self.entries.index_select(0, refs.flatten()).view(*refs.shape, -1)
         return out if self.magnitudes is None else out * self.magnitudes.unsqueeze(-1)
 
-    def append(self, vectors: torch.Tensor) -> None:
+    def append(self, vectors: torch.Tensor, fused: bool = False) -> None:
         """Add vectors (B, H_kv, t, D) in order (time, then KV head): each reuses its group's
         most similar entry, among the entries so far and those the earlier new vectors just
         added, when their cosine exceeds ``theta``, else it becomes a new entry. The
-        similarities come from two matmuls (against the entries, among the new vectors); only
+        similarities come from two matmuls (against the entries, among the new vectors; the
+        first by a C++ kernel that reads only the group's own entries when ``fused``); only
         the choice runs in order, over t (times H_kv for scope ``layer``) small steps."""
         batch, kv_heads, steps, dim = vectors.shape
         raw = vectors.float()
@@ -304,12 +273,13 @@ class Codebook:
             seq = unit.transpose(1, 2).reshape(batch, steps * kv_heads, dim)
             seq_kept = stored.transpose(1, 2).reshape(batch, steps * kv_heads, dim)
         groups = torch.arange(seq.shape[0], device=seq.device, dtype=torch.int32)
-        book = self.entries.to(seq.dtype)
-        if self.magnitudes is None:  # entries are raw centres: compare directions
-            book = book / book.norm(dim=-1, keepdim=True).clamp_min(_TINY)
-        sims = seq @ book.T  # (G, L, E)
-        sims.masked_fill_(self.owner.view(1, 1, -1) != groups.view(-1, 1, 1), float("-inf"))
-        best, ref = sims.max(dim=-1)  # (G, L)
+        fused = fused and codebook_kernels.supported(seq, self.entries)
+        nearest = codebook_kernels.nearest if fused else codebook_kernels.nearest_eager
+        best, ref = nearest(  # raw centres (no magnitudes) are compared by direction
+            seq.flatten(0, 1), groups.repeat_interleave(seq.shape[1]), self.entries,
+            self.owner, self.magnitudes is None,
+        )  # fmt: skip
+        best, ref = best.view(seq.shape[:2]), ref.view(seq.shape[:2])  # (G, L)
         if seq.shape[1] == 1:  # one vector per group: nothing new to compare it with
             new = best[:, 0] <= self.theta
             refs = ref.int()
@@ -335,6 +305,31 @@ class Codebook:
         self._refs.append(refs)
         if self._magnitudes is not None:
             self._magnitudes.append(norm.to(self._magnitudes.buffer.dtype))
+
+    def append_step(
+        self,
+        vectors: torch.Tensor,
+        table: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> None:
+        """:meth:`append` of one decoding step (B, H_kv, 1, D), scope ``head``, by the fused
+        kernel (:func:`methods.cache.codebook_kernels.append`); keys come post-RoPE with the
+        RoPE ``table`` and their ``positions`` (B, 1), and go back to pre-RoPE there."""
+        batch, kv_heads, _, dim = vectors.shape
+        count = batch * kv_heads
+        if positions is not None:
+            positions = positions.reshape(batch).repeat_interleave(kv_heads).int()
+        self._entries.reserve(count)
+        self._owner.reserve(count)
+        refs, norms, made = codebook_kernels.append(
+            vectors.reshape(count, dim), table, positions, self._entries.buffer,
+            self._owner.buffer, self._entries.size, self.theta, self.magnitudes is not None,
+        )  # fmt: skip
+        self._entries.size += made
+        self._owner.size += made
+        self._refs.append(refs.view(batch, kv_heads, 1))
+        if self._magnitudes is not None:
+            self._magnitudes.append(norms.view(batch, kv_heads, 1))
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the slots ``index`` (B, H_kv, U') of each KV head, in that order (a

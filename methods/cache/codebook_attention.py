@@ -14,9 +14,11 @@ Decoding one token (:func:`attend_codebook`), no decoded token is kept:
   it (RoPE is linear: ``q . rope(m c) = m (q . rope(c))``);
 - values (:func:`weighted_entries`): the softmax weights times the value magnitudes are
   summed into their entries' rows and multiplied by them in one fused kernel.
-The plain reading (:func:`attend_materialized`: decode every token, re-apply RoPE with the
-model's rotary, sdpa) is kept as ``decode_attention: materialize`` and is what the tests
-compare the codebook attention against.
+That is ``decode_attention: codebook``; ``fused`` (the default) does the same in one C++
+pass per KV head (:func:`attend_fused`, ``methods.cache.codebook_kernels``). The plain
+reading (:func:`attend_materialized`: decode every token, re-apply RoPE with the model's
+rotary, sdpa) is kept as ``decode_attention: materialize`` and is what the tests compare
+the other two against.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from methods.cache import codebook_kernels
 from methods.cache.codebook_layer import CodebookLayer
 
 PREFIX = "kvbench_codebook_over_"
@@ -83,7 +86,10 @@ def codebook_attention(
     scaling = module.scaling if scaling is None else scaling
     softcap = kwargs.get("softcap")
     visible = _all_visible(attention_mask)
-    if layer.fast and query.shape[2] == 1 and visible:
+    if layer.kernel != "materialize" and query.shape[2] == 1 and visible:
+        book = layer.key_book.entries
+        if layer.kernel == "fused" and codebook_kernels.supported(query, book):
+            return attend_fused(layer, query, scaling, softcap), None
         return attend_codebook(layer, query, scaling, softcap), None
     mask = None if visible else attention_mask  # (a mask sized for another layer's cache)
     return attend_materialized(layer, query, mask, scaling, softcap), None
@@ -107,11 +113,12 @@ def attend_codebook(
     logits = key_logits(layer, q)  # (B, H_kv, G, U)
     if key_book.magnitudes is not None:
         logits = logits * key_book.magnitudes.unsqueeze(2)
-    if layer.heads is not None:  # a query head sees only the tokens its copy keeps
-        logits = torch.where(layer.heads, logits, float("-inf"))
     logits = torch.cat([logits, q @ layer.keys.transpose(-1, -2)], dim=-1)
-    if softcap:
+    if softcap:  # before the mask: tanh(-inf) would make a hidden slot visible
         logits = torch.tanh(logits / softcap) * softcap
+    if layer.heads is not None:  # a query head sees only the tokens its copy keeps
+        slots = layer.heads.shape[-1]
+        logits[..., :slots] = torch.where(layer.heads, logits[..., :slots], float("-inf"))
     probs = logits.float().softmax(dim=-1).to(value_book.entries.dtype)
     slots = layer.positions.shape[-1]
     weights = probs[..., :slots]
@@ -120,6 +127,24 @@ def attend_codebook(
     out = weighted_entries(value_book.refs, weights, value_book.entries)  # (B, H_kv, G, Dv)
     out = out + probs[..., slots:] @ layer.values
     return out.reshape(batch, q_heads, 1, -1).transpose(1, 2)
+
+
+def attend_fused(
+    layer: CodebookLayer, query: torch.Tensor, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """:func:`attend_codebook` by the fused kernel
+    (:func:`methods.cache.codebook_kernels.attend`): (B, 1, H_q, Dv)."""
+    batch, q_heads, _, dim = query.shape
+    key_book, value_book = layer.key_book, layer.value_book
+    kv_heads = layer.positions.shape[1]
+    q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim) * scaling  # (B, H_kv, G, D)
+    out = codebook_kernels.attend(
+        q, key_book.entries, key_book.refs, key_book.magnitudes,
+        layer.table.upto(layer.last_position, key_book.entries), layer.positions, layer.heads,
+        value_book.entries, value_book.refs, value_book.magnitudes, layer.keys, layer.values,
+        softcap,
+    )  # fmt: skip
+    return out.to(query.dtype).reshape(batch, q_heads, 1, -1).transpose(1, 2)
 
 
 def key_logits(layer: CodebookLayer, q: torch.Tensor) -> torch.Tensor:

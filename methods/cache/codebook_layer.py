@@ -15,8 +15,10 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from methods.base import MethodConfigError
+from methods.cache import codebook_kernels
 from methods.cache.attention import apply_rope, undo_rope
-from methods.cache.codebook import Codebook, Grown
+from methods.cache.codebook import Codebook
+from methods.cache.grown import Grown
 from methods.cache.layers import query_length_of
 
 Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -39,11 +41,16 @@ class RopeTable:
     def rows(self, positions: torch.Tensor, like: torch.Tensor, last: int) -> torch.Tensor:
         """(..., D) rows ``[cos_half | sin_half]`` for integer positions (...), the largest of
         which is ``last``."""
+        table = self.upto(last, like)
+        return table.index_select(0, positions.flatten()).view(*positions.shape, -1)
+
+    def upto(self, last: int, like: torch.Tensor) -> torch.Tensor:
+        """The table (P, D) in ``like``'s dtype, grown to hold position ``last``."""
         table = self.table
         if table is None or table.shape[0] <= last or table.dtype != like.dtype:
             size = max(last + 1, 1024, 0 if table is None else 2 * table.shape[0])
             table = self.table = self._tabulate(size, like)
-        return table.index_select(0, positions.flatten()).view(*positions.shape, -1)
+        return table
 
     def _tabulate(self, size: int, like: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(size, device=like.device).unsqueeze(0)
@@ -96,7 +103,7 @@ class CodebookLayer(DynamicLayer):
         heads: torch.Tensor | None,
         rope: Rope,
         table: RopeTable,
-        fast: bool = True,
+        kernel: str = "fused",
         fold_every: int = 1,
         sliding_window: int | None = None,
     ) -> None:
@@ -105,7 +112,8 @@ class CodebookLayer(DynamicLayer):
         self._positions = Grown(positions, -1)
         self._heads = None if heads is None else Grown(heads, -1)
         self.last_position = int(positions.max()) if positions.numel() else -1
-        self.rope, self.table, self.fast, self.fold_every = rope, table, fast, fold_every
+        self.rope, self.table, self.fold_every = rope, table, fold_every
+        self.kernel = kernel  # SpindleKV's decode_attention: fused, codebook or materialize
         self.window = sliding_window  # not `sliding_window`: methods.base's is_sliding
         batch, kv_heads = positions.shape[:2]
         self.tail_positions = positions.new_zeros(batch, 0)
@@ -214,18 +222,27 @@ class CodebookLayer(DynamicLayer):
         if new == 0:
             return
         positions = self.tail_positions
-        rows = self.table.rows(positions, self.keys, int(positions.max())).float().unsqueeze(1)
-        half = rows.shape[-1] // 2
-        cos = torch.cat([rows[..., :half], rows[..., :half]], dim=-1)
-        sin = torch.cat([rows[..., half:], rows[..., half:]], dim=-1)
-        self.key_book.append(undo_rope(self.keys.float(), cos, sin))
-        self.value_book.append(self.values)
+        last = int(positions.max())
+        books = (self.key_book, self.value_book)
+        fused = self.kernel == "fused" and codebook_kernels.supported(
+            self.keys, self.values, *(book.entries for book in books)
+        )
+        if fused and new == 1 and self.key_book.scope == "head":  # the decoding step
+            self.key_book.append_step(self.keys, self.table.upto(last, self.keys), positions)
+            self.value_book.append_step(self.values)
+        else:
+            rows = self.table.rows(positions, self.keys, last).float().unsqueeze(1)
+            half = rows.shape[-1] // 2
+            cos = torch.cat([rows[..., :half], rows[..., :half]], dim=-1)
+            sin = torch.cat([rows[..., half:], rows[..., half:]], dim=-1)
+            self.key_book.append(undo_rope(self.keys.float(), cos, sin), fused)
+            self.value_book.append(self.values, fused)
         kv_heads = self.positions.shape[1]
         self._positions.append(positions.unsqueeze(1).expand(-1, kv_heads, -1))
         if self._heads is not None:
             heads = self._heads.data
             self._heads.append(heads.new_ones(*heads.shape[:-1], new))
-        self.last_position = max(self.last_position, int(positions.max()))
+        self.last_position = max(self.last_position, last)
         self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
         self.tail_positions = self.tail_positions[:, :0]
 

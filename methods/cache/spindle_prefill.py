@@ -85,10 +85,9 @@ def build(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> Cod
         p.values, kept, weights, method.value_threshold, scope, magnitude, block,
         p.values.dtype, found[1],
     )  # fmt: skip
-    fast = method.decode_attention == "codebook"
     return CodebookLayer(
-        key_book, value_book, positions.int(), heads, p.rope, p.table, fast, method.fold_every,
-        p.sliding_window,
+        key_book, value_book, positions.int(), heads, p.rope, p.table,
+        method.decode_attention, method.fold_every, p.sliding_window,
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from methods.base import MethodConfigError, attention_modules, cache_of
-from methods.cache import codebook_attention
+from methods.cache import codebook_attention, codebook_kernels
 from methods.cache.attention import layer_rope, pool
 from methods.cache.budget import compressed_layers, refuse_eager, require_ragged_ok
 from methods.cache.codebook import SCOPES
@@ -26,7 +26,7 @@ __all__ = ["SpindleKV", "model_rope", "round_robin", "spindle_budgets"]
 
 GQA_MODES = ("repeat", "union", "group_average")
 BUDGET_MODES = ("bytes", "tokens")
-DECODE_ATTENTION = ("codebook", "materialize")
+DECODE_ATTENTION = ("fused", "codebook", "materialize")
 
 
 def model_rope(model: nn.Module, module: nn.Module) -> tuple[tuple, Any]:
@@ -107,8 +107,11 @@ class SpindleKV(SnapKV):
     or every n steps, meanwhile attended as they are and counted in the bytes; the entries
     they join or open are the same either way (they are decided in order).
 
-    Decode attention (``decode_attention``): ``codebook`` reads the codebooks directly (see
-    ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry),
+    Decode attention (``decode_attention``): ``fused`` (default) reads the codebooks in one
+    pass per KV head and matches new tokens against their own group's entries, in the C++
+    kernels of ``methods.cache.codebook_kernels`` (float32 on a CPU; elsewhere it is
+    ``codebook``); ``codebook`` does the same with PyTorch operations (see
+    ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry);
     ``materialize`` decodes every token each step (the plain reading). ``ratio: 1.0`` (with
     no ``budget``) is the full cache, untouched. Sliding-window layers keep their own window
     and are not counted, unless ``compress_sliding``: then each sliding layer is coded alone
@@ -126,7 +129,7 @@ class SpindleKV(SnapKV):
     magnitude: bool = True
     codebook_scope: str = "head"
     similarity_block: int = 1024
-    decode_attention: str = "codebook"
+    decode_attention: str = "fused"
     fold_every: int = 1
 
     def __post_init__(self) -> None:
@@ -140,7 +143,7 @@ class SpindleKV(SnapKV):
             "gqa": (GQA_MODES, "repeat (the paper), union or group_average (its ablation)"),
             "budget_mode": (BUDGET_MODES, "bytes (equal memory) or tokens (the paper's count)"),
             "codebook_scope": (SCOPES, "head or layer"),
-            "decode_attention": (DECODE_ATTENTION, "codebook or materialize"),
+            "decode_attention": (DECODE_ATTENTION, "fused, codebook or materialize"),
         }
         for field, (allowed, hint) in choices.items():
             if getattr(self, field) not in allowed:
@@ -195,6 +198,8 @@ class SpindleKV(SnapKV):
             self._model = model
             try:
                 if not self.untouched:
+                    if self.decode_attention == "fused" and model.device.type == "cpu":
+                        codebook_kernels.extension()  # built (or loaded) now, not mid-request
                     model.set_attn_implementation(codebook_attention.register(base))
                     for module in modules:
                         handles.append(
