@@ -33,7 +33,7 @@ test: lint
 # the cache-method and adapter tests against transformers at both ends of pyproject's range,
 # each version installed (with its own dependencies) into .compat/ ahead of the venv
 COMPAT_TRANSFORMERS ?= 5.3.0 5.24.0
-COMPAT_TESTS := tests/test_cache_methods.py tests/test_generation.py tests/test_session.py tests/test_lm_adapter.py tests/test_fast_paths.py tests/test_spindlekv.py tests/test_sliding.py tests/test_dac.py tests/test_prompt_methods.py
+COMPAT_TESTS := tests/test_cache_methods.py tests/test_generation.py tests/test_session.py tests/test_lm_adapter.py tests/test_fast_paths.py tests/test_spindlekv.py tests/test_codebook_kernels.py tests/test_sliding.py tests/test_dac.py tests/test_prompt_methods.py
 compat: setup
 	@for v in $(COMPAT_TRANSFORMERS); do \
 	  echo "== transformers $$v"; \

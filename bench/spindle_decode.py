@@ -145,6 +145,7 @@ def main() -> None:
                     "median ms/tok": statistics.median(times[name]) * 1000,
                     "vs full": min(times[name]) / min(times["full"]),
                     "same tokens": tokens[name] == tokens["full"],
+                    "same as codebook": tokens[name] == tokens.get("codebook", tokens[name]),
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)

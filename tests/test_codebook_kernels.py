@@ -142,3 +142,14 @@ def test_fused_step_joins_and_opens_the_entries_the_pytorch_operations_do(magnit
     torch.testing.assert_close(book.entries, twin.entries, atol=1e-5, rtol=1e-5)
     if magnitudes:
         torch.testing.assert_close(book.magnitudes, twin.magnitudes, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_cannot_be_built_names_the_setting_that_avoids_it(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_ninja)
+    with pytest.raises(codebook_kernels.KernelBuildError, match="decode_attention=codebook"):
+        codebook_kernels.extension.__wrapped__()

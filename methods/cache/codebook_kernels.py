@@ -15,8 +15,10 @@ vector with its own group's entries only (:func:`nearest`). It is built with
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -26,11 +28,24 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "codebook.cpp"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# x86-64 Linux (gcc): this CPU's vector units and OpenMP threads; elsewhere portable flags
+X86_LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+FLAGS = ["-O3", "-ffast-math"] + (["-march=native", "-fopenmp"] if X86_LINUX else [])
 
 
 class KernelBuildError(RuntimeError):
     """The fused kernels could not be built here (no C++ compiler or ninja)."""
+
+
+def _cpu_tag() -> str:
+    """A short tag of this CPU's model and instruction sets (a cache shared by machines of
+    several CPU types keeps a build per type)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.machine(), platform.processor()]
+    return hashlib.sha1("".join(lines).encode()).hexdigest()[:10]
 
 
 def supported(*tensors: torch.Tensor) -> bool:
@@ -48,12 +63,12 @@ def extension() -> ModuleType:
     if shutil.which("ninja") is None and bin_dir not in os.environ.get("PATH", ""):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     try:
-        log.info("building SpindleKV's fused kernels (once per machine; about a minute)")
+        log.info("loading SpindleKV's fused kernels (built on first use: about 30 s)")
         return cpp_extension.load(
-            name="kvbench_codebook",
+            name=f"kvbench_codebook_{_cpu_tag()}",  # -march=native: one build per CPU type
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=["-fopenmp"] if X86_LINUX else [],
             verbose=False,
         )
     except (RuntimeError, OSError, ImportError) as error:
