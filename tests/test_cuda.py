@@ -23,6 +23,7 @@ from harness.measure import KVLayout, stored_kv_bytes
 from harness.models import ModelSpec, byte_tokenizer
 from harness.session import apply
 from methods.base import Compose, PromptParts
+from methods.cache.grown import Grown
 from tests.conftest import model_spec
 
 DEVICE = os.environ.get("KVBENCH_CUDA_TESTS_ON", "cuda")
@@ -61,14 +62,21 @@ def prompt_ids(n: int, seed: int = 0) -> list[int]:
 
 
 def cache_tensors(cache) -> list[torch.Tensor]:
-    """Every tensor the cache holds, codebooks included."""
-    found = []
+    """Every tensor the cache holds, codebooks and their in-place buffers included."""
+    found: list[torch.Tensor] = []
+
+    def collect(value) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, Grown):  # SpindleKV's growing tensors
+            found.append(value.buffer)
+        elif hasattr(value, "entries"):  # SpindleKV's codebooks
+            for field in vars(value).values():
+                collect(field)
+
     for layer in cache.layers:
         for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                found.append(value)
-            elif hasattr(value, "entries"):  # SpindleKV's codebooks
-                found += [t for t in vars(value).values() if isinstance(t, torch.Tensor)]
+            collect(value)
     return found
 
 
@@ -79,8 +87,8 @@ def caches(monkeypatch):
 
     made, real = [], generation.new_cache
 
-    def keep(model):
-        made.append(real(model))
+    def keep(model, *args, **kwargs):
+        made.append(real(model, *args, **kwargs))
         return made[-1]
 
     monkeypatch.setattr(generation, "new_cache", keep)
