@@ -45,14 +45,16 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_the_installed_package_finds_its_configs_and_data(installed, tmp_path):
     site, env = installed
     probe = (
-        "import harness, methods.storage as s; "
-        "print(harness.__file__); print(s.conf_dir()); print(s.data_file('gsm8k/test.jsonl'))"
+        "import harness, methods.storage as s, methods.cache.codebook_kernels as k; "
+        "print(harness.__file__); print(s.conf_dir()); print(s.data_file('gsm8k/test.jsonl')); "
+        "print(k.SOURCE)"
     )
     out = run([sys.executable, "-c", probe], tmp_path, env)
     assert out.returncode == 0, out.stderr
-    package, conf, data = out.stdout.split()
-    assert all(Path(p).is_relative_to(site) for p in (package, conf, data))
+    package, conf, data, kernels = out.stdout.split()
+    assert all(Path(p).is_relative_to(site) for p in (package, conf, data, kernels))
     assert (Path(conf) / "config.yaml").is_file() and Path(data).is_file()
+    assert Path(kernels).is_file()  # SpindleKV's fused kernels' source ships in the wheel
 
 
 def test_the_installed_kvbench_command_runs_a_task(installed, tmp_path):
