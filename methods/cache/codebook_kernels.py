@@ -37,14 +37,16 @@ class KernelBuildError(RuntimeError):
     """The fused kernels could not be built here (no C++ compiler or ninja)."""
 
 
-def _cpu_tag() -> str:
-    """A short tag of this CPU's model and instruction sets (a cache shared by machines of
-    several CPU types keeps a build per type)."""
+def _build_tag() -> str:
+    """A short tag of this CPU's model and instruction sets and of torch's version: a cache
+    shared by machines of several CPU types, or kept across a torch upgrade, holds a build
+    per combination (torch's own cache key covers only the sources and flags)."""
     try:
         with open("/proc/cpuinfo") as f:
             lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
     except OSError:
         lines = [platform.machine(), platform.processor()]
+    lines.append(torch.__version__)
     return hashlib.sha1("".join(lines).encode()).hexdigest()[:10]
 
 
@@ -65,7 +67,7 @@ def extension() -> ModuleType:
     try:
         log.info("loading SpindleKV's fused kernels (built on first use: about 30 s)")
         return cpp_extension.load(
-            name=f"kvbench_codebook_{_cpu_tag()}",  # -march=native: one build per CPU type
+            name=f"kvbench_codebook_{_build_tag()}",  # one build per CPU type and torch
             sources=[str(SOURCE)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"] if X86_LINUX else [],
