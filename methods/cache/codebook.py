@@ -259,7 +259,7 @@ class Codebook:
         most similar entry, among the entries so far and those the earlier new vectors just
         added, when their cosine exceeds ``theta``, else it becomes a new entry. The
         similarities come from two matmuls (against the entries, among the new vectors; the
-        first by a C++ kernel that reads only the group's own entries when ``fused``); only
+        first by a C++ kernel, each entry against its own group's vectors, when ``fused``); only
         the choice runs in order, over t (times H_kv for scope ``layer``) small steps."""
         batch, kv_heads, steps, dim = vectors.shape
         raw = vectors.float()

@@ -6,8 +6,9 @@ values; match the new key and value against their codebooks), each writing a (U,
 intermediate and waking the CPU's thread pool: the profile (BENCHMARKS.md) put the step at
 1.7x the full cache's at 8k tokens, the time in those passes rather than in arithmetic.
 ``csrc/codebook.cpp`` does the same arithmetic in one pass per KV head, reading each slot's
-entry and RoPE row once and writing nothing per slot (:func:`attend`), and compares a new
-vector with its own group's entries only (:func:`nearest`). It is built with
+entry and RoPE row once and writing nothing per slot (:func:`attend`), and joins each
+new key and value to its codebook in place, one dot product per entry with its own group's
+new vector (:func:`append`; :func:`nearest` for several new vectors). It is built with
 ``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja; cached under
 ``~/.cache/torch_extensions``) and checked against the PyTorch operations by the tests.
 """
