@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import load  # noqa: E402
 from harness.measure import KVLayout, stored_kv_bytes  # noqa: E402
+from methods.base import cache_kwarg  # noqa: E402
 from methods.model import data  # noqa: E402
 from methods.model.kvlatent import KVLatent  # noqa: E402
 
@@ -65,7 +66,7 @@ def evaluate(model, chunks, ref, layout) -> dict:
         agree += float((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
         tokens += len(ids) - 1
     cache = DynamicCache(config=model.config)
-    model(chunks[0][None], past_key_values=cache, use_cache=True)
+    model(chunks[0][None], **cache_kwarg(model, cache), use_cache=True)
     seq = len(chunks[0])
     stored = stored_kv_bytes(cache)
     return {
