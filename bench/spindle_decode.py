@@ -54,6 +54,24 @@ def method_for(variant: str, ratio: float):
     return load("method", "spindlekv", ratio=ratio, **VARIANTS[variant])
 
 
+def codebook_sizes(method) -> dict[str, float]:
+    """SpindleKV's mean slots (distinct tokens stored) and key / value entries per KV head
+    over its compressed layers after prefill, from its stats (empty for the full cache)."""
+    stats = method.last_stats() if hasattr(method, "last_stats") else None
+    layers = (stats or {}).get("layers") or []
+    if not layers:
+        return {}
+
+    def mean(field: str) -> float:
+        return statistics.mean(statistics.mean(layer[field]) for layer in layers)
+
+    return {
+        "slots/KV head": mean("unique_tokens"),
+        "key entries/KV head": mean("key_entries_per_head"),
+        "value entries/KV head": mean("value_entries_per_head"),
+    }
+
+
 @torch.inference_mode()
 def prefill(model, ids, method, reserve: int) -> tuple:
     """The cache after prefill (compressed by ``method``), the first generated token and the
@@ -88,14 +106,29 @@ def decode(model, method, cache, token, start: int, steps: int) -> tuple[float, 
 
 
 def profile(model, ids, variant: str, ratio: float, steps: int) -> None:
-    """Top operators of the decode steps: prefill and compression run before profiling."""
+    """Where the decode steps' time goes (prefill and compression run before profiling):
+    torch.profiler's top operators, then cProfile's top functions, which also count the
+    fused kernels (calls into the C++ extension, not operators torch.profiler sees)."""
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     method = method_for(variant, ratio)
-    cache, token, _ = prefill(model, ids, method, steps)
+    cache, token, _ = prefill(model, ids, method, 2 * steps)
+    start = ids.shape[1]
+    decode(model, method, copy.deepcopy(cache), token, start, 2)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        decode(model, method, cache, token, ids.shape[1], steps)
+        decode(model, method, copy.deepcopy(cache), token, start, steps)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    per_token, _ = decode(model, method, cache, token, start, steps)
+    profiler.disable()
+    print(f"\ncProfile, {steps} decode steps, {per_token * 1000:.1f} ms/token under it")
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(15)
+    stats.sort_stats("cumulative").print_stats("codebook", 8)
 
 
 def main() -> None:
@@ -146,6 +179,7 @@ def main() -> None:
                     "vs full": min(times[name]) / min(times["full"]),
                     "same tokens": tokens[name] == tokens["full"],
                     "same as codebook": tokens[name] == tokens.get("codebook", tokens[name]),
+                    **codebook_sizes(start[name][0]),
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)

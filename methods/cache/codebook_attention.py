@@ -108,7 +108,7 @@ def attend_codebook(
     Query head h reads KV head ``h // G``'s slots, those its copy keeps (``layer.heads``)."""
     batch, q_heads, _, dim = query.shape
     key_book, value_book = layer.key_book, layer.value_book
-    kv_heads = layer.positions.shape[1]
+    kv_heads, slots = layer.positions.shape[1:]
     q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim) * scaling  # (B, H_kv, G, D)
     logits = key_logits(layer, q)  # (B, H_kv, G, U)
     if key_book.magnitudes is not None:
@@ -117,10 +117,8 @@ def attend_codebook(
     if softcap:  # before the mask: tanh(-inf) would make a hidden slot visible
         logits = torch.tanh(logits / softcap) * softcap
     if layer.heads is not None:  # a query head sees only the tokens its copy keeps
-        slots = layer.heads.shape[-1]
         logits[..., :slots] = torch.where(layer.heads, logits[..., :slots], float("-inf"))
     probs = logits.float().softmax(dim=-1).to(value_book.entries.dtype)
-    slots = layer.positions.shape[-1]
     weights = probs[..., :slots]
     if value_book.magnitudes is not None:
         weights = weights * value_book.magnitudes.unsqueeze(2)

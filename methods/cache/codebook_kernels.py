@@ -158,10 +158,11 @@ def nearest(
     """For unit vectors (N, D) of ``groups`` (N,) int32, the cosine to their own group's most
     similar entry of ``entries`` (E, D) (groups ``owner`` (E,) int32; compared by direction
     when ``normalize``) and its index, the first on ties: (N,) float32, (N,) int64."""
-    best, ref = extension().nearest(
-        vectors.contiguous(), groups.contiguous(), entries.contiguous(), owner, normalize
+    return tuple(
+        extension().nearest(
+            vectors.contiguous(), groups.contiguous(), entries.contiguous(), owner, normalize
+        )
     )
-    return best, ref
 
 
 def nearest_eager(
