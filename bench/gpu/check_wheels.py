@@ -10,6 +10,9 @@
 - the folder fits in the device call with the working tree (``--limit-mb``, default 40 of the
   64 MiB a call carries: the working tree is about 13 MiB).
 
+``--pins download|build`` (bench/gpu/wheels.sh): wheels.txt's names with the versions that
+``locks/cuda.txt`` pins for the machine's Python.
+
 Exits 1 and lists the problems, else prints the folder's size and contents.
 
 ``--on-machine`` (bench/gpu/run.sh, there): the versions the image actually has, checked against
@@ -102,12 +105,36 @@ def on_machine(folder: Path) -> list[str]:
     return lines
 
 
+def pinned(kind: str, lock: Path = HERE.parents[1] / "locks" / "cuda.txt") -> list[str]:
+    """wheels.txt's names of one kind (``download``: wheels on PyPI, ``build``: source only)
+    as ``name==version``, the version the project's lock holds for the machine's Python."""
+    sys.path.insert(0, str(HERE.parents[1]))
+    from harness.lock import pins
+
+    locked = pins(lock, MACHINE)
+    found, missing = [], []
+    for line in (HERE / "wheels.txt").read_text().splitlines():
+        name, _, comment = (part.strip() for part in line.partition("#"))
+        if name and (kind == "build") == (comment == "build"):
+            key = canonicalize_name(name)
+            (found if key in locked else missing).append(f"{name}=={locked.get(key)}")
+    if missing:
+        raise SystemExit(f"bench/gpu/wheels.txt names packages {lock} does not pin: {missing}")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, nargs="?")
+    parser.add_argument("--pins", choices=["download", "build"], help="print wheels.txt's pins")
     parser.add_argument("--limit-mb", type=float, default=40.0)
     parser.add_argument("--on-machine", action="store_true")
     args = parser.parse_args()
+    if args.pins:
+        print("\n".join(pinned(args.pins)))
+        return
+    if args.folder is None:
+        parser.error("the wheel folder is required")
     if args.on_machine:
         lines = on_machine(args.folder)
         print("\n".join(lines) or "every carried wheel's requirement is met by the image")

@@ -17,10 +17,9 @@ PLATFORMS=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --ab
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 rm -rf "$DEST"
 mkdir -p "$DEST"
-# one pinned name a line; "# build" marks the ones PyPI has as source only
-mapfile -t download < <(sed -e '/# build/d' -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' \
-  bench/gpu/wheels.txt)
-mapfile -t build < <(grep -e '# build' bench/gpu/wheels.txt | sed -e 's/#.*//' -e 's/[[:space:]]//g')
+# wheels.txt's names at the versions locks/cuda.txt pins ("# build": PyPI has source only)
+mapfile -t download < <("$PYTHON" bench/gpu/check_wheels.py --pins download)
+mapfile -t build < <("$PYTHON" bench/gpu/check_wheels.py --pins build)
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d "$DEST" "${download[@]}"
 "$PYTHON" -m pip wheel -q --no-deps -w "$DEST" "${build[@]}"
 "$PYTHON" bench/gpu/check_wheels.py "$DEST"
