@@ -19,7 +19,7 @@ from harness.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 CPU, CUDA = REPO / "locks" / "cpu.txt", REPO / "locks" / "cuda.txt"
-CUDA_ONLY = re.compile(r"^(nvidia-|cuda-|triton$)")
+CUDA_ONLY = re.compile(r"^(nvidia-|cuda-)")
 
 
 def declared() -> list[Requirement]:
