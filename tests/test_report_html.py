@@ -18,8 +18,9 @@ import pytest
 
 from harness.records import SCHEMA_VERSION
 from harness.report import load_report, write_report
-from harness.report.build import summary_table
+from harness.report.build import SUMMARY_COLUMNS, summary_table
 from harness.report.html_page import sort_value
+from harness.report.tables import fmt
 from tests.test_report import MODEL, TASK, dump, make_record
 from tests.test_ruler import fake_record
 
@@ -80,9 +81,11 @@ def test_the_page_holds_every_section_record_and_plot(report_dir: Path) -> None:
     for stem, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
         assert f'<figure id="{stem}"><img src="data:image/png;base64,{data}"' in text
-    # each score with its interval, as the summary gives it
-    for cell in summary_table(runs)["score (95% CI)"]:
-        assert f">{cell}</td>" in text
+    # every cell of the summary (scores with their intervals), escaped, in its task's table
+    summary = summary_table(runs)
+    for column in [c for c in SUMMARY_COLUMNS if c in summary.columns]:
+        for value in summary[column]:
+            assert f">{html.escape(fmt(value))}</td>" in text, (column, value)
     assert text.count("<table") == text.count('<table class="sortable">') == 5
     assert "<script>" in text and "sortTable" in text  # inline: no script file to fetch
     assert "http://" not in text and "https://" not in text
@@ -107,8 +110,8 @@ def test_cells_sort_by_their_number_or_their_interval_estimate() -> None:
     assert sort_value("ratio=0.2") is None and sort_value("(reference)") is None
 
 
-# what the page's own script did, read back from the DOM: the images decoded, where the first
-# table and plot lie, and the rows' order after clicking a header (twice)
+# what the page's own script did, read back from the DOM: the images decoded, where the rows of
+# the gsm8k table and its first plot lie, and the rows' order after clicking a header (twice)
 PROBE = """<script>
 window.addEventListener("load", () => {
   const table = document.querySelector("#task-FIRST table.sortable");
@@ -119,7 +122,8 @@ window.addEventListener("load", () => {
   };
   const header = Array.from(table.tHead.rows[0].cells).find((c) => c.textContent === "kv_ratio");
   const column = () => Array.from(table.tBodies[0].rows, (r) => r.cells[header.cellIndex].textContent);
-  const probe = {images: document.images.length, table: box(table), image: box(img),
+  const probe = {images: document.images.length, image: box(img),
+    rows: Array.from(table.rows, box),
     decoded: Array.from(document.images).filter((i) => i.complete && i.naturalWidth > 0).length,
     natural: [img.naturalWidth, img.naturalHeight], before: column()};
   header.click();
@@ -178,11 +182,13 @@ def test_chromium_renders_the_table_and_the_plots(report_dir: Path, tmp_path: Pa
     chromium(tmp_path, f"--screenshot={shot}", page.as_uri())
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape[:2] == (WINDOW[1], WINDOW[0])
-    left, top, width, height = (round(v) for v in probe["table"])
-    assert top + height < WINDOW[1], f"the first table is not in the screenshot: {probe}"
-    table = pixels[top : top + height, left : left + width]
-    dark = (table.mean(axis=2) < 0.4).mean()
-    assert 0.01 < dark < 0.4, f"no text drawn where the table is ({dark:.3f} dark)"
+    # the first task's table: text drawn in its header and in every row (dark grey, not
+    # the links' blue)
+    for i, (left, top, width, height) in enumerate(probe["rows"]):
+        assert top + height < WINDOW[1], f"row {i} of the table is not in the screenshot"
+        row = pixels[round(top) : round(top + height), round(left) : round(left + width)]
+        dark = (row.mean(axis=2) < 0.2).mean()
+        assert 0.005 < dark < 0.4, f"no text where row {i} of the table is ({dark:.3f} dark)"
     # the first plot is drawn at its own size: its pixels on screen are the PNG's
     left, top, width, height = (round(v) for v in probe["image"])
     assert [width, height] == probe["natural"] and top + 200 < WINDOW[1], probe
