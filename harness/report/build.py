@@ -1,6 +1,7 @@
 """The ``kvbench-report`` command: every finished record under a folder, in one table.
 
     kvbench-report results/                  # writes results/report/{report.csv,.parquet,.md,*.png}
+                                             # and results/report/index.html (one page)
     kvbench-report results/ --out /tmp/rep
 
 One row per run (model x method x task): the task's score, the KV bytes actually stored
@@ -25,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.records import find_records, read_record
-from harness.report import fidelity, plots_ruler
+from harness.report import fidelity, html_page, plots_ruler
 from harness.report.consistency import code_warnings, pairing_warnings
 from harness.report.tables import (
     PERCENTILE_COLUMNS,
@@ -49,6 +50,7 @@ __all__ = [
     "load_report",
     "main",
     "summary_markdown",
+    "summary_table",
     "write_report",
 ]
 
@@ -203,15 +205,20 @@ def load_records(root: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     return report.runs, report.skipped
 
 
-def summary_markdown(table: pd.DataFrame) -> str:
-    """The compact table printed to the terminal (and heading ``report.md``): its
-    ``method_params`` shows only what tells a method's runs apart (every column, every
-    parameter: the report's CSV/parquet and the "All columns" table)."""
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the summary's display columns (:data:`SUMMARY_COLUMNS`): intervals as
+    text, and ``method_params`` showing only what tells a method's runs apart (every column,
+    every parameter: the report's CSV/parquet and the "All columns" table)."""
     if "params_json" in table.columns and not table.empty:
         table = table.assign(method_params=distinguishing_params(table))
     if not table.empty:
         table = with_intervals(table)
-    return markdown(table, SUMMARY_COLUMNS)
+    return table
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """The compact table printed to the terminal (and heading ``report.md``)."""
+    return markdown(summary_table(table), SUMMARY_COLUMNS)
 
 
 def _plots_markdown(plots: dict[str, Path]) -> str:
@@ -263,8 +270,9 @@ def write_report(
     requests: pd.DataFrame | None = None,
     skipped: list[tuple[Path, str]] | None = None,
 ) -> dict[str, Path]:
-    """Write ``report.csv``, ``report.parquet``, ``summary_by_kv_ratio.csv``, ``report.md``
-    and the plots into ``out_dir``; returns ``{kind: path}`` (plots keyed by file stem)."""
+    """Write ``report.csv``, ``report.parquet``, ``summary_by_kv_ratio.csv``, ``report.md``,
+    the plots and ``index.html`` (all of it on one page) into ``out_dir``; returns
+    ``{kind: path}`` (plots keyed by file stem)."""
     from harness.report.plots import write_plots
 
     out_dir = Path(out_dir)
@@ -282,8 +290,31 @@ def write_report(
         text += "\n## RULER: share of samples passed per run and length\n\n"
         text += markdown(ruler_table) + "\n"
     paths["md"].write_text(text)
+    paths["html"] = html_page.write_html(out_dir, _page(table, plots, ruler_table, skipped or []))
     paths.update(plots)
     return paths
+
+
+def _page(
+    table: pd.DataFrame,
+    plots: dict[str, Path],
+    ruler: pd.DataFrame,
+    skipped: list[tuple[Path, str]],
+) -> html_page.Content:
+    """What ``index.html`` shows: the same tables and plots as ``report.md``."""
+    tables = {"RULER: share of samples passed per run and length": ruler} if len(ruler) else {}
+    shown = [c for c in table.columns if c not in HIDDEN_IN_MARKDOWN]
+    return html_page.Content(
+        summary=summary_table(table),
+        columns=SUMMARY_COLUMNS,
+        plots=plots,
+        overview={"Best score per method at each measured KV ratio": best_by_kv_ratio(table)},
+        tables=tables,
+        all_columns=table[["path", *shown]].rename(columns={"path": html_page.RECORD_COLUMN}),
+        notes=[STATISTICS_NOTE],
+        warnings=code_warnings(table) + pairing_warnings(table),
+        skipped=skipped,
+    )
 
 
 def _explain_empty(root: Path, report: Report) -> str:
@@ -311,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kvbench-report",
         description="Read every finished kvbench record under DIR into one table; write "
-        "CSV, parquet, markdown and PNG plots.",
+        "CSV, parquet, markdown, PNG plots and one HTML page (index.html).",
     )
     parser.add_argument("dir", type=Path, help="results folder (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (DIR/report)")
