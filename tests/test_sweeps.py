@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from harness import records
 from harness.run import CONF_DIR, build
+from hydra_plugins.kvbench_sweeper.kvbench_sweeper import KVBenchSweeper, with_references
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml") if p.stem != "none")
 # the tiny random model, two short prompts, a few tokens: seconds per run
@@ -37,13 +37,14 @@ def kvbench(*args: str) -> list[str]:
 
 
 def sweep_jobs(name: str) -> list[list[str]]:
-    """The override lists of every job that ``kvbench sweep=<name>`` launches."""
+    """The override lists of every job that ``kvbench sweep=<name>`` launches (the full-cache
+    references first)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"sweep={name}"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN", f"sweep={name} is not a multirun"
     params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
     parsed = OverridesParser.create().parse_overrides(params)
-    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    (batch,) = KVBenchSweeper(max_batch_size=None).split_arguments(parsed, None)
     return [[f"sweep={name}", *job] for job in batch]
 
 
@@ -58,6 +59,67 @@ def test_every_job_of_a_named_sweep_composes_and_validates(name: str) -> None:
             build(cfg)  # instantiates and validates model, method and task; loads nothing
             ids.add(records.run_id(cfg))
     assert len(ids) == len(jobs)  # every job is a different run
+    assert any("method=full" in job for job in jobs)  # with its reference
+
+
+def test_a_sweep_runs_the_full_cache_once_as_the_reference_of_its_settings() -> None:
+    parsed = OverridesParser.create().parse_overrides(
+        ["method=full,streamingllm", "method.ratio=0.1,0.2", "task=gsm8k,bbh", "model=m"]
+    )
+    (jobs,) = KVBenchSweeper(max_batch_size=None).split_arguments(parsed, None)
+    assert jobs[:2] == [
+        ["task=gsm8k", "model=m", "method=full"],
+        ["task=bbh", "model=m", "method=full"],
+    ]
+    rest = [j for j in jobs[2:] if "method=streamingllm" in j]
+    assert len(rest) == len(jobs) - 2 == 4  # 2 ratios x 2 tasks, no full job with a ratio
+    # a job that is its own reference is not run twice; a model method gets one too
+    assert with_references([["method=full", "task=x"], ["method=kvlatent_k", "task=x"]]) == [
+        ["task=x", "method=full"],
+        ["method=kvlatent_k", "task=x"],
+    ]
+    assert with_references([["+method.foo=1", "method=h2o"]]) == [
+        ["method=full"],
+        ["+method.foo=1", "method=h2o"],
+    ]
+
+
+def test_the_readme_sweep_runs_its_own_reference(tmp_path: Path) -> None:
+    """`kvbench -m method=full,streamingllm method.ratio=...` (the README's form): the full
+    cache runs once, without the ratio it takes none of, and the report has its reference."""
+    args = ["-m", *TINY, "method=full,streamingllm", "method.ratio=0.25,0.5"]
+    done = subprocess.run(
+        kvbench(*args, f"run.results_dir={tmp_path}"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = [records.read_record(p) for p in records.find_records(tmp_path)]
+    assert sorted(r["method"]["name"] for r in found) == ["full", "streamingllm", "streamingllm"]
+    assert "2 full-cache references" not in done.stderr  # one reference: one task setting
+    assert "sweep: 3 jobs, 1 of them full-cache references" in done.stderr + done.stdout
+
+
+def test_a_sweep_whose_reference_cannot_run_fails_before_any_job(tmp_path: Path) -> None:
+    args = [
+        "-m",
+        "model=tiny_llama_gqa",
+        "model.max_length=512",
+        "task=ruler_niah_single_1",
+        "task.lengths=[1024]",
+        "task.samples_per_length=1",
+        "method=snapkv,streamingllm",
+        f"run.results_dir={tmp_path}",
+    ]
+    done = subprocess.run(
+        kvbench(*args), capture_output=True, text=True, env={**ENV, "HYDRA_FULL_ERROR": "0"}
+    )
+    assert done.returncode != 0
+    assert "the sweep's full-cache reference" in done.stderr and "method=full" in done.stderr
+    assert "exceed the model's window of 512" in done.stderr
+    assert records.find_records(tmp_path) == []
 
 
 def test_prompt_sweep_compares_dac_with_the_baselines_on_gsm8k_and_one_bbh_subtask() -> None:
@@ -184,9 +246,10 @@ def test_a_method_whose_code_is_not_installed_is_named(tmp_path: Path) -> None:
 
 
 def test_a_failing_job_is_reported_at_once_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    """Job #0 fails (budget below the window), job #1 runs: the failure is logged when it
-    happens, not only when Hydra raises it after the whole sweep."""
-    args = ["-m", *TINY, "method=streamingllm", "method.window=16", "method.budget=8,64"]
+    """Jobs #0 and #1 are the full-cache references of the two attention implementations;
+    #2 fails when it checks the loaded model's (PyramidKV refuses eager attention), #3 runs:
+    the failure is logged when it happens, not only when Hydra raises it after the sweep."""
+    args = ["-m", *TINY, "method=pyramidkv", "model.attn_implementation=eager,sdpa"]
     done = subprocess.run(
         kvbench(*args, "run.report=false", f"run.results_dir={tmp_path}"),
         capture_output=True,
@@ -196,7 +259,23 @@ def test_a_failing_job_is_reported_at_once_and_the_sweep_goes_on(tmp_path: Path)
     )
     assert done.returncode != 0
     text = done.stdout + done.stderr
-    failed = text.index("run failed (method=streamingllm, task=gsm8k), no record written")
-    assert "exceed" in text[failed : failed + 500]
-    assert failed < text.index("#1 :")
-    assert len(records.find_records(tmp_path)) == 1
+    failed = text.index("run failed (method=pyramidkv, task=gsm8k), no record written")
+    assert "eager" in text[failed : failed + 500]
+    assert failed < text.index("#3 :")
+    assert len(records.find_records(tmp_path)) == 3
+
+
+def test_a_sweep_with_a_bad_job_config_fails_before_any_job(tmp_path: Path) -> None:
+    """A budget below the window is refused by the config: no job of the sweep starts."""
+    args = ["-m", *TINY, "method=streamingllm", "method.window=16", "method.budget=8,64"]
+    done = subprocess.run(
+        kvbench(*args, f"run.results_dir={tmp_path}"),
+        capture_output=True,
+        text=True,
+        env={**ENV, "HYDRA_FULL_ERROR": "0"},
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "the sweep's job" in done.stderr and "method.budget=8" in done.stderr
+    assert "exceed method.budget=8" in done.stderr
+    assert records.find_records(tmp_path) == []

@@ -1,0 +1,1 @@
+"""kvbench's Hydra sweeper (``hydra/sweeper: kvbench``): see :mod:`.kvbench_sweeper`."""
