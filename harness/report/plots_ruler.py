@@ -9,7 +9,8 @@ and lm-eval's score (``passed``: every expected value found). From those:
   samples with a needle: none for ``cwe`` and ``fwe``, whose runs get no heatmap);
 * ``ruler_accuracy__<model>__<task>.png``: one panel per length, the share passed against
   the KV cache kept at that length (measured from the samples' own requests), one line per
-  method, with 95 % Wilson intervals;
+  method, with 95 % Wilson intervals (:func:`harness.report.stats.wilson`, the same rule as
+  the main table's);
 * ``ruler_summary.csv`` (and a table in ``report.md``): per run and length, n, passed and
   its interval, mid-depth (0.3-0.7) and edge passes (NaN without needles), measured KV ratio.
 
@@ -28,6 +29,7 @@ from matplotlib.figure import Figure
 
 from harness.records import read_record
 from harness.report.plot_common import FULL_METHOD, method_colors, run_labels
+from harness.report.stats import wilson
 
 RULER_TITLES = {
     "ruler_heatmap": "RULER: needles found by depth and length",
@@ -85,15 +87,6 @@ def sample_table(runs: pd.DataFrame) -> pd.DataFrame:
         for path, label in zip(group["path"], run_labels(group), strict=True):
             rows += sample_rows(read_record(Path(path)), label)
     return pd.DataFrame(rows)
-
-
-def wilson(passed: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a share ``passed`` of ``n`` samples."""
-    if n == 0:
-        return math.nan, math.nan
-    centre = (passed + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(passed * (1 - passed) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def heatmap_cells(samples: pd.DataFrame) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
