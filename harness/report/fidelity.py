@@ -63,6 +63,9 @@ FIDELITY_COLUMNS = (
     "nll_increase_hi",
 )
 TEXT_COLUMNS = ("reference", "verdict")
+# the intervals a reference run gets none of against itself
+SELF_BLANK = ("score_diff_lo", "score_diff_hi", "token_f1_lo", "token_f1_hi")
+SELF_BLANK += ("nll_increase_lo", "nll_increase_hi")
 # fields that change how fast a run is, never what it computes
 IGNORED_MODEL_FIELDS = ("threads",)
 
@@ -266,8 +269,10 @@ def add_fidelity(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> pd.D
         table.at[idx, "reference"] = run_ids.get(ref)
         for column, value in compare(inputs[path], inputs[ref]).items():
             table.at[idx, column] = value
-        if ref == path:
+        if ref == path:  # itself: identical by definition, no interval to give
             table.at[idx, "verdict"] = "reference"
+            for column in SELF_BLANK:
+                table.at[idx, column] = math.nan
     return table
 
 

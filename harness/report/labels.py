@@ -123,7 +123,7 @@ def _loads(text: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _differing(dicts: list[dict[str, Any]]) -> list[str]:
+def differing(dicts: list[dict[str, Any]]) -> list[str]:
     """The keys whose values are not the same in all of ``dicts``, in first-seen order."""
     keys = dict.fromkeys(k for d in dicts for k in d)
     return [k for k in keys if len({repr(d.get(k)) for d in dicts}) > 1]
@@ -154,13 +154,13 @@ def _grow(labels: list[str], rows: list[Any], extra) -> list[str]:
 
 def _by_params(rows: list[Any]) -> list[str]:
     params = [flat_params(_loads(getattr(r, "params_json", ""))) for r in rows]
-    keys = set(_differing(params))
+    keys = set(differing(params))
     return [f"({format_params(p, keys)})" if keys else "" for p in params]
 
 
 def _by_settings(rows: list[Any]) -> list[str]:
     settings = [_loads(getattr(r, "task_settings", "")) for r in rows]
-    keys = _differing(settings)
+    keys = differing(settings)
     return [f"[{setting_words(s, keys)}]" if keys else "" for s in settings]
 
 

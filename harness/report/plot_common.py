@@ -4,23 +4,29 @@ tests run on every figure (:func:`layout_problems`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
 
 from harness.report.labels import (
+    differing,
     metric_name,
     metric_words,
     run_label,
     run_labels,
+    setting_words,
     sliding_suffix,
     trained_suffix,
 )
 from harness.report.stats import UNIT, metric_range
 
 __all__ = [
+    "DODGE",
+    "FRACTION_LIMITS",
     "FULL_METHOD",
     "MB",
+    "dodge",
     "errors",
     "is_bounded",
     "method_colors",
@@ -30,12 +36,20 @@ __all__ = [
     "no_data",
     "run_label",
     "run_labels",
+    "series",
+    "series_names",
+    "set_fraction_axis",
     "sliding_suffix",
     "trained_suffix",
+    "wrapped",
 ]
 
 MB = 2**20
 FULL_METHOD = "full"
+# a fraction's axis: [0, 1] with room for the markers drawn at 0 and 1 (a star at 1.0 half
+# cut off by the axes' edge reads as a different value)
+FRACTION_LIMITS = (-0.05, 1.05)
+DODGE = 0.01  # horizontal spread of the methods' points at one KV ratio
 
 
 def method_colors(methods: list[str]) -> dict[str, Any]:
@@ -44,6 +58,30 @@ def method_colors(methods: list[str]) -> dict[str, Any]:
 
     cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
     return {m: cmap(i % cmap.N) for i, m in enumerate(sorted(methods))}
+
+
+def series_names(rows: pd.DataFrame) -> pd.Series:
+    """Per run, the line it is drawn on in a plot against the KV ratio: one line per method
+    and task settings (runs over other lengths, samples or slices are never joined), named by
+    the method, with the settings that tell its lines apart where it has several (``"full [3
+    per length]"``, as its runs' labels say)."""
+    out = pd.Series("", index=rows.index, dtype=object)
+    settings = rows["task_settings"] if "task_settings" in rows else pd.Series("", rows.index)
+    for method, part in rows.groupby("method", sort=True):
+        groups = list(part.groupby(settings[part.index], sort=False))
+        parsed = [json.loads(text) if text else {} for text, _ in groups]
+        keys = differing(parsed)
+        for values, (_, members) in zip(parsed, groups, strict=True):
+            words = setting_words(values, keys) if len(groups) > 1 else ""
+            out[members.index] = f"{method} [{words}]" if words else str(method)
+    return out
+
+
+def series(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``rows`` split into the lines of :func:`series_names`, in method order."""
+    names = series_names(rows)
+    order = rows.assign(_series=names).sort_values(["method", "_series"], kind="stable")
+    return [(name, rows.loc[part.index]) for name, part in order.groupby("_series", sort=False)]
 
 
 def no_data(ax: Any, what: str) -> None:
@@ -57,6 +95,31 @@ def no_data(ax: Any, what: str) -> None:
         transform=ax.transAxes,
         color="gray",
     )
+
+
+def wrapped(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (a subtitle that fits its
+    figure instead of running past its edge)."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
+
+
+def dodge(rank: int, count: int, spread: float = DODGE) -> float:
+    """The offset of the ``rank``-th of ``count`` series drawn side by side: evenly spaced in
+    [-spread, spread] (0 for a single series), so that series at one x stay visible."""
+    return spread * (2 * rank / (count - 1) - 1) if count > 1 else 0.0
+
+
+def set_fraction_axis(ax: Any, axis: str = "y") -> None:
+    """Draw ``axis`` of ``ax`` on [0, 1] with ticks 0, 0.2, ..., 1 and room at both ends."""
+    ticks = [i / 5 for i in range(6)]
+    if axis == "y":
+        ax.set_ylim(*FRACTION_LIMITS)
+        ax.set_yticks(ticks)
+    else:
+        ax.set_xlim(*FRACTION_LIMITS)
+        ax.set_xticks(ticks)
 
 
 def is_bounded(metric: str | None) -> bool:
