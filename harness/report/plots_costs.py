@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from harness.report.plot_common import no_data, run_labels
+from harness.report.plot_common import no_data, run_labels, wrapped
 
 WHISKERS = "bar: median request (p50); whisker: p95"
 
@@ -158,7 +158,8 @@ def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
     if has_peak:
         right = axes[1]
         bars(right, y, peak50, peak95, [colors[m] for m in group["method"]])
-        _finish(right, f"{peak_words(group)} (MB)", "peak memory per request", peak50, "peak")
+        xlabel = wrapped(f"{peak_words(group)} (MB)", 60)
+        _finish(right, xlabel, "peak memory per request", peak50, "peak")
     left.set_yticks(y, run_labels(group))
     left.invert_yaxis()
     fig.suptitle(f"{model} · {task}: memory per run ({WHISKERS})")
