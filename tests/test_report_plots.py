@@ -23,6 +23,7 @@ from harness.report.plots_context import plot_context
 from harness.report.plots_costs import peak_words, plot_memory
 from harness.report.plots_methods import plot_kv_per_layer
 from harness.report.plots_ruler import plot_accuracy_vs_kv
+from harness.report.summary import details_markdown, summary_markdown
 
 N = 20
 TOLERANCE = 1.0  # pixels
@@ -261,3 +262,33 @@ def test_ruler_accuracy_dodges_methods_at_one_ratio_and_keeps_its_legend_beside(
     whisker_top = ax.containers[0].lines[1][1].get_ydata()[0]
     assert rows.at["full", "score_hi"] == 1.0 and whisker_top == pytest.approx(1.0)
     assert rows.at["snap", "score_ci"] == "Wilson"
+
+
+def test_a_runs_label_is_the_same_in_every_table_and_plot(report: Any, tmp_path: Path) -> None:
+    runs = report.runs
+    labels = dict(zip(runs["run_id"], runs["label"], strict=True))
+    # two full-cache runs that differ only in their slice say which slice each is
+    assert labels == {
+        "full": "full [all samples]",
+        "full6": "full [limit 6]",
+        "snap": "snapkv r=0.2",
+        "stream": "streamingllm r=0.2",
+    }
+    text = summary_markdown(runs)
+    assert all(f"| {label} " in text for label in labels.values())
+    assert all(f"| {label} " in details_markdown(runs) for label in labels.values())
+    colors = method_colors(list(runs["method"].unique()))
+    memory = plot_memory(runs, colors)
+    draw(memory)
+    ticks = [t.get_text() for t in memory.axes[0].get_yticklabels()]
+    assert ticks == list(runs["label"])
+    # runs that differ in a parameter besides the ratio are told apart by it; a run alone
+    # keeps the label it has beside others (stable from one report to the next)
+    root = tmp_path / "params"
+    for run_id, window in (("w16", 16), ("w32", 32)):
+        params = {"ratio": 0.2, "window": window}
+        dump(root, make_record(run_id, "snapkv", params, 0.5, 0.2, ["a", "b"]), run_id)
+    dump(root, make_record("f", "full", {"ratio": 1.0}, 0.5, 1.0, ["a", "b"]), "f")
+    rows = load_report(root).runs.set_index("run_id")
+    assert rows.at["w16", "label"] == "snapkv r=0.2 (window=16)"
+    assert rows.at["f", "label"] == "full" and rows.at["f", "method_params"] == "ratio=1"

@@ -31,6 +31,8 @@ SETTING_WORDS = {
     "max_gen_toks": "{} new tokens",
     "subtask": "{}",
 }
+# ... and when a setting is unset (null)
+UNSET_WORDS = {"limit": "all samples", "max_gen_toks": "task's generation length"}
 # how a metric reads ("qasper F1", "GSM8K exact match (strict)", "pass rate")
 METRIC_WORDS = {
     "qa_f1_score": "F1",
@@ -137,7 +139,8 @@ def setting_words(settings: dict[str, Any], keys: list[str]) -> str:
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
         template = SETTING_WORDS.get(key, key.rsplit(".", 1)[-1] + "={}")
-        parts.append(template.format("–" if value is None else value))
+        unset = UNSET_WORDS.get(key, template.format("none"))
+        parts.append(unset if value is None else template.format(value))
     return ", ".join(parts)
 
 
