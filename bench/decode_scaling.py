@@ -16,8 +16,9 @@ memory-bound kernel); ``bound vs full`` is what the KV reduction can buy at most
 the method's prefill (its scoring and eviction included) ÷ the full cache's. Prompts are real text
 (LongBench multi_news) cut to each length; greedy decoding always runs ``--decode-tokens``
 steps; best of ``--repeats`` rounds, each round timing every method once (interleaved, so
-load drift on a shared machine hits all methods alike). Peak memory is the process's peak
-RSS during the request (on CUDA ``max_memory_allocated``), weights included.
+load drift on a shared machine hits all methods alike). Peak memory is the request's
+``peak_memory_bytes``: on the CPU the weights plus the KV cache's allocated bytes (the resident
+set does not show the cache), on CUDA ``max_memory_allocated``, weights included.
 """
 
 from __future__ import annotations

@@ -80,14 +80,10 @@ def _check_results_dir(config: DictConfig) -> None:
 
 def ruler_markdown(summary_csv: Path) -> str:
     """The RULER runs' share of samples passed per length, with 95 % intervals (from
-    ``ruler_summary.csv``), as a markdown table under a heading."""
+    ``ruler_summary.csv``), as compact markdown tables under a heading."""
     import pandas as pd
 
-    from harness.report.tables import markdown
+    from harness.report.plots_ruler import terminal_markdown
 
     table = pd.read_csv(summary_csv)
-    columns = ["task", "run", "length", "n", "passed", "passed_low", "passed_high"]
-    columns += ["passed_mid_depth", "kv_ratio"]
-    return "\nRULER: share of samples passed (95 % interval: passed_low-passed_high)\n" + (
-        markdown(table, columns)
-    )
+    return "\nRULER: share of samples passed (mid depths: 30-70 %)\n\n" + terminal_markdown(table)

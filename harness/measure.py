@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from methods.base import CacheMethod, Method
-
-_PROC_STATUS = Path("/proc/self/status")
-_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -197,64 +191,76 @@ def floor_bytes(layout: KVLayout, method: Method, tokens: int) -> int | None:
     )
 
 
-class PeakMemory:
-    """Memory of one request: the process's memory just before it (:meth:`reset`), the peak
-    during it (:meth:`peak_bytes`) and the difference, the rise (:meth:`rise_bytes`).
+CUDA_PEAK = "cuda_max_allocated"
+CPU_PEAK = "weights_plus_kv_allocated"
+# what ``peak_memory_bytes`` measured, in words (records before the kind was written: the
+# process's resident-set peak on the CPU)
+PEAK_MEMORY_WORDS = {
+    CUDA_PEAK: "CUDA allocator peak (weights, KV cache, activations)",
+    CPU_PEAK: "weights + KV cache allocated",
+    "rss_peak": "process resident-set peak (RSS)",
+}
 
-    CUDA: ``memory_allocated`` before, ``max_memory_allocated`` after resetting the peak
-    statistics. CPU (Linux): the resident set before, and its high-water mark (VmHWM), reset
-    per request through ``/proc/self/clear_refs``; where that is not permitted the
-    process-lifetime peak is reported (and the rise is an upper bound). The absolute peak is
-    dominated by the weights and the allocator; the rise is what the request itself added
-    (its KV cache, activations and scratch).
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each storage counted once (tied weights)."""
+    storages: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class PeakMemory:
+    """Memory of one request: the memory just before it (:meth:`reset`), the peak during it
+    and the difference, the rise (:meth:`read`); :attr:`kind` names what was measured.
+
+    CUDA (:data:`CUDA_PEAK`): ``memory_allocated`` before, ``max_memory_allocated`` after
+    resetting the peak statistics: weights, KV cache and activations, as the allocator saw
+    them. CPU (:data:`CPU_PEAK`): the process's resident set does not show a KV cache (its
+    high-water mark is set by the weights' loading and the allocator's reuse, and stays flat
+    over a request), so the peak is what can be counted: the weights' bytes plus the bytes
+    the request's KV cache had allocated at the larger of its two readings (after prefill, at
+    the end); before = the weights, rise = the KV cache. Activations are not counted on the
+    CPU.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, weights_bytes: int = 0) -> None:
         self.device = device
-        self.resettable = _PROC_CLEAR_REFS.exists()
+        self.weights_bytes = int(weights_bytes)
+        self.kind = CUDA_PEAK if device.type == "cuda" else CPU_PEAK
         self.before = 0
 
     def reset(self) -> None:
-        """Start a request: reset the high-water mark and read the memory before it."""
+        """Start a request: reset the allocator's peak and read the memory before it."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = int(torch.cuda.memory_allocated(self.device))
             return
-        if self.resettable:
-            try:
-                _PROC_CLEAR_REFS.write_text("5")
-            except OSError:
-                self.resettable = False
-        self.before = _proc_status_bytes("VmRSS") or int(psutil.Process().memory_info().rss)
+        self.before = self.weights_bytes
 
-    def peak_bytes(self) -> int:
+    def peak_bytes(self, kv_allocated_bytes: int = 0) -> int:
+        """The request's peak: the allocator's (CUDA), else weights + ``kv_allocated_bytes``."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
-        return _proc_status_bytes("VmHWM") or int(psutil.Process().memory_info().rss)
+        return self.weights_bytes + int(kv_allocated_bytes)
 
     def rise_bytes(self, peak: int) -> int:
         """How far ``peak`` rose above the memory before the request (never negative)."""
         return max(0, peak - self.before)
 
-    def read(self) -> dict[str, int]:
+    def read(self, kv_allocated_bytes: int = 0) -> dict[str, int]:
         """The request's ``peak_memory_bytes``, ``memory_before_bytes`` and
-        ``peak_memory_rise_bytes`` (read right after the request, before anything else)."""
-        peak = self.peak_bytes()
+        ``peak_memory_rise_bytes`` (read right after the request, before anything else);
+        ``kv_allocated_bytes``: the most its KV cache had allocated (used on the CPU)."""
+        peak = self.peak_bytes(kv_allocated_bytes)
         return {
             "peak_memory_bytes": peak,
             "memory_before_bytes": self.before,
             "peak_memory_rise_bytes": self.rise_bytes(peak),
         }
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or None."""
-    if not _PROC_STATUS.exists():
-        return None
-    match = re.search(rf"{field}:\s+(\d+) kB", _PROC_STATUS.read_text())
-    return int(match.group(1)) * 1024 if match else None
 
 
 def synchronized_clock(device: torch.device) -> float:

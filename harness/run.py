@@ -228,6 +228,8 @@ def make_record(
         "measurements": {
             **results.aggregate(rows),
             "kv_ratio_requested": requested_kv_ratio(method),
+            # what peak_memory_bytes measured (harness.measure.PEAK_MEMORY_WORDS)
+            "peak_memory_kind": session.peak_memory.kind,
         },
         "samples": results.samples(output.get("samples", {}), rows, task.sample_fields),
     }

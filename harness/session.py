@@ -38,6 +38,7 @@ from harness.measure import (
     PeakMemory,
     RequestMeasurement,
     floor_bytes,
+    module_bytes,
     synchronized_clock,
 )
 from methods.base import Method, PromptParts
@@ -114,7 +115,7 @@ class Session:
         self.max_length = max_length
         self.add_bos_token = add_bos_token
         self.device = next(model.parameters()).device
-        self.peak_memory = PeakMemory(self.device)
+        self.peak_memory = PeakMemory(self.device, module_bytes(model))
         self.measurements: list[RequestMeasurement] = []
         self.compresses_prompts = "prompt" in method.kinds()
         # every method but the untouched model scores continuations token by token, so the
@@ -258,7 +259,9 @@ class Session:
             kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
             kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, fit.window_tokens),
             kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
-            **self.peak_memory.read(),
+            **self.peak_memory.read(
+                max(gen.kv_allocated_bytes_prefill, gen.kv_allocated_bytes_final)
+            ),
             **fit.fields,
         )
         return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
@@ -308,7 +311,7 @@ class Session:
                 kv_full_bytes_prefill=full,
                 kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, len(context)),
                 kv_full_bytes_final=full,
-                **self.peak_memory.read(),
+                **self.peak_memory.read(scored.kv_allocated_bytes_prefill),
                 **(prompt_fields or {}),
             )
         return scored.logprob, scored.is_greedy

@@ -24,6 +24,7 @@ from harness.report import (
     write_report,
 )
 from harness.report.plots_methods import layer_fractions
+from harness.report.stats import wilson
 
 MODEL, TASK = "tiny_llama", "gsm8k"
 
@@ -260,22 +261,39 @@ def test_summary_shows_only_the_params_that_tell_a_methods_runs_apart() -> None:
             ],
         }
     )
-    assert list(distinguishing_params(table)) == ["dim=32", "dim=16", "ratio=0.2, sinks=4"]
+    assert list(distinguishing_params(table)) == ["dim=32", "dim=16", "ratio=0.2"]
+    # two runs of one method with the same parameters (they differ in task settings): the
+    # parameters that set its size are still shown, never a blank cell
+    same = pd.DataFrame(
+        {
+            "method": ["snapkv", "snapkv", "full", "full"],
+            "params_json": [json.dumps({"ratio": 0.2, "window": 32})] * 2
+            + [json.dumps({"ratio": 1.0})] * 2,
+        }
+    )
+    assert list(distinguishing_params(same)) == ["ratio=0.2"] * 2 + ["ratio=1"] * 2
 
 
 def test_summary_markdown(results: Path) -> None:
     table, _ = load_records(results)
     text = summary_markdown(table)
-    assert text.splitlines()[0].startswith("| model")
-    assert "ratio=0.2" in text and "–" in text  # NaN shown as a dash
-    assert "sinks=4" not in text  # the same in both streamingllm runs: left out
+    # a heading per model and task with the metric in words, then one row per run
+    assert text.splitlines()[0].startswith(f"{MODEL} · {TASK} · exact match")
+    assert text.splitlines()[2].startswith("| run")
+    assert "streamingllm r=0.2" in text and "0.5 [n/a]" in text  # no interval: said so
+    assert "llmlingua+snapkv rate=0.5 r=0.3" in text
+    assert "exact_match" not in text  # lm-eval's key is not shown
+    # fits a terminal: the long composed label pushes the last column out, named
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "(KV kept: in report.md)" in text.splitlines()[0]
+    assert "| KV kept" in summary_markdown(table[table["method"] != "llmlingua+snapkv"])
     assert summary_markdown(table.iloc[0:0]) == "(no finished runs)"
 
 
 def test_main_prints_table(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(results)]) == 0
     captured = capsys.readouterr()
-    assert "| model" in captured.out and "streamingllm" in captured.out
+    assert "| run" in captured.out and "streamingllm" in captured.out
     assert str(results / "report" / "report.csv") in captured.out
     assert "skipped" in captured.err
     assert (results / "report" / "report.parquet").is_file()
@@ -414,9 +432,12 @@ def test_scores_carry_n_intervals_and_paired_differences(tmp_path: Path) -> None
     dump(root, worse, "bad")  # every sample 0: loses each one the full cache got right
     report = load_report(root)
     rows = report.runs.set_index("run_id")
-    assert rows.at["full", "score_ci"] == "lm-eval stderr"
-    assert rows.at["full", "score_lo"] == pytest.approx(0.5 - 1.959964 * 0.15)
-    assert rows.at["bad", "score_ci"] == "bootstrap" and rows.at["bad", "score_n"] == n
+    # lm-eval's stderr is not used: Wilson for a pass/fail metric, in [0, 1], never of zero
+    # width (0 of 12 passed: [0, 0.243], not [0, 0])
+    assert rows.at["full", "score_ci"] == "Wilson"
+    assert (rows.at["full", "score_lo"], rows.at["full", "score_hi"]) == wilson(0.5, n)
+    assert rows.at["bad", "score_ci"] == "Wilson" and rows.at["bad", "score_n"] == n
+    assert rows.at["bad", "score_lo"] == 0.0 and rows.at["bad", "score_hi"] > 0.2
     assert rows.at["bad", "n_paired"] == n and rows.at["bad", "score_diff"] == -0.5
     assert rows.at["bad", "score_diff_hi"] < 0 and rows.at["bad", "verdict"] == "lower"
     assert rows.at["full", "verdict"] == "reference"
@@ -424,8 +445,8 @@ def test_scores_carry_n_intervals_and_paired_differences(tmp_path: Path) -> None
     assert rows.at["bad", "prefill_ms_p50"] == pytest.approx(200.0 + 50 * (n - 1) / 2)
     assert rows.at["bad", "prefill_ms_p95"] > rows.at["bad", "prefill_ms_p50"]
     text = summary_markdown(report.runs)
-    assert "score (95% CI)" in text and "Δ vs full (95% CI)" in text and "| lower" in text
-    assert "0.5 [0.206, 0.794]" in text  # lm-eval's stderr: 0.5 ± 1.96 * 0.15
+    assert "score [95% CI]" in text and "Δ vs full [95% CI]" in text and "| lower" in text
+    assert "0.5 [0.254, 0.746]" in text  # Wilson, 6 of 12
     paths = write_report(report.runs, tmp_path / "rep", report.requests)
     assert f"paired_difference__{MODEL}__{TASK}" in paths
     assert "paired bootstrap" in paths["md"].read_text()

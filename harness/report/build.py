@@ -9,7 +9,8 @@ against what a full cache holds, prefill and decode speed, peak memory, provenan
 fidelity against the full-cache run of the same model, task and slice (``reference``,
 ``score_delta``, ``exact_match``, ``token_f1``, ``nll_increase``; see
 :mod:`harness.report.fidelity`). A record that cannot be read is listed and skipped, never fatal.
-``report.md`` holds the summary, the best score of each method at each measured KV ratio,
+``report.md`` holds the summary (the terminal's compact one, then every column of it; see
+:mod:`harness.report.summary`), the best score of each method at each measured KV ratio,
 and embeds the plots (:mod:`harness.report.plots`, :mod:`harness.report.plots_context`,
 :mod:`harness.report.plots_methods`).
 """
@@ -28,6 +29,14 @@ import pandas as pd
 from harness.records import find_records, read_record
 from harness.report import fidelity, html_page, plots_ruler
 from harness.report.consistency import code_warnings, pairing_warnings
+from harness.report.labels import label_runs
+from harness.report.summary import (
+    DETAIL_COLUMNS,
+    STATISTICS_NOTE,
+    details_markdown,
+    details_table,
+    summary_markdown,
+)
 from harness.report.tables import (
     PERCENTILE_COLUMNS,
     best_by_kv_ratio,
@@ -38,19 +47,18 @@ from harness.report.tables import (
     request_percentiles,
     request_rows,
     run_row,
-    with_intervals,
 )
 
 __all__ = [
     "Report",
     "best_by_kv_ratio",
+    "details_markdown",
     "distinguishing_params",
     "format_params",
     "load_records",
     "load_report",
     "main",
     "summary_markdown",
-    "summary_table",
     "write_report",
 ]
 
@@ -58,6 +66,7 @@ COLUMNS = [
     "run_id",
     "model",
     "method",
+    "label",
     "kinds",
     "method_params",
     "ratio",
@@ -68,11 +77,13 @@ COLUMNS = [
     "trained",
     "task",
     "metric",
+    "metric_name",
     "score",
     "score_lo",
     "score_hi",
     "score_n",
     "score_ci",
+    "task_settings",
     *fidelity.FIDELITY_COLUMNS,
     "perplexity",
     "n_samples",
@@ -91,6 +102,7 @@ COLUMNS = [
     "decode_tok_s",
     "peak_mem_mb",
     "peak_rise_mb",
+    "peak_mem_kind",
     *[f"{c}_p{q}" for c in PERCENTILE_COLUMNS for q in (50, 95)],
     "num_layers",
     "wall_s",
@@ -106,49 +118,8 @@ COLUMNS = [
     "stats_json",
     "path",
 ]
-SUMMARY_COLUMNS = [
-    "model",
-    "task",
-    "method",
-    "method_params",
-    "metric",
-    "n",
-    "score (95% CI)",
-    "CI from",
-    "Δ vs full (95% CI)",
-    "paired",
-    "verdict",
-    "exact_match",
-    "token_f1",
-    "NLL increase (95% CI)",
-    "kv_ratio_requested",
-    "kv_ratio",
-    "kv_ratio_reachable",
-    "prompt_tokens",
-    "prefill_ms",
-    "decode_tok_s",
-    "peak_mem_mb",
-]
-STATISTICS_NOTE = (
-    "How to read the summary. `n`: samples the score is over. `score (95% CI)`: the task "
-    "score with its 95 % interval, from lm-eval's standard error (score ± 1.96 se) where "
-    "lm-eval gives one, else a seeded percentile bootstrap over the per-sample metric "
-    "(`CI from` says which). `Δ vs full (95% CI)`: the paired difference from the full-cache "
-    "run of the same model, task, slice and data, mean over the `paired` samples (same "
-    "document and the same `prompt_hash`) of run − full, with a paired bootstrap interval; "
-    "`verdict` is `higher`/`lower` only when that interval excludes 0 over at least 6 "
-    "paired samples, `within noise` when it holds 0, `too few (n<6)` below 6 pairs (no "
-    "distribution-free 95 % test of a paired difference can reject 0 on fewer). Fidelity against the same full-cache run: `exact_match` (identical "
-    "outputs), `token_f1` (token overlap), `NLL increase` (reference-answer NLL per token, "
-    "run − full, paired bootstrap interval). An interval needs n ≥ 2. KV cache: "
-    "`kv_ratio_requested` is what the method was asked to keep, `kv_ratio` what it stored "
-    "(measured bytes after prefill over a full cache's), `kv_ratio_reachable` the lowest it "
-    "could store on the same requests. Sliding-window layers (Gemma-3's local layers) are "
-    "left to their window unless `method.compress_sliding=true`, so on such models the "
-    "measured ratio is above the requested one."
-)
 SORT_BY = ["model", "task", "method", "ratio", "rate", "d_qk", "d_vo"]
-HIDDEN_IN_MARKDOWN = ("path", "params_json", "describe_json", "stats_json")
+HIDDEN_IN_MARKDOWN = ("path", "params_json", "describe_json", "stats_json", "task_settings")
 
 
 @dataclass
@@ -192,6 +163,7 @@ def load_report(root: Path) -> Report:
     base = [c for c in COLUMNS if c not in fidelity.FIDELITY_COLUMNS]
     table = fidelity.add_fidelity(pd.DataFrame(rows, columns=base), inputs)
     table = table[COLUMNS].sort_values(SORT_BY, na_position="last", kind="stable")
+    table["label"] = label_runs(table)
     warnings = code_warnings(table) + pairing_warnings(table)
     return Report(
         table.reset_index(drop=True), pd.DataFrame(requests), skipped, len(paths), warnings
@@ -203,22 +175,6 @@ def load_records(root: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     skipped (see :func:`load_report`)."""
     report = load_report(root)
     return report.runs, report.skipped
-
-
-def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with the summary's display columns (:data:`SUMMARY_COLUMNS`): intervals as
-    text, and ``method_params`` showing only what tells a method's runs apart (every column,
-    every parameter: the report's CSV/parquet and the "All columns" table)."""
-    if "params_json" in table.columns and not table.empty:
-        table = table.assign(method_params=distinguishing_params(table))
-    if not table.empty:
-        table = with_intervals(table)
-    return table
-
-
-def summary_markdown(table: pd.DataFrame) -> str:
-    """The compact table printed to the terminal (and heading ``report.md``)."""
-    return markdown(summary_table(table), SUMMARY_COLUMNS)
 
 
 def _plots_markdown(plots: dict[str, Path]) -> str:
@@ -252,6 +208,8 @@ def report_markdown(
     parts += [
         "## Summary",
         summary_markdown(table),
+        "## Details",
+        details_markdown(table),
         "## Best score per method at each measured KV ratio",
         markdown(best_by_kv_ratio(table)),
     ]
@@ -305,8 +263,8 @@ def _page(
     tables = {"RULER: share of samples passed per run and length": ruler} if len(ruler) else {}
     shown = [c for c in table.columns if c not in HIDDEN_IN_MARKDOWN]
     return html_page.Content(
-        summary=summary_table(table),
-        columns=SUMMARY_COLUMNS,
+        summary=details_table(table),
+        columns=DETAIL_COLUMNS,
         plots=plots,
         overview={"Best score per method at each measured KV ratio": best_by_kv_ratio(table)},
         tables=tables,

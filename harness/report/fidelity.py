@@ -19,7 +19,7 @@ were paired). lm-eval logs one entry per filter for the same generation, so the 
   the full-cache run itself); ``score_delta`` is the plain difference of the two scores;
 * ``exact_match``: fraction of paired samples whose output equals the reference's
   (surrounding whitespace ignored);
-* ``token_f1`` (with ``token_f1_lo``/``_hi``, bootstrap): mean over paired samples of
+* ``token_f1`` (with ``token_f1_lo``/``_hi``, :func:`stats.mean_interval`): mean over paired samples of
   SQuAD's F1 between the two outputs' bags of whitespace tokens (case and punctuation
   kept: both texts come from the same model);
 * ``nll_increase`` (with ``nll_increase_lo``/``_hi``): mean over paired samples of (run −
@@ -63,6 +63,9 @@ FIDELITY_COLUMNS = (
     "nll_increase_hi",
 )
 TEXT_COLUMNS = ("reference", "verdict")
+# the intervals a reference run gets none of against itself
+SELF_BLANK = ("score_diff_lo", "score_diff_hi", "token_f1_lo", "token_f1_hi")
+SELF_BLANK += ("nll_increase_lo", "nll_increase_hi")
 # fields that change how fast a run is, never what it computes
 IGNORED_MODEL_FIELDS = ("threads",)
 
@@ -184,11 +187,14 @@ class FidelityInputs:
     nll: dict[SampleKey, float] = field(default_factory=dict)
     scores: dict[SampleKey, float] = field(default_factory=dict)
     hashes: dict[SampleKey, str] = field(default_factory=dict)
+    bounds: tuple[float, float] = stats.UNBOUNDED  # the range of the score's metric
 
 
 def summarize(record: dict[str, Any]) -> FidelityInputs:
+    """What :func:`compare` needs of ``record``."""
     samples = record.get("samples")
     score = _get(record, "score", "value")
+    scores = stats.sample_scores(record)
     return FidelityInputs(
         key=reference_key(record),
         is_full=is_full_cache(record),
@@ -196,8 +202,9 @@ def summarize(record: dict[str, Any]) -> FidelityInputs:
         score=float(score) if _is_number(score) else math.nan,
         outputs=sample_outputs(samples),
         nll=sample_values(samples, NLL_FIELD),
-        scores=stats.sample_scores(record),
+        scores=scores,
         hashes=prompt_hashes(samples),
+        bounds=stats.metric_range(_get(record, "score", "metric"), list(scores.values())),
     )
 
 
@@ -215,9 +222,10 @@ def compare(run: FidelityInputs, reference: FidelityInputs) -> dict[str, Any]:
     """The fidelity columns of ``run`` against ``reference``, over the paired samples."""
     keys = paired_keys(run, reference)
     outputs = _only(run.outputs, keys)
-    diff = stats.paired_difference(_only(run.scores, keys), reference.scores)
+    diff = stats.paired_difference(_only(run.scores, keys), reference.scores, reference.bounds)
     nll = stats.paired_difference(_only(run.nll, keys), reference.nll)
-    f1 = stats.bootstrap_mean([token_f1(out, reference.outputs[k]) for k, out in outputs.items()])
+    f1s = [token_f1(out, reference.outputs[k]) for k, out in outputs.items()]
+    f1 = stats.mean_interval(f1s, stats.UNIT)
     return {
         "n_paired": float(len(keys)),
         "score_delta": run.score - reference.score,
@@ -261,8 +269,10 @@ def add_fidelity(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> pd.D
         table.at[idx, "reference"] = run_ids.get(ref)
         for column, value in compare(inputs[path], inputs[ref]).items():
             table.at[idx, column] = value
-        if ref == path:
+        if ref == path:  # itself: identical by definition, no interval to give
             table.at[idx, "verdict"] = "reference"
+            for column in SELF_BLANK:
+                table.at[idx, column] = math.nan
     return table
 
 

@@ -1,16 +1,55 @@
-"""Helpers shared by the report's plot modules: file-name slugs, one colour per method, run
-labels, and the "no data" note."""
+"""Helpers shared by the report's plot modules: one colour per method, run labels and metric
+words (:mod:`harness.report.labels`), the "no data" note, whiskers, and the layout checks the
+tests run on every figure (:func:`layout_problems`)."""
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import pandas as pd
 
+from harness.report.labels import (
+    differing,
+    metric_name,
+    metric_words,
+    run_label,
+    run_labels,
+    setting_words,
+    sliding_suffix,
+    trained_suffix,
+)
+from harness.report.stats import UNIT, metric_range
+
+__all__ = [
+    "DODGE",
+    "FRACTION_LIMITS",
+    "FULL_METHOD",
+    "MB",
+    "dodge",
+    "errors",
+    "is_bounded",
+    "method_colors",
+    "metric_name",
+    "metric_words",
+    "n_text",
+    "no_data",
+    "run_label",
+    "run_labels",
+    "series",
+    "series_names",
+    "set_fraction_axis",
+    "sliding_suffix",
+    "trained_suffix",
+    "wrapped",
+]
+
 MB = 2**20
 FULL_METHOD = "full"
+# a fraction's axis: [0, 1] with room for the markers drawn at 0 and 1 (a star at 1.0 half
+# cut off by the axes' edge reads as a different value)
+FRACTION_LIMITS = (-0.05, 1.05)
+DODGE = 0.01  # horizontal spread of the methods' points at one KV ratio
 
 
 def method_colors(methods: list[str]) -> dict[str, Any]:
@@ -21,57 +60,28 @@ def method_colors(methods: list[str]) -> dict[str, Any]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(sorted(methods))}
 
 
-def _is_set(value: Any) -> bool:
-    return isinstance(value, int | float) and not math.isnan(value)
+def series_names(rows: pd.DataFrame) -> pd.Series:
+    """Per run, the line it is drawn on in a plot against the KV ratio: one line per method
+    and task settings (runs over other lengths, samples or slices are never joined), named by
+    the method, with the settings that tell its lines apart where it has several (``"full [3
+    per length]"``, as its runs' labels say)."""
+    out = pd.Series("", index=rows.index, dtype=object)
+    settings = rows["task_settings"] if "task_settings" in rows else pd.Series("", rows.index)
+    for method, part in rows.groupby("method", sort=True):
+        groups = list(part.groupby(settings[part.index], sort=False))
+        parsed = [json.loads(text) if text else {} for text, _ in groups]
+        keys = differing(parsed)
+        for values, (_, members) in zip(parsed, groups, strict=True):
+            words = setting_words(values, keys) if len(groups) > 1 else ""
+            out[members.index] = f"{method} [{words}]" if words else str(method)
+    return out
 
 
-def run_label(row: Any) -> str:
-    """``"streamingllm r=0.2"``, ``"h2o budget=256"``, ``"dac rate=0.5"``, ``"kvlatent_kv
-    d_qk=32 d_vo=32 trained"`` or the method's name, from a row of the runs table."""
-    method = str(row.method)
-    if _is_set(getattr(row, "budget", math.nan)):
-        return f"{method} budget={row.budget:g}"
-    if _is_set(getattr(row, "rate", math.nan)):
-        return f"{method} rate={row.rate:g}"
-    d_qk, d_vo = getattr(row, "d_qk", math.nan), getattr(row, "d_vo", math.nan)
-    if _is_set(d_qk) or _is_set(d_vo):
-        return f"{method} d_qk={d_qk:g} d_vo={d_vo:g}{trained_suffix(row)}"
-    if _is_set(getattr(row, "ratio", math.nan)) and method != FULL_METHOD:
-        return f"{method} r={row.ratio:g}{sliding_suffix(row)}"
-    return method
-
-
-def sliding_suffix(row: Any) -> str:
-    """``" +sliding"`` for a cache method that compressed sliding-window layers too."""
-    try:
-        params = json.loads(getattr(row, "params_json", "") or "{}")
-    except ValueError:
-        return ""
-    return " +sliding" if isinstance(params, dict) and params.get("compress_sliding") else ""
-
-
-def trained_suffix(row: Any) -> str:
-    """``" trained"`` / ``" untrained"`` for a model method that says, else ``""``."""
-    value = getattr(row, "trained", None)
-    if value is True:
-        return " trained"
-    if value is False:
-        return " untrained"
-    return ""
-
-
-def run_labels(group: pd.DataFrame) -> list[str]:
-    """:func:`run_label` per row; rows that would share a label get their full parameter
-    string instead, and a number if still equal."""
-    rows = list(group.itertuples())
-    labels = [run_label(row) for row in rows]
-    for i, row in enumerate(rows):
-        if labels.count(labels[i]) > 1 and getattr(row, "method_params", ""):
-            labels[i] = f"{row.method} ({row.method_params})"
-    for i, label in enumerate(list(labels)):
-        if labels.count(label) > 1:
-            labels[i] = f"{label} #{labels[:i].count(label) + 1}"
-    return labels
+def series(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``rows`` split into the lines of :func:`series_names`, in method order."""
+    names = series_names(rows)
+    order = rows.assign(_series=names).sort_values(["method", "_series"], kind="stable")
+    return [(name, rows.loc[part.index]) for name, part in order.groupby("_series", sort=False)]
 
 
 def no_data(ax: Any, what: str) -> None:
@@ -87,41 +97,34 @@ def no_data(ax: Any, what: str) -> None:
     )
 
 
-# how a metric and a task read in an axis label ("qasper F1", "GSM8K exact match (strict)")
-METRIC_WORDS = {
-    "qa_f1_score": "F1",
-    "rouge_score": "Rouge-L",
-    "exact_match": "exact match",
-    "acc": "accuracy",
-    "acc_norm": "accuracy (length-normalised)",
-    "f1": "F1",
-    "score": "score",
-}
-FILTER_WORDS = {"strict-match": "strict", "flexible-extract": "flexible", "get-answer": ""}
-TASK_WORDS = {
-    "longbench_qasper": "qasper",
-    "longbench_multi_news": "multi_news",
-    "gsm8k": "GSM8K",
-    "bbh": "BBH",
-}
-# metrics that are fractions in [0, 1] (their axes are drawn on [0, 1])
-BOUNDED_METRICS = {"qa_f1_score", "rouge_score", "exact_match", "acc", "acc_norm", "f1"}
+def wrapped(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (a subtitle that fits its
+    figure instead of running past its edge)."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
 
 
-def metric_words(task: str, metric: str | None) -> str:
-    """``("longbench_qasper", "qa_f1_score,none")`` -> ``"qasper F1"``; unknown names are
-    shown as they are."""
-    name, _, filt = str(metric or "score").partition(",")
-    base, _, subtask = str(task).partition("/")
-    words = f"{TASK_WORDS.get(base, base)}{'/' + subtask if subtask else ''} "
-    words += METRIC_WORDS.get(name, name)
-    extra = FILTER_WORDS.get(filt, filt) if filt and filt != "none" else ""
-    return f"{words} ({extra})" if extra else words
+def dodge(rank: int, count: int, spread: float = DODGE) -> float:
+    """The offset of the ``rank``-th of ``count`` series drawn side by side: evenly spaced in
+    [-spread, spread] (0 for a single series), so that series at one x stay visible."""
+    return spread * (2 * rank / (count - 1) - 1) if count > 1 else 0.0
+
+
+def set_fraction_axis(ax: Any, axis: str = "y") -> None:
+    """Draw ``axis`` of ``ax`` on [0, 1] with ticks 0, 0.2, ..., 1 and room at both ends."""
+    ticks = [i / 5 for i in range(6)]
+    if axis == "y":
+        ax.set_ylim(*FRACTION_LIMITS)
+        ax.set_yticks(ticks)
+    else:
+        ax.set_xlim(*FRACTION_LIMITS)
+        ax.set_xticks(ticks)
 
 
 def is_bounded(metric: str | None) -> bool:
-    """Whether the metric is a fraction in [0, 1]."""
-    return str(metric or "").partition(",")[0] in BOUNDED_METRICS
+    """Whether the metric is a fraction in [0, 1] (:func:`harness.report.stats.metric_range`)."""
+    return metric_range(metric) == UNIT
 
 
 def errors(values: pd.Series, lo: pd.Series, hi: pd.Series) -> list[list[float]]:

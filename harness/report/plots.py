@@ -32,22 +32,27 @@ from matplotlib.figure import Figure
 
 from harness.records import slug
 from harness.report.plot_common import (
+    DODGE,
     FULL_METHOD,
+    dodge,
     errors,
     is_bounded,
     method_colors,
+    metric_name,
     metric_words,
     n_text,
     no_data,
     run_labels,
+    series,
+    set_fraction_axis,
+    wrapped,
 )
 from harness.report.plots_context import CONTEXT_TITLES, has_context, plot_context
-from harness.report.plots_costs import COST_PLOTS, COST_TITLES
+from harness.report.plots_costs import COST_PLOTS, COST_TITLES, peak_words
 from harness.report.plots_methods import METHOD_PLOTS, METHOD_TITLES
 from harness.report.plots_ruler import RULER_PLOTS, RULER_TITLES
 
 log = logging.getLogger("kvbench")
-DODGE = 0.01  # horizontal spread of the methods' points at one KV ratio
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -76,22 +81,23 @@ def plot_vs_kv_ratio(
 ) -> Figure:
     """``column`` against the measured KV ratio with its 95 % interval (``<column>_lo`` /
     ``_hi`` where the table has them), one line (sorted by ratio) per method, the Pareto
-    front of all runs dotted, the full-cache value dashed; n in the title."""
+    front of all runs dotted, the full-cache value dashed; n in the subtitle. A fraction is
+    drawn on [0, 1] with room for the markers at its ends."""
     model, task = group["model"].iloc[0], group["task"].iloc[0]
     fig = Figure(figsize=(8.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     plotted = group.dropna(subset=["kv_ratio", column])
     lo, hi = f"{column}_lo", f"{column}_hi"
-    methods = sorted(plotted["method"].unique())
-    for rank, (method, rows) in enumerate(plotted.groupby("method", sort=True)):
+    lines = series(plotted)
+    for rank, (name, rows) in enumerate(lines):
         rows = rows.sort_values("kv_ratio")
+        method = rows["method"].iloc[0]
         full = method == FULL_METHOD
         yerr = errors(rows[column], rows[lo], rows[hi]) if lo in rows else None
-        # methods measured at the same ratio are drawn side by side (at most ±DODGE apart)
+        # series measured at the same ratio are drawn side by side (at most ±DODGE apart)
         # so that their intervals stay apart
-        dodge = DODGE * (2 * rank / (len(methods) - 1) - 1) if len(methods) > 1 else 0.0
         ax.errorbar(
-            rows["kv_ratio"] + (0.0 if full else dodge),
+            rows["kv_ratio"] + dodge(rank, len(lines)),
             rows[column],
             yerr=yerr,
             marker="*" if full else "o",
@@ -99,10 +105,10 @@ def plot_vs_kv_ratio(
             linestyle="-" if len(rows) > 1 else "none",
             color=colors[method],
             capsize=3,
-            label=method,
+            label=name,
         )
-    if len(plotted) > 1:
-        front = pareto_front(plotted, "kv_ratio", column)
+    front = pareto_front(plotted, "kv_ratio", column) if len(plotted) > 1 else plotted
+    if len(front) > 1:
         ax.step(
             front["kv_ratio"],
             front[column],
@@ -113,7 +119,7 @@ def plot_vs_kv_ratio(
             label="Pareto front",
         )
     full_values = group.loc[group["method"] == FULL_METHOD, column].dropna()
-    if len(full_values):
+    if len(full_values) and len(plotted) > 1:
         ax.axhline(
             full_values.iloc[-1], color="gray", linestyle="--", linewidth=1, label="full cache"
         )
@@ -123,25 +129,19 @@ def plot_vs_kv_ratio(
     missing = [
         lab for lab, idx in zip(labels, group.index, strict=True) if idx not in plotted.index
     ]
+    notes = [
+        f"bars: 95 % interval (Wilson for pass/fail, bootstrap otherwise); {n_text(group)}; "
+        f"methods at one ratio drawn up to ±{DODGE:g} apart"
+    ]
     if missing and not plotted.empty:
-        ax.annotate(
-            f"not shown (no {what} or KV ratio): {', '.join(missing)}",
-            (0, 0),
-            xytext=(4, 4),
-            xycoords="axes fraction",
-            textcoords="offset points",
-            fontsize=8,
-            color="gray",
-        )
+        notes.append(f"not shown (no {what} or KV ratio): {', '.join(missing)}")
     ax.set_xlim(0, 1.05)
     if bounded:
-        ax.set_ylim(0, 1.0)
+        set_fraction_axis(ax)
     ax.set_xlabel("KV cache kept (measured fraction of the full cache's bytes after prefill)")
     ax.set_ylabel(ylabel)
-    ax.set_title(
-        f"{model} · {task}: {what} vs KV cache kept\n(bars: 95 % interval; {n_text(group)}; "
-        f"methods at one ratio drawn up to ±{DODGE:g} apart)"
-    )
+    fig.suptitle(f"{model} · {task}: {what} vs KV cache kept")
+    ax.set_title(wrapped("\n".join(notes), 95), fontsize=8, color="dimgray")
     ax.grid(True, alpha=0.3)
     _outside_legend(ax, "method")
     return fig
@@ -150,8 +150,11 @@ def plot_vs_kv_ratio(
 def plot_score_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
     """Task score against the measured KV ratio (the accuracy / memory trade-off)."""
     metric = group["metric"].dropna().iloc[0] if group["metric"].notna().any() else "score"
-    words = metric_words(group["task"].iloc[0], metric)
-    return plot_vs_kv_ratio(group, colors, "score", words, words, is_bounded(metric))
+    task = group["task"].iloc[0]
+    words = metric_words(task, metric)
+    return plot_vs_kv_ratio(
+        group, colors, "score", words, metric_name(metric, task), is_bounded(metric)
+    )
 
 
 def plot_fidelity_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
@@ -199,9 +202,15 @@ def plot_paired_difference(group: pd.DataFrame, colors: dict[str, Any]) -> Figur
     ax.set_yticks(y, [f"{labels[i]} (n={int(n)})" for i, n in rows["n_paired"].items()])
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric_words(task, metric)}: run − full cache, paired over samples")
+    fig.suptitle(f"{model} · {task}: difference from the full cache")
     ax.set_title(
-        f"{model} · {task}: difference from the full cache\n"
-        "95 % paired-bootstrap interval; filled: outside noise (excludes 0, n ≥ 6); hollow: not"
+        wrapped(
+            "95 % paired-bootstrap interval; filled marker: outside noise (the interval "
+            "excludes 0, n ≥ 6); hollow: within noise or too few pairs",
+            95,
+        ),
+        fontsize=8,
+        color="dimgray",
     )
     ax.grid(True, axis="x", alpha=0.3)
     return fig
@@ -253,7 +262,8 @@ def write_plots(
             mine = requests[(requests["model"] == model) & (requests["task"] == task)]
             if has_context(mine):
                 labels = dict(zip(group["run_id"], run_labels(group), strict=True))
-                save(f"context__{where}", partial(plot_context, mine, colors, labels))
+                context = partial(plot_context, mine, colors, labels, peak_words(group))
+                save(f"context__{where}", context)
         for kind, plot in {**METHOD_PLOTS, **RULER_PLOTS}.items():
             save(f"{kind}__{where}", partial(plot, group))
     return paths

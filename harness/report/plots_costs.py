@@ -4,10 +4,11 @@ reaches the 95th percentile (p95), so a reader sees both the typical and the bad
 * ``latency__<model>__<task>.png``: prefill time per request and decode time per generated
   token;
 * ``memory__<model>__<task>.png``: the KV cache per request after prefill (stored, in the
-  method's colour, against the full cache in grey) and the memory the request added over
-  the process's memory just before it (peak − before; the absolute peak is written next to
-  the bar): the KV cache is a small part of a process's memory, so the absolute peak alone
-  hides it.
+  method's colour, against the full cache in grey) and the peak memory of a request, named by
+  what was measured: on CUDA the allocator's peak (weights, KV cache, activations), on the
+  CPU the weights plus the KV cache's allocated bytes (the resident set does not show a KV
+  cache: older CPU records, which hold it, say so). Without a recorded peak the panel is
+  left out, not drawn empty.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from harness.report.plot_common import no_data, run_labels
+from harness.report.plot_common import no_data, run_labels, wrapped
 
 WHISKERS = "bar: median request (p50); whisker: p95"
 
@@ -118,12 +119,16 @@ def plot_latency(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
 
 
 def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
-    """KV cache per request (stored vs full) and the memory a request added (peak − before)."""
+    """KV cache per request (stored vs full) and, where the runs recorded it, the peak memory
+    of a request, named by what was measured (:func:`peak_words`)."""
     model, task = group["model"].iloc[0], group["task"].iloc[0]
     y = list(range(len(group)))
     h = 0.4
-    fig = Figure(figsize=(11, _height(len(group))), layout="constrained")
-    left, right = fig.subplots(1, 2, sharey=True)
+    peak50, peak95 = _column(group, "peak_mem_mb_p50"), _column(group, "peak_mem_mb_p95")
+    has_peak = not all(math.isnan(v) for v in peak50)
+    fig = Figure(figsize=(11 if has_peak else 7, _height(len(group))), layout="constrained")
+    axes = fig.subplots(1, 2 if has_peak else 1, sharey=True, squeeze=False)[0]
+    left = axes[0]
     stored50, stored95 = _column(group, "kv_mb_p50"), _column(group, "kv_mb_p95")
     full50, full95 = _column(group, "kv_full_mb_p50"), _column(group, "kv_full_mb_p95")
     bars(
@@ -150,19 +155,11 @@ def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
         stored50 + full50,
         "KV bytes",
     )
-    rise50, rise95 = _column(group, "peak_rise_mb_p50"), _column(group, "peak_rise_mb_p95")
-    peaks = [
-        "" if math.isnan(peak) else f"(peak {peak:.0f} MB)"
-        for peak in _column(group, "peak_mem_mb")
-    ]
-    bars(right, y, rise50, rise95, [colors[m] for m in group["method"]], notes=peaks)
-    _finish(
-        right,
-        "memory added by a request: peak − memory just before it (MB)",
-        "memory rise (process peak in brackets)",
-        rise50,
-        "memory rise",
-    )
+    if has_peak:
+        right = axes[1]
+        bars(right, y, peak50, peak95, [colors[m] for m in group["method"]])
+        xlabel = wrapped(f"{peak_words(group)} (MB)", 60)
+        _finish(right, xlabel, "peak memory per request", peak50, "peak")
     left.set_yticks(y, run_labels(group))
     left.invert_yaxis()
     fig.suptitle(f"{model} · {task}: memory per run ({WHISKERS})")
@@ -173,6 +170,13 @@ def plot_memory(group: pd.DataFrame, colors: dict[str, Any]) -> Figure:
         [Patch(facecolor="lightgray", edgecolor="gray", label="full cache (KV)")],
     )
     return fig
+
+
+def peak_words(group: pd.DataFrame) -> str:
+    """What the runs' peak memory measured (``peak_mem_kind``: weights + KV cache allocated on
+    the CPU, the allocator's peak on CUDA), the kinds joined when the runs differ."""
+    kinds = group["peak_mem_kind"].dropna().unique() if "peak_mem_kind" in group else []
+    return " / ".join(str(k) for k in kinds) or "peak memory"
 
 
 COST_PLOTS = {"latency": plot_latency, "memory": plot_memory}

@@ -25,13 +25,17 @@ from matplotlib.ticker import MaxNLocator
 
 from harness.report.plot_common import (
     FULL_METHOD,
+    dodge,
     is_bounded,
     method_colors,
     metric_words,
     run_labels,
+    set_fraction_axis,
     trained_suffix,
 )
 
+MARKERS = "osD^v<>ph"
+LINESTYLES = ("-", "--", "-.", ":")
 METHOD_TITLES = {
     "kv_per_layer": "KV cache kept per layer",
     "kvlatent": "KV-Latent head dim vs quality",
@@ -75,16 +79,20 @@ def plot_kv_per_layer(group: pd.DataFrame) -> Figure | None:
     fig = Figure(figsize=(10, 4.8), layout="constrained")
     ax = fig.add_subplot()
     alone_labelled = False
-    for i, layers in shown:
-        xs = [x for x, f in enumerate(layers) if f is not None]
+    for rank, (i, layers) in enumerate(shown):
+        # runs that kept the same fractions (every uniform method at one ratio) would hide
+        # each other: each run is shifted a little along x and has its own marker and dashes
+        shift = dodge(rank, len(shown), 0.12)
+        xs = [x + shift for x, f in enumerate(layers) if f is not None]
         ys = [f for f in layers if f is not None]
         mean = sum(ys) / len(ys)
         method = group["method"].iloc[i]
         ax.plot(
             xs,
             ys,
-            marker="o",
-            ms=4,
+            marker=MARKERS[rank % len(MARKERS)],
+            ms=5,
+            linestyle=LINESTYLES[rank % len(LINESTYLES)],
             color=colors[method],
             alpha=0.85,
             label=f"{labels[i]} (mean over compressed layers {mean:.2f})",
@@ -102,7 +110,7 @@ def plot_kv_per_layer(group: pd.DataFrame) -> Figure | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (0 = shallowest)")
     ax.set_ylabel("fraction of its tokens the layer kept")
-    ax.set_ylim(0, 1.05)
+    set_fraction_axis(ax)
     fig.suptitle(f"{model} · {task}: KV cache kept per layer after prefill (mean over requests)")
     ax.grid(True, alpha=0.3)
     ax.legend(title="run", fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
@@ -164,7 +172,7 @@ def plot_kvlatent(group: pd.DataFrame) -> Figure | None:
         if column == quality and full[column].notna().any():
             ax.axhline(full[column].dropna().iloc[-1], color="gray", ls="--", label="full cache")
         if bounded:
-            ax.set_ylim(0, 1.0)
+            set_fraction_axis(ax)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("reduced head dim d (channels per head)")
         ax.set_ylabel(ylabel)

@@ -9,7 +9,8 @@ and lm-eval's score (``passed``: every expected value found). From those:
   samples with a needle: none for ``cwe`` and ``fwe``, whose runs get no heatmap);
 * ``ruler_accuracy__<model>__<task>.png``: one panel per length, the share passed against
   the KV cache kept at that length (measured from the samples' own requests), one line per
-  method, with 95 % Wilson intervals;
+  method, with 95 % Wilson intervals (:func:`harness.report.stats.wilson`, the same rule as
+  the main table's);
 * ``ruler_summary.csv`` (and a table in ``report.md``): per run and length, n, passed and
   its interval, mid-depth (0.3-0.7) and edge passes (NaN without needles), measured KV ratio.
 
@@ -27,7 +28,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.records import read_record
-from harness.report.plot_common import FULL_METHOD, method_colors, run_labels
+from harness.report.plot_common import (
+    DODGE,
+    FULL_METHOD,
+    dodge,
+    method_colors,
+    run_labels,
+    series_names,
+    set_fraction_axis,
+)
+from harness.report.stats import wilson
+from harness.report.summary import TERMINAL_WIDTH, compact_table
+from harness.report.tables import fmt, fmt_interval
 
 RULER_TITLES = {
     "ruler_heatmap": "RULER: needles found by depth and length",
@@ -82,18 +94,10 @@ def sample_table(runs: pd.DataFrame) -> pd.DataFrame:
     labelled as the other plots label runs."""
     rows: list[dict[str, Any]] = []
     for (_, _), group in runs.groupby(["model", "task"], sort=True):
-        for path, label in zip(group["path"], run_labels(group), strict=True):
-            rows += sample_rows(read_record(Path(path)), label)
+        names = series_names(group)
+        for path, label, line in zip(group["path"], run_labels(group), names, strict=True):
+            rows += [{**row, "series": line} for row in sample_rows(read_record(Path(path)), label)]
     return pd.DataFrame(rows)
-
-
-def wilson(passed: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a share ``passed`` of ``n`` samples."""
-    if n == 0:
-        return math.nan, math.nan
-    centre = (passed + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(passed * (1 - passed) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def heatmap_cells(samples: pd.DataFrame) -> tuple[list[float], list[int], np.ndarray, np.ndarray]:
@@ -115,6 +119,7 @@ def summary(samples: pd.DataFrame) -> pd.DataFrame:
     if samples.empty:
         return pd.DataFrame(rows)
     for (model, task, label), run in samples.groupby(["model", "task", "label"], sort=True):
+        line = run["series"].iloc[0] if "series" in run else run["method"].iloc[0]
         for length, part in [*run.groupby("length"), ("all", run)]:
             low, high = wilson(part["passed"].mean(), len(part))
             mid = part[part["depth"].between(*MID_DEPTHS)]
@@ -125,6 +130,7 @@ def summary(samples: pd.DataFrame) -> pd.DataFrame:
                     "task": task,
                     "run": label,
                     "method": run["method"].iloc[0],
+                    "series": line,
                     "length": length,
                     "n": len(part),
                     "passed": part["passed"].mean(),
@@ -202,35 +208,73 @@ def plot_accuracy_vs_kv(group: pd.DataFrame) -> Figure | None:
     fig = Figure(figsize=(4.2 * len(lengths) + 1.5, 4), layout="constrained")
     axes = fig.subplots(1, len(lengths), squeeze=False, sharey=True)[0]
     colors = method_colors(list(table["method"].unique()))
+    lines = sorted(table["series"].unique())
     for ax, length in zip(axes, lengths, strict=True):
-        for method, rows in table[table["length"] == length].groupby("method", sort=True):
+        for name, rows in table[table["length"] == length].groupby("series", sort=True):
             rows = rows.sort_values("kv_ratio")
+            method = rows["method"].iloc[0]
             full = method == FULL_METHOD
+            # series at one ratio side by side (±DODGE), so that neither hides the other
+            shift = dodge(lines.index(name), len(lines))
             ax.errorbar(
-                rows["kv_ratio"],
+                rows["kv_ratio"] + shift,
                 rows["passed"],
                 yerr=[rows["passed"] - rows["passed_low"], rows["passed_high"] - rows["passed"]],
                 marker="*" if full else "o",
                 markersize=12 if full else 6,
                 capsize=3,
                 color=colors[method],
-                label=method,
+                label=name,
             )
-        ax.set_title(
-            f"{length:,} tokens (n = {int(table[table['length'] == length]['n'].max())} per run)"
-        )
+        counts = table.loc[table["length"] == length, "n"]
+        n = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+        ax.set_title(f"{length:,} tokens (n = {n} per run)")
         ax.set_xlabel("KV cache kept (measured fraction)")
         ax.set_xlim(0, 1.05)
-        ax.set_ylim(-0.03, 1.03)
+        set_fraction_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of samples passed (95 % interval)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    fig.suptitle(f"{model} · {task}: samples passed vs KV cache kept")
+    axes[0].set_ylabel("share of samples passed (95 % Wilson interval)")
+    entries: dict[str, Any] = {}  # every series, also one missing at the last length
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    axes[-1].legend(
+        list(entries.values()),
+        list(entries),
+        title="method",
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+    )
+    fig.suptitle(
+        f"{model} · {task}: samples passed vs KV cache kept\n"
+        f"(methods at one ratio drawn up to ±{DODGE:g} apart)"
+    )
     return fig
 
 
 RULER_PLOTS = {"ruler_heatmap": plot_heatmaps, "ruler_accuracy": plot_accuracy_vs_kv}
+
+
+def terminal_markdown(table: pd.DataFrame) -> str:
+    """The :func:`summary` table (``ruler_summary.csv``) for the terminal: per model and task,
+    one row per run and length with the share passed and its interval (the same Wilson
+    interval as every table), at most :data:`harness.report.summary.TERMINAL_WIDTH` wide."""
+    parts = []
+    for (model, task), rows in table.groupby(["model", "task"], sort=False):
+        passed = zip(rows["passed"], rows["passed_low"], rows["passed_high"], strict=True)
+        cells = {
+            "run": [str(v) for v in rows["run"]],
+            "length": [str(v) for v in rows["length"]],
+            "n": [str(v) for v in rows["n"]],
+            "passed [95% CI]": [fmt_interval(p, lo, hi, 3) for p, lo, hi in passed],
+            "mid depths": [fmt(float(v), 3) for v in rows["passed_mid_depth"]],
+            "KV kept": [fmt(float(v), 2) for v in rows["kv_ratio"]],
+        }
+        text, left_out = compact_table(cells, TERMINAL_WIDTH)
+        note = f" ({', '.join(left_out)}: in ruler_summary.csv)" if left_out else ""
+        parts.append(f"{model} · {task} · share of samples passed{note}\n\n{text}")
+    return "\n\n".join(parts)
 
 
 def write_summary(runs: pd.DataFrame, out_dir: Path) -> tuple[Path | None, pd.DataFrame]:

@@ -3,18 +3,36 @@
 With a handful of samples a benchmark score moves by tenths between two runs of the same
 method, so "A beats B" is only said when the interval of the difference excludes zero.
 
-* :func:`score_interval`: the interval of a run's score: lm-eval's own standard error when
-  the record has one (``<metric>_stderr,<filter>``; a normal interval, score ± 1.96 se),
-  otherwise a percentile bootstrap over the run's per-sample metric values. The ``source``
-  field says which was used.
+One rule, used by every table and plot of the report (:func:`mean_interval`):
+
+* **pass/fail means** (every per-sample value is 0 or 1: exact match, accuracy, RULER's
+  pass rate): the Wilson score interval (:func:`wilson`). It stays inside [0, 1] and is never
+  of zero width at n > 0 (0 of 20 passed gives [0, 0.161]);
+* **continuous means** (F1, Rouge-L, a RULER score between 0 and 1, NLL): a seeded
+  percentile bootstrap over the per-sample values (:func:`bootstrap_mean`), which never leaves
+  the values' range. When every value is the same (a bootstrap of constants has zero width),
+  the interval is the Wilson-style bound of :func:`constant_interval`: with 0 of n samples
+  seen to differ, up to a share ``u = z²/(n + z²)`` of the population may differ, by at most
+  the metric's range, so the mean lies in ``[v − u (v − low), v + u (high − v)]``; for 0s or
+  1s this is the Wilson interval itself. A metric without a known range (NLL) gets no
+  interval from constant values (NaN, shown as "n/a").
+
+The range of a metric comes from its name (:data:`METRIC_RANGES`; a pass/fail metric is in
+[0, 1] whatever its name) and intervals are clipped to it.
+
+* :func:`score_interval`: the interval of a run's score from the record's per-sample values
+  of its primary metric (only when their mean is the score; a corpus-level score has none).
+  lm-eval's own standard error is not used: its normal interval leaves [0, 1] and has zero
+  width when every sample passed or failed.
 * :func:`paired_difference`: the mean of (run − reference) over the samples both runs
   scored, with a paired percentile bootstrap (the samples are resampled, each keeping its
   two values): the comparison a small n can still decide, since the variation between
   samples cancels.
 
 Every bootstrap is seeded (:data:`SEED`), so the same values always give the same interval.
-An interval needs at least two samples: with fewer it is NaN. A verdict ("higher" / "lower"
-/ "within noise") needs at least :data:`MIN_PAIRED` paired samples (:func:`verdict`).
+A bootstrap needs at least two samples (with one: the constant rule above). A verdict
+("higher" / "lower" / "within noise") needs at least :data:`MIN_PAIRED` paired samples
+(:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -33,13 +51,31 @@ Z95 = 1.959963984540054  # the normal distribution's 97.5 % quantile
 # the fewest paired samples a verdict is given on (see :func:`verdict`)
 MIN_PAIRED = 6
 BOOTSTRAP = "bootstrap"
-LM_EVAL_STDERR = "lm-eval stderr"
+WILSON = "Wilson"
+CONSTANT = "constant values (Wilson-style bound)"
+UNBOUNDED = (-math.inf, math.inf)
+UNIT = (0.0, 1.0)
+# the range of a metric's per-sample values, by lm-eval's name (before ",filter")
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    name: UNIT
+    for name in (
+        "exact_match",
+        "acc",
+        "acc_norm",
+        "f1",
+        "qa_f1_score",
+        "rouge_score",
+        "score",  # RULER: the share of the expected values found
+        "passed",
+        "token_f1",
+    )
+}
 
 
 @dataclass(frozen=True)
 class Interval:
-    """An estimate with its 95 % interval over ``n`` samples (``lo``/``hi`` NaN when
-    ``n`` < 2); ``source`` is :data:`BOOTSTRAP` or :data:`LM_EVAL_STDERR`."""
+    """An estimate with its 95 % interval over ``n`` samples (``lo``/``hi`` NaN when there is
+    none); ``source`` is :data:`WILSON`, :data:`BOOTSTRAP` or :data:`CONSTANT`."""
 
     estimate: float
     lo: float
@@ -56,11 +92,47 @@ class Interval:
 NONE = Interval(math.nan, math.nan, math.nan, 0, "")
 
 
+def metric_range(metric: str | None, values: Sequence[float] = ()) -> tuple[float, float]:
+    """The range of ``metric``'s per-sample values (``"exact_match,strict-match"`` or the bare
+    name): :data:`METRIC_RANGES`, [0, 1] for pass/fail values, else unbounded."""
+    name = str(metric or "").partition(",")[0]
+    if name in METRIC_RANGES:
+        return METRIC_RANGES[name]
+    return UNIT if values and is_binary(values) else UNBOUNDED
+
+
+def is_binary(values: Sequence[float]) -> bool:
+    """Whether every value is 0 or 1 (a pass/fail metric)."""
+    return len(values) > 0 and all(v in (0.0, 1.0) for v in values)
+
+
+def wilson(share: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of a ``share`` of ``n`` pass/fail samples (NaN at n = 0)."""
+    if n <= 0 or math.isnan(share):
+        return math.nan, math.nan
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo = 0.0 if share <= 0.0 else max(0.0, centre - half)
+    return lo, 1.0 if share >= 1.0 else min(1.0, centre + half)
+
+
+def constant_interval(value: float, n: int, bounds: tuple[float, float]) -> tuple[float, float]:
+    """The interval of ``n`` samples that all gave ``value``, in a metric whose values lie in
+    ``bounds``: up to a share ``u = z²/(n + z²)`` (Wilson's bound for 0 of n) may differ, by at
+    most the range, so ``[v − u (v − low), v + u (high − v)]``. NaN for an unbounded metric."""
+    low, high = bounds
+    if n <= 0 or not (math.isfinite(low) and math.isfinite(high)):
+        return math.nan, math.nan
+    u = Z95 * Z95 / (n + Z95 * Z95)
+    return value - u * (value - low), value + u * (high - value)
+
+
 def bootstrap_mean(
     values: Sequence[float], *, iterations: int = ITERATIONS, seed: int = SEED
 ) -> Interval:
     """The mean of ``values`` with its percentile-bootstrap 95 % interval: ``iterations``
-    resamples of the values with replacement, the 2.5 % and 97.5 % quantiles of their means."""
+    resamples of the values with replacement, the 2.5 % and 97.5 % quantiles of their means
+    (NaN with fewer than two values)."""
     data = np.asarray(values, dtype=float)
     if data.size == 0:
         return NONE
@@ -74,20 +146,51 @@ def bootstrap_mean(
     return Interval(mean, float(lo), float(hi), int(data.size))
 
 
-def normal_interval(estimate: float, stderr: float, n: int) -> Interval:
-    """``estimate`` ± 1.96 ``stderr`` (lm-eval's standard error of the mean)."""
-    if n < 2:
-        return Interval(estimate, math.nan, math.nan, n, LM_EVAL_STDERR)
-    return Interval(estimate, estimate - Z95 * stderr, estimate + Z95 * stderr, n, LM_EVAL_STDERR)
+def mean_interval(
+    values: Sequence[float], bounds: tuple[float, float] = UNBOUNDED, *, seed: int = SEED
+) -> Interval:
+    """The mean of ``values`` with its 95 % interval by the report's one rule: Wilson for
+    pass/fail values, the bootstrap for continuous ones, :func:`constant_interval` when all
+    values are equal; clipped to ``bounds`` (the metric's range)."""
+    data = [float(v) for v in values]
+    n = len(data)
+    if n == 0:
+        return NONE
+    mean = sum(data) / n
+    if is_binary(data) and bounds[0] <= 0.0 and bounds[1] >= 1.0:
+        return Interval(mean, *wilson(mean, n), n, WILSON)
+    if all(v == data[0] for v in data):
+        return Interval(mean, *constant_interval(data[0], n, bounds), n, CONSTANT)
+    boot = bootstrap_mean(data, seed=seed)
+    low, high = bounds
+    return Interval(mean, max(low, boot.lo), min(high, boot.hi), n, BOOTSTRAP)
 
 
 def paired_difference(
-    run: dict[Any, float], reference: dict[Any, float], *, seed: int = SEED
+    run: dict[Any, float],
+    reference: dict[Any, float],
+    bounds: tuple[float, float] = UNBOUNDED,
+    *,
+    seed: int = SEED,
 ) -> Interval:
     """Mean of ``run[k] - reference[k]`` over the keys both hold, with the bootstrap interval
-    of that mean (resampling the paired samples)."""
+    of that mean (resampling the paired samples); ``bounds`` is the range of the metric
+    itself, so a difference lies in ``[low - high, high - low]`` (see :func:`mean_interval`
+    for equal differences)."""
     shared = [k for k in run if k in reference]
-    return bootstrap_mean([run[k] - reference[k] for k in shared], seed=seed)
+    width = bounds[1] - bounds[0]
+    differences = [run[k] - reference[k] for k in shared]
+    if not differences:
+        return NONE
+    if any(d != differences[0] for d in differences):
+        return _clipped(bootstrap_mean(differences, seed=seed), (-width, width))
+    n, value = len(differences), differences[0]
+    return Interval(value, *constant_interval(value, n, (-width, width)), n, CONSTANT)
+
+
+def _clipped(interval: Interval, bounds: tuple[float, float]) -> Interval:
+    lo, hi = max(bounds[0], interval.lo), min(bounds[1], interval.hi)
+    return Interval(interval.estimate, lo, hi, interval.n, interval.source)
 
 
 def split_metric(primary_metric: str | None) -> tuple[str, str | None]:
@@ -114,31 +217,17 @@ def sample_scores(record: dict[str, Any]) -> dict[tuple[str, int], float]:
     return out
 
 
-def lm_eval_stderr(record: dict[str, Any]) -> tuple[float, int] | None:
-    """(stderr, n) of the primary metric as lm-eval computed it, or None when it has none
-    (``"N/A"``, absent, or a task without ``sample_len``)."""
-    metric, filt = split_metric((record.get("score") or {}).get("metric"))
-    key = f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr"
-    for name in (record.get("task") or {}).get("lm_eval_tasks") or []:
-        results = (record.get("metrics") or {}).get(name) or {}
-        stderr, n = results.get(key), results.get("sample_len")
-        if _is_number(stderr) and stderr >= 0:
-            return float(stderr), int(n) if _is_number(n) else len(sample_scores(record))
-    return None
-
-
 def score_interval(record: dict[str, Any]) -> Interval:
-    """The 95 % interval of the record's score: lm-eval's stderr where it has one, else the
-    bootstrap over the per-sample values (only when their mean is the score, i.e. the
-    metric is a mean over samples); :data:`NONE` when neither applies."""
+    """The 95 % interval of the record's score by :func:`mean_interval` over the per-sample
+    values of its primary metric, clipped to the metric's range; only when their mean is the
+    score (a corpus-level metric's score gets no interval: lo/hi NaN, ``source`` empty);
+    :data:`NONE` without a score."""
     score = (record.get("score") or {}).get("value")
     if not _is_number(score):
         return NONE
-    from_lm_eval = lm_eval_stderr(record)
-    if from_lm_eval is not None:
-        return normal_interval(float(score), *from_lm_eval)
+    metric = (record.get("score") or {}).get("metric")
     values = list(sample_scores(record).values())
-    interval = bootstrap_mean(values)
+    interval = mean_interval(values, metric_range(metric, values))
     if interval.n and math.isclose(interval.estimate, score, rel_tol=1e-6, abs_tol=1e-9):
         return interval
     return Interval(float(score), math.nan, math.nan, interval.n, "")
@@ -153,8 +242,10 @@ def verdict(difference: Interval) -> str:
     can reject 0 with fewer than 6 pairs."""
     if difference.n == 0:
         return ""
-    if difference.n < MIN_PAIRED or math.isnan(difference.lo):
+    if difference.n < MIN_PAIRED:
         return f"too few (n<{MIN_PAIRED})"
+    if math.isnan(difference.lo):
+        return "no interval"
     if difference.excludes_zero:
         return "higher" if difference.estimate > 0 else "lower"
     return "within noise"

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.records import SCHEMA_VERSION
+from harness.report.labels import flat_params, format_params, metric_name
 from harness.report.stats import score_interval
 
 FULL_METHOD = "full"
@@ -23,6 +24,15 @@ PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "token_perplexity", "ppl"
 # the measured KV ratio is reported in the nearest of these buckets
 KV_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MB = 2**20
+# parameters that set a method's size: always in the summary's method_params
+HEADLINE_PARAMS = ("ratio", "budget", "rate", "dim", "num_kv_heads", "variant")
+# config fields of a run's task that say what it ran on (a label names those that differ)
+IGNORED_TASK_FIELDS = ("_target_", "name", "local_tasks", "hub_tasks", "sample_fields", "source")
+PEAK_MEMORY_WORDS = {
+    "cuda_max_allocated": "CUDA allocator peak (weights, KV cache, activations)",
+    "weights_plus_kv_allocated": "weights + KV cache allocated",
+    "rss_peak": "process resident-set peak (RSS: does not show the KV cache)",
+}
 
 
 def get(data: Any, *keys: str) -> Any:
@@ -41,45 +51,22 @@ def num(value: Any) -> float:
     return float(value)
 
 
-def flat_params(params: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
-    """``{"ratio": 0.2, "training": {"lr": 0.003}}`` -> ``{"ratio": 0.2, "training.lr":
-    0.003}``: nested dicts (composed methods, training) flattened, only scalars kept."""
-    out: dict[str, Any] = {}
-    for key, value in (params or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= flat_params(value, f"{name}.")
-        elif isinstance(value, bool | int | float | str):
-            out[name] = value
-    return out
-
-
-def format_params(params: dict[str, Any] | None, keys: set[str] | None = None) -> str:
-    """``{"ratio": 0.2, "sinks": 4}`` -> ``"ratio=0.2, sinks=4"``; nested dicts (composed
-    methods) become ``"snapkv.ratio=0.2"``. Only scalars are kept; ``None`` is left out.
-    With ``keys``, only those (flattened) parameters are shown."""
-    parts = []
-    for name, value in flat_params(params).items():
-        if keys is not None and name not in keys:
-            continue
-        parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
-    return ", ".join(parts)
-
-
 def distinguishing_params(table: pd.DataFrame) -> pd.Series:
-    """Per run, the method parameters whose values differ between the runs of its method in
-    ``table`` (all of them for a method with a single run): the summary's short
-    ``method_params``, where e.g. KV-Latent's two dozen training settings would hide the
-    dim and RoPE mode that tell its runs apart."""
+    """Per run, the summary's short ``method_params``: the parameters that set a method's size
+    (:data:`HEADLINE_PARAMS`) and those whose values differ between the runs of its method in
+    ``table``; all of them when that leaves none, so a method with parameters never shows a
+    blank cell (KV-Latent's two dozen training settings would hide the dim and RoPE mode that
+    tell its runs apart)."""
     params = table["params_json"].map(lambda text: json.loads(text) if text else {})
     shown = pd.Series("", index=table.index, dtype=object)
     for _, group in params.groupby(table["method"]):
         flat = [flat_params(p) for p in group]
         keys = set().union(*flat)
-        if len(group) > 1:
-            keys = {k for k in keys if len({repr(f.get(k)) for f in flat}) > 1}
+        differing = {k for k in keys if len({repr(f.get(k)) for f in flat}) > 1}
+        headline = {k for k in keys if k.rsplit(".", 1)[-1] in HEADLINE_PARAMS}
+        wanted = (differing | headline) or keys
         for index, p in group.items():
-            shown[index] = format_params(p, keys)
+            shown[index] = format_params(p, wanted) or format_params(p)
     return shown
 
 
@@ -176,6 +163,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
     docs = {(s.get("task"), s.get("doc_id")) for s in samples if isinstance(s, dict)}
     limit = num(get(record, "task", "limit"))
     interval = score_interval(record)
+    device = prov.get("device") or get(record, "model", "device")
 
     def mean(field: str) -> float:
         return num(get(meas, field, "mean"))
@@ -184,6 +172,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "run_id": record["run_id"],
         "model": record["model"]["name"],
         "method": method["name"],
+        "label": None,  # the run's label, set over the whole table (labels.label_runs)
         "kinds": "+".join(method.get("kinds") or []),
         "method_params": format_params(params),
         "ratio": ratio,
@@ -194,11 +183,13 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "trained": described(describe, "trained"),
         "task": task_label(record),
         "metric": get(record, "score", "metric"),
+        "metric_name": metric_name(get(record, "score", "metric"), task_label(record)),
         "score": num(get(record, "score", "value")),
         "score_lo": interval.lo,
         "score_hi": interval.hi,
         "score_n": float(interval.n) if interval.n else math.nan,
         "score_ci": interval.source,
+        "task_settings": json.dumps(task_settings(record), sort_keys=True, default=str),
         "perplexity": perplexity(record.get("metrics")),
         "n_samples": float(len(docs)) if docs else limit,
         "limit": limit,
@@ -216,9 +207,10 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "decode_tok_s": num(meas.get("decode_tok_per_s")),
         "peak_mem_mb": num(get(meas, "peak_memory_bytes", "max")) / MB,
         "peak_rise_mb": num(get(meas, "peak_memory_rise_bytes", "max")) / MB,
+        "peak_mem_kind": peak_memory_kind(meas, device),
         "num_layers": num(get(record, "model", "num_layers")),
         "wall_s": num(prov.get("wall_s")),
-        "device": prov.get("device") or get(record, "model", "device"),
+        "device": device,
         "dtype": get(record, "model", "dtype"),
         "git_commit": prov.get("git_commit"),
         "method_code": _code(get(prov, "code", "methods")),
@@ -230,6 +222,29 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "stats_json": json.dumps(method.get("stats"), sort_keys=True, default=str),
         "path": path,
     }
+
+
+def task_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """What a run's task ran on: its config's ``task`` fields (less the names and
+    :data:`IGNORED_TASK_FIELDS`) with ``model.max_length`` and ``run.max_gen_toks``; an
+    older record without a config: its ``task.limit``."""
+    config = record.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("task"), dict):
+        return {"limit": get(record, "task", "limit")}
+    out = {k: v for k, v in config["task"].items() if k not in IGNORED_TASK_FIELDS}
+    out["max_length"] = get(config, "model", "max_length")
+    out["max_gen_toks"] = get(config, "run", "max_gen_toks")
+    return out
+
+
+def peak_memory_kind(measurements: dict[str, Any], device: Any) -> str:
+    """What the record's ``peak_memory_bytes`` measured, in words (:data:`PEAK_MEMORY_WORDS`):
+    ``measurements.peak_memory_kind``; an older record: the allocator's peak on CUDA, the
+    process's resident-set peak on the CPU."""
+    kind = measurements.get("peak_memory_kind")
+    if kind is None:
+        kind = "cuda_max_allocated" if "cuda" in str(device or "") else "rss_peak"
+    return PEAK_MEMORY_WORDS.get(str(kind), str(kind))
 
 
 def _code(value: Any) -> str | None:
@@ -277,7 +292,14 @@ def request_rows(record: dict[str, Any], row: dict[str, Any]) -> list[dict[str, 
 
 
 # per-request columns of :func:`request_rows` summarised per run as p50 / p95
-PERCENTILE_COLUMNS = ("prefill_ms", "decode_ms_tok", "kv_mb", "kv_full_mb", "peak_rise_mb")
+PERCENTILE_COLUMNS = (
+    "prefill_ms",
+    "decode_ms_tok",
+    "kv_mb",
+    "kv_full_mb",
+    "peak_mem_mb",
+    "peak_rise_mb",
+)
 
 
 def request_percentiles(requests: list[dict[str, Any]]) -> dict[str, float]:
@@ -314,35 +336,40 @@ def best_by_kv_ratio(table: pd.DataFrame) -> pd.DataFrame:
     return pivot.join(counts).reset_index()
 
 
-def fmt(value: Any) -> str:
-    """A cell for a markdown table: NaN as a dash, 4 significant digits."""
+def fmt(value: Any, digits: int = 4) -> str:
+    """A cell for a markdown table: NaN as a dash, ``digits`` significant digits."""
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
-        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
     return "" if value is None else str(value)
 
 
-def fmt_interval(estimate: Any, lo: Any, hi: Any) -> str:
+def fmt_interval(estimate: Any, lo: Any, hi: Any, digits: int = 4) -> str:
     """``"0.143 [0.0476, 0.238]"``; the estimate alone when there is no interval."""
     if not isinstance(estimate, float | int) or math.isnan(estimate):
         return "–"
     if not isinstance(lo, float | int) or math.isnan(lo) or math.isnan(hi):
-        return f"{fmt(float(estimate))} [n/a]"
-    return f"{fmt(float(estimate))} [{fmt(float(lo))}, {fmt(float(hi))}]"
+        return f"{fmt(float(estimate), digits)} [n/a]"
+    parts = (fmt(float(v), digits) for v in (estimate, lo, hi))
+    return "{} [{}, {}]".format(*parts)
 
 
-def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with display columns for the summary: ``n`` (samples the score is over),
-    ``score (95% CI)``, ``CI from`` (lm-eval stderr or bootstrap), ``Δ vs full (95% CI)``
-    (the paired difference over the ``paired`` samples) and ``NLL increase (95% CI)``."""
+def with_intervals(table: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    """``table`` with display columns for the summary: ``run`` (the run's label), ``metric``
+    in words, ``n`` (samples the score is over), ``score (95% CI)``, ``CI from`` (Wilson or
+    bootstrap, :mod:`harness.report.stats`), ``Δ vs full (95% CI)`` (the paired difference
+    over the ``paired`` samples), ``NLL increase (95% CI)`` and ``KV kept`` (measured)."""
     out = table.copy()
 
     def joined(prefix: str, lo: str, hi: str) -> list[str]:
-        return [
-            fmt_interval(e, a, b) for e, a, b in zip(out[prefix], out[lo], out[hi], strict=True)
-        ]
+        columns = zip(out[prefix], out[lo], out[hi], strict=True)
+        return [fmt_interval(e, a, b, digits) for e, a, b in columns]
 
+    if "label" in out:
+        out["run"] = out["label"]
+    if "metric_name" in out:
+        out["metric"] = out["metric_name"]
     out["n"] = out["score_n"].where(out["score_n"].notna(), out["n_samples"])
     out["score (95% CI)"] = joined("score", "score_lo", "score_hi")
     out["CI from"] = out["score_ci"]
@@ -350,6 +377,7 @@ def with_intervals(table: pd.DataFrame) -> pd.DataFrame:
     out.loc[out["verdict"] == "reference", "Δ vs full (95% CI)"] = "(reference)"
     out["paired"] = out["n_paired"]
     out["NLL increase (95% CI)"] = joined("nll_increase", "nll_increase_lo", "nll_increase_hi")
+    out["KV kept"] = [fmt(v, 2) for v in out["kv_ratio"]]
     return out
 
 
