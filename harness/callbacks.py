@@ -53,7 +53,11 @@ class ReportCallback(Callback):
             log.warning("report: no finished record under %s", root)
             return
         paths = write_report(
-            report.runs, root.resolve() / "report", report.requests, report.skipped
+            report.runs,
+            root.resolve() / "report",
+            report.requests,
+            report.skipped,
+            report.inputs,
         )
         print(summary_markdown(report.runs))
         print(f"\nrecords: {root.resolve()}/<run>/record.json")

@@ -95,14 +95,19 @@ def test_the_page_holds_every_section_record_and_plot(report_dir: Path) -> None:
     assert "&lt;i&gt;x&lt;/i&gt; &amp; y" in text and "<i>x</i>" not in text  # escaped
 
 
-def test_the_leaderboard_shows_when_the_report_folder_has_one(report_dir: Path) -> None:
-    page, _ = build(report_dir)
+def test_the_leaderboard_shows_when_the_report_writes_one(report_dir: Path) -> None:
+    page, _ = build(report_dir)  # no per-sample inputs given: no leaderboard
     assert "Leaderboard" not in page.read_text()
-    (page.parent / "leaderboard.csv").write_text("rank,method,score\n1,full,0.5\n2,snapkv,0.1\n")
+    (page.parent / "leaderboard.csv").write_text("rank,run\n1,stale\n")
     page, _ = build(report_dir)
-    text = page.read_text()
+    assert "Leaderboard" not in page.read_text()  # a stale file is not shown
+    report = load_report(report_dir)
+    paths = write_report(
+        report.runs, report_dir / "report", report.requests, report.skipped, report.inputs
+    )
+    text = paths["html"].read_text()
     assert re.findall(r"<h2>(.*?)</h2>", text)[1] == "Leaderboard"
-    assert '<td data-value="2.0">2</td><td>snapkv</td>' in text
+    assert "stale" not in text and "<td>full</td>" in text
 
 
 def test_cells_sort_by_their_number_or_their_interval_estimate() -> None:

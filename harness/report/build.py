@@ -30,6 +30,7 @@ from harness.records import find_records, read_record
 from harness.report import fidelity, html_page, plots_ruler
 from harness.report.consistency import code_warnings, pairing_warnings
 from harness.report.labels import label_runs
+from harness.report.leaderboard import leaderboard, write_leaderboard
 from harness.report.summary import (
     DETAIL_COLUMNS,
     STATISTICS_NOTE,
@@ -118,6 +119,7 @@ COLUMNS = [
     "stats_json",
     "path",
 ]
+LEADERBOARD_CSV = "leaderboard.csv"
 SORT_BY = ["model", "task", "method", "ratio", "rate", "d_qk", "d_vo"]
 HIDDEN_IN_MARKDOWN = ("path", "params_json", "describe_json", "stats_json", "task_settings")
 
@@ -132,6 +134,8 @@ class Report:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     found: int = 0
     warnings: list[str] = field(default_factory=list)
+    # per run (by path): the per-sample values the leaderboard pairs runs on
+    inputs: dict[str, fidelity.FidelityInputs] = field(default_factory=dict)
 
 
 def load_report(root: Path) -> Report:
@@ -166,7 +170,7 @@ def load_report(root: Path) -> Report:
     table["label"] = label_runs(table)
     warnings = code_warnings(table) + pairing_warnings(table)
     return Report(
-        table.reset_index(drop=True), pd.DataFrame(requests), skipped, len(paths), warnings
+        table.reset_index(drop=True), pd.DataFrame(requests), skipped, len(paths), warnings, inputs
     )
 
 
@@ -227,10 +231,12 @@ def write_report(
     out_dir: Path,
     requests: pd.DataFrame | None = None,
     skipped: list[tuple[Path, str]] | None = None,
+    inputs: dict[str, fidelity.FidelityInputs] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.csv``, ``report.parquet``, ``summary_by_kv_ratio.csv``, ``report.md``,
-    the plots and ``index.html`` (all of it on one page) into ``out_dir``; returns
-    ``{kind: path}`` (plots keyed by file stem)."""
+    the plots, ``leaderboard.csv``/``.md`` (from ``inputs``, :attr:`Report.inputs`, where a
+    run has a full-cache reference) and ``index.html`` (all of it on one page) into
+    ``out_dir``; returns ``{kind: path}`` (plots keyed by file stem)."""
     from harness.report.plots import write_plots
 
     out_dir = Path(out_dir)
@@ -248,6 +254,9 @@ def write_report(
         text += "\n## RULER: share of samples passed per run and length\n\n"
         text += markdown(ruler_table) + "\n"
     paths["md"].write_text(text)
+    (out_dir / LEADERBOARD_CSV).unlink(missing_ok=True)  # never a stale one on the page
+    if inputs:
+        paths |= write_leaderboard(leaderboard(table, inputs), out_dir)
     paths["html"] = html_page.write_html(out_dir, _page(table, plots, ruler_table, skipped or []))
     paths.update(plots)
     return paths
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_explain_empty(args.dir, report), file=sys.stderr)
         return 1
     paths = write_report(
-        report.runs, args.out or args.dir / "report", report.requests, report.skipped
+        report.runs, args.out or args.dir / "report", report.requests, report.skipped, report.inputs
     )
     print(summary_markdown(report.runs))
     print(f"\n{len(report.runs)} run(s), {len(report.skipped)} skipped")

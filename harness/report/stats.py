@@ -188,6 +188,46 @@ def paired_difference(
     return Interval(value, *constant_interval(value, n, (-width, width)), n, CONSTANT)
 
 
+def paired_pvalue(
+    run: dict[Any, float],
+    reference: dict[Any, float],
+    bounds: tuple[float, float] = UNBOUNDED,
+    *,
+    seed: int = SEED,
+) -> float:
+    """Two-sided p-value of "the paired mean difference is 0", consistent with
+    :func:`paired_difference`'s interval (its (1 − p) interval just reaches 0): twice the
+    smaller share of the same bootstrap means on either side of 0; for equal differences,
+    the level at which :func:`constant_interval`'s bound reaches 0. 1.0 below
+    :data:`MIN_PAIRED` pairs (no verdict is given there)."""
+    differences = [run[k] - reference[k] for k in run if k in reference]
+    n = len(differences)
+    if n < MIN_PAIRED:
+        return 1.0
+    if all(d == differences[0] for d in differences):
+        value, width = abs(differences[0]), bounds[1] - bounds[0]
+        if value == 0 or not math.isfinite(width):
+            return 1.0 if value == 0 else 0.0
+        share = value / (value + width)  # the bound reaches 0 when u = share
+        return math.erfc(math.sqrt(n * share / (1 - share)) / math.sqrt(2))
+    data = np.asarray(differences, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, n, size=(ITERATIONS, n))].mean(axis=1)
+    return float(min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean())))
+
+
+def holm(pvalues: Sequence[float], alpha: float = 1.0 - LEVEL) -> list[bool]:
+    """Holm's step-down rejections of ``pvalues`` at family-wise level ``alpha``: the i-th
+    smallest is rejected while every smaller one was and it is below alpha / (m − i)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    rejected = [False] * len(pvalues)
+    for rank, index in enumerate(order):
+        if pvalues[index] >= alpha / (len(pvalues) - rank):
+            break
+        rejected[index] = True
+    return rejected
+
+
 def _clipped(interval: Interval, bounds: tuple[float, float]) -> Interval:
     lo, hi = max(bounds[0], interval.lo), min(bounds[1], interval.hi)
     return Interval(interval.estimate, lo, hi, interval.n, interval.source)

@@ -1,0 +1,179 @@
+"""One leaderboard over every task: a row per run label, a column group per task setting.
+
+``leaderboard.csv`` and ``leaderboard.md`` (:func:`write_leaderboard`), per model:
+
+* a row per run label (:mod:`harness.report.labels`: the method and the size it was asked
+  for, e.g. ``snapkv r=0.2``); the full cache is the reference row;
+* per task setting (a full-cache reference run: same task, slice, lengths, window and data),
+  the score with its 95 % interval and n, the measured KV ratio, and the paired verdict
+  against the full cache;
+* paired verdicts between methods: every two rows of one task setting whose measured KV
+  ratios are within :data:`EQUAL_BYTES` of each other (the same bytes stored), over the
+  samples both scored (same document, same prompt), with the interval of their difference;
+* the verdict rule: a paired percentile bootstrap, two-sided p-values (:func:`stats.paired_pvalue`),
+  Holm's correction over all the comparisons of one task setting (against the full cache and
+  between methods) at a family-wise 5 %, and at least ``stats.MIN_PAIRED`` pairs;
+* ``rank``: 1 + the number of rows that beat this one outside noise in some task setting and
+  lose to it in none. Differences inside noise never move a rank.
+
+Runs without a full-cache reference of their setting are left out, each named in a warning.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.report import stats
+from harness.report.fidelity import FidelityInputs, paired_keys
+from harness.report.tables import fmt_interval, markdown
+
+EQUAL_BYTES = 0.02  # measured KV ratios this close count as the same bytes stored
+RULE = (
+    "Verdict rule: paired differences (run − other) over the samples both runs scored (same "
+    "document, same prompt), with a seeded percentile-bootstrap 95 % interval and two-sided "
+    f"p-value; Holm's correction over all comparisons of one task setting (each run vs the full "
+    f"cache, and every two runs within {EQUAL_BYTES} of each other's measured KV ratio) at a "
+    f"family-wise 5 %; no verdict below {stats.MIN_PAIRED} pairs. `rank`: 1 + the rows that beat "
+    "this one outside noise in some task setting and lose to it in none."
+)
+
+
+@dataclass
+class Leaderboard:
+    rows: pd.DataFrame
+    pairs: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+
+
+def _settings(table: pd.DataFrame) -> pd.Series:
+    """Each run's task setting, named by its task and what its reference's label adds to
+    ``full`` where one task has several settings (``ruler_niah_single_1 [40 per length]``)."""
+    labels = dict(zip(table["run_id"], table["label"], strict=True))
+
+    def name(run: pd.Series) -> str:
+        extra = str(labels.get(run["reference"]) or "").removeprefix("full").strip()
+        return f"{run['task']} {extra}".strip()
+
+    return table.apply(name, axis=1)
+
+
+def _compare(a: FidelityInputs, b: FidelityInputs) -> tuple[stats.Interval, float]:
+    keys = paired_keys(a, b)
+    mine = {k: v for k, v in a.scores.items() if k in keys}
+    return (
+        stats.paired_difference(mine, b.scores, b.bounds),
+        stats.paired_pvalue(mine, b.scores, b.bounds),
+    )
+
+
+def _comparisons(runs: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> list[dict[str, Any]]:
+    """Every comparison of one task setting's runs, Holm-corrected together."""
+    found = []
+    full = runs[runs["verdict"] == "reference"]
+    others = runs[runs["verdict"] != "reference"]
+    pairs = [(r, f) for _, r in others.iterrows() for _, f in full.iterrows()]
+    for (_, a), (_, b) in itertools.combinations(others.iterrows(), 2):
+        if abs(a["kv_ratio"] - b["kv_ratio"]) <= EQUAL_BYTES:
+            pairs.append((a, b))
+    for a, b in pairs:
+        difference, p = _compare(inputs[a["path"]], inputs[b["path"]])
+        found.append({"a": a["label"], "b": b["label"], "difference": difference, "p": p})
+    for item, rejected in zip(found, stats.holm([c["p"] for c in found]), strict=True):
+        d = item["difference"]
+        item["verdict"] = (
+            stats.verdict(d)
+            if not rejected or d.n < stats.MIN_PAIRED
+            else ("higher" if d.estimate > 0 else "lower")
+        )
+        if item["verdict"] in ("higher", "lower") and not rejected:
+            item["verdict"] = "within noise (Holm)"
+    return found
+
+
+def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leaderboard:
+    """The leaderboard of ``table`` (the report's runs) from ``inputs`` (per-sample scores)."""
+    table = table[table["path"].isin(list(inputs))]
+    alone = table[table["reference"].isna()]
+    warnings = [
+        f"leaderboard: left out {r['label']} ({r['model']}, {r['task']}, {r['run_id']}): no "
+        "full-cache run of its setting to compare with"
+        for _, r in alone.iterrows()
+    ]
+    table = table[table["reference"].notna()]
+    table = table.assign(setting=_settings(table) if len(table) else [])
+    rows, pairs = [], []
+    for model, runs in table.groupby("model", sort=True):
+        cells: dict[str, dict[str, Any]] = {}
+        beats: dict[str, set[str]] = {}
+        for setting, group in runs.groupby("setting", sort=True):
+            versus_full = {}
+            for c in _comparisons(group, inputs):
+                d = c["difference"]
+                pairs.append(
+                    {
+                        "model": model,
+                        "setting": setting,
+                        "run": c["a"],
+                        "vs": c["b"],
+                        "n": d.n,
+                        "difference (95% CI)": fmt_interval(d.estimate, d.lo, d.hi, 3),
+                        "p": c["p"],
+                        "verdict": c["verdict"],
+                    }
+                )
+                if c["b"] in set(group.loc[group["verdict"] == "reference", "label"]):
+                    versus_full[c["a"]] = c["verdict"]
+                if c["verdict"] in ("higher", "lower"):
+                    win, lose = (c["a"], c["b"]) if c["verdict"] == "higher" else (c["b"], c["a"])
+                    beats.setdefault(win, set()).add(lose)
+            for _, run in group.iterrows():
+                row = cells.setdefault(run["label"], {"model": model, "run": run["label"]})
+                row["method"] = run["method"]
+                row.setdefault("kv_ratio", []).append(run["kv_ratio"])
+                score = fmt_interval(run["score"], run["score_lo"], run["score_hi"], 3)
+                row[f"{setting}: score (95% CI)"] = score
+                row[f"{setting}: n"] = run["score_n"]
+                reference = run["verdict"] == "reference"
+                row[f"{setting}: vs full"] = (
+                    "reference" if reference else versus_full.get(run["label"], "")
+                )
+        for label, row in cells.items():
+            row["kv_ratio"] = sum(row["kv_ratio"]) / len(row["kv_ratio"])
+            lost_to = {w for w, losers in beats.items() if label in losers}
+            row["rank"] = 1 + sum(1 for w in lost_to if w not in beats.get(label, set()))
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        front = ["model", "rank", "run", "method", "kv_ratio"]
+        frame = frame[front + [c for c in frame.columns if c not in front]]
+        frame = frame.sort_values(["model", "rank", "kv_ratio"], ascending=[True, True, False])
+    return Leaderboard(frame.reset_index(drop=True), pd.DataFrame(pairs), warnings)
+
+
+def write_leaderboard(board: Leaderboard, out_dir: Path) -> dict[str, Path]:
+    """``leaderboard.csv`` (the rows) and ``leaderboard.md`` (the rows, the rule, the paired
+    verdicts between runs); nothing when no run has a reference."""
+    if board.rows.empty:
+        return {}
+    paths = {
+        "leaderboard": out_dir / "leaderboard.csv",
+        "leaderboard_md": out_dir / "leaderboard.md",
+    }
+    board.rows.to_csv(paths["leaderboard"], index=False)
+    pairs = board.pairs.assign(p=board.pairs["p"].map(lambda p: f"{p:.3g}"))
+    parts = ["# kvbench leaderboard", RULE]
+    for model, rows in board.rows.groupby("model", sort=True):
+        shown = [c for c in rows.columns if c != "model" and rows[c].notna().any()]
+        parts += [f"## {model}", markdown(rows, shown)]
+        mine = pairs[pairs["model"] == model].drop(columns="model")
+        if len(mine):
+            parts += [f"### {model}: paired verdicts", markdown(mine)]
+    if board.warnings:
+        parts += ["## Left out", "\n".join(f"- {w}" for w in board.warnings)]
+    paths["leaderboard_md"].write_text("\n\n".join(parts) + "\n")
+    return paths

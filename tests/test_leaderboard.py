@@ -1,0 +1,105 @@
+"""The leaderboard: one row per run label, a column group per task setting, paired verdicts
+against the full cache and between methods at equal bytes, Holm-corrected, a rank that moves
+only on differences outside noise, and runs without a reference named, never mixed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from test_report import dump, make_record
+
+from harness.report import load_report, write_report
+from harness.report.leaderboard import leaderboard
+from harness.report.stats import holm, paired_pvalue
+
+N = 30
+
+
+def scored(record: dict[str, Any], right: list[int]) -> dict[str, Any]:
+    """``record`` whose samples in ``right`` are right, the score their mean."""
+    for i, sample in enumerate(record["samples"]):
+        sample["metrics"]["exact_match"] = float(i in right)
+    record["score"]["value"] = len(right) / len(record["samples"])
+    return record
+
+
+def runs(root: Path) -> Any:
+    """Full cache 30/30; SnapKV and PyramidKV at the same bytes (0.2), SnapKV 28/30 and
+    PyramidKV 12/30; StreamingLLM at 0.2 with 27/30 (within noise of SnapKV); H2O at 0.4
+    with 29/30."""
+    outs = ["o"] * N
+    every = list(range(N))
+    for run_id, method, kv, right in [
+        ("full", "full", 1.0, every),
+        ("snap", "snapkv", 0.2, every[:28]),
+        ("pyr", "pyramidkv", 0.205, every[:12]),
+        ("stream", "streamingllm", 0.19, every[:27]),
+        ("h2o", "h2o", 0.4, every[:29]),
+    ]:
+        ratio = {"ratio": 1.0 if method == "full" else round(kv, 1)}
+        dump(root, scored(make_record(run_id, method, ratio, 0.0, kv, outs), right), run_id)
+    return load_report(root)
+
+
+def verdict(pairs: pd.DataFrame, a: str, b: str) -> str:
+    """The verdict of ``a`` against ``b``, whichever way round the pair was made."""
+    flip = {"higher": "lower", "lower": "higher"}
+    for x, y, turn in ((a, b, False), (b, a, True)):
+        found = pairs[(pairs["run"] == x) & (pairs["vs"] == y)]["verdict"]
+        if len(found):
+            return flip.get(found.iloc[0], found.iloc[0]) if turn else found.iloc[0]
+    return "not compared"
+
+
+def test_holm_and_pvalues_agree_with_the_intervals() -> None:
+    assert holm([0.01, 0.04, 0.03, 0.5]) == [True, False, False, False]
+    assert holm([0.001, 0.01, 0.02]) == [True, True, True]
+    same = {i: 1.0 for i in range(10)}
+    assert paired_pvalue(same, same, (0, 1)) == 1.0  # no difference
+    assert paired_pvalue({i: 1.0 for i in range(5)}, {i: 0.0 for i in range(5)}, (0, 1)) == 1.0
+    assert paired_pvalue({i: 1.0 for i in range(20)}, {i: 0.0 for i in range(20)}, (0, 1)) < 1e-4
+
+
+def test_one_row_per_run_with_verdicts_and_a_rank_outside_noise(tmp_path: Path) -> None:
+    report = runs(tmp_path / "results")
+    board = leaderboard(report.runs, report.inputs)
+    rows = board.rows.set_index("run")
+    assert list(rows.index[:1]) == ["full"] and not board.warnings
+    column = "gsm8k: vs full"
+    assert rows.at["pyramidkv r=0.2", column] == "lower"  # 12 of 30: 18 losses
+    assert rows.at["snapkv r=0.2", column] == "within noise"  # 2 losses
+    assert rows.at["pyramidkv r=0.2", "gsm8k: n"] == N
+    assert "[" in rows.at["snapkv r=0.2", "gsm8k: score (95% CI)"]
+    pairs = board.pairs
+    assert verdict(pairs, "snapkv r=0.2", "pyramidkv r=0.2") == "higher"  # same bytes
+    assert verdict(pairs, "snapkv r=0.2", "streamingllm r=0.2") == "within noise"
+    assert verdict(pairs, "h2o r=0.4", "snapkv r=0.2") == "not compared"  # other bytes
+    # beaten outside noise by the full cache and SnapKV (and StreamingLLM), never beating them
+    assert rows.at["pyramidkv r=0.2", "rank"] > rows.at["snapkv r=0.2", "rank"]
+    assert rows.at["snapkv r=0.2", "rank"] == rows.at["full", "rank"] == 1
+    assert rows.at["snapkv r=0.2", "kv_ratio"] == 0.2
+
+
+def test_the_report_writes_the_leaderboard_and_the_page_shows_it(tmp_path: Path) -> None:
+    report = runs(tmp_path / "results")
+    paths = write_report(report.runs, tmp_path / "rep", report.requests, [], report.inputs)
+    table = pd.read_csv(paths["leaderboard"])
+    assert {"rank", "run", "kv_ratio", "gsm8k: score (95% CI)", "gsm8k: vs full"} <= set(table)
+    text = paths["leaderboard_md"].read_text()
+    assert "Holm" in text and "paired verdicts" in text and "pyramidkv r=0.2" in text
+    assert "Leaderboard" in paths["html"].read_text()
+
+
+def test_runs_without_a_reference_are_left_out_by_name(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    runs(root)
+    lone = make_record("lone", "snapkv", {"ratio": 0.2}, 0.0, 0.2, ["o"] * 4)
+    lone["config"]["task"]["limit"] = 4  # a slice no full-cache run has
+    dump(root, lone, "lone")
+    report = load_report(root)
+    board = leaderboard(report.runs, report.inputs)
+    assert len(board.warnings) == 1 and "lone" in board.warnings[0]
+    assert "no full-cache run of its setting" in board.warnings[0]
+    assert "lone" not in set(board.rows["run"])
