@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import inspect
+import os
 import platform
 import subprocess
 import sys
@@ -147,5 +148,6 @@ def provenance(device: torch.device, seed: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": device_description(device),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "seed": seed,
     }
