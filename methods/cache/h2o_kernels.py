@@ -33,8 +33,11 @@ import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
-# (BLOCK_M queries, BLOCK_N keys) per tile, warps, pipeline stages: forward, received
+# (BLOCK_M queries, BLOCK_N keys) per tile, warps, pipeline stages: forward, received. Not
+# tuned on a GPU yet; the small tiles for rows over 256 bytes (head_dim 256, or 128 in
+# float32) keep the pipelined tiles within an H100/H200's 228 KiB of shared memory
 GPU_BLOCKS = {"forward": (128, 64, 8, 3), "received": (64, 128, 8, 3)}
+GPU_BLOCKS_WIDE = {"forward": (64, 32, 4, 2), "received": (32, 64, 4, 2)}
 INTERPRETER_BLOCKS = {"forward": (32, 32, 1, 1), "received": (32, 32, 1, 1)}
 
 
@@ -98,7 +101,8 @@ def attention_and_received(
     output = query.new_empty((batch, q_len, q_heads, v_dim))
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=query.device)
     received = torch.empty((batch, kv_heads, seq_len), dtype=torch.float32, device=key.device)
-    blocks = INTERPRETER_BLOCKS if query.device.type == "cpu" else GPU_BLOCKS
+    blocks = GPU_BLOCKS if head_dim * query.element_size() <= 256 else GPU_BLOCKS_WIDE
+    blocks = INTERPRETER_BLOCKS if query.device.type == "cpu" else blocks
     shape = dict(
         Q_LEN=q_len,
         S_LEN=seq_len,

@@ -42,49 +42,71 @@ def logits(q, k, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: 
 
 
 @triton.jit
+def forward_tile(
+    q, K, V, k_base, start, rows, m_i, l_i, acc, scale, cap, offset, S_LEN,
+    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax update of a query block by keys ``start .. start + BLOCK_N``;
+    MASKED: the tile crosses the causal diagonal or the last key (else all are visible)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    dims, vdims = tl.arange(0, HEAD_DIM), tl.arange(0, V_DIM)
+    inside = cols < S_LEN
+    k_at = K + k_base * HEAD_DIM + cols[None, :] * HEAD_DIM + dims[:, None]
+    v_at = V + k_base * V_DIM + cols[:, None] * V_DIM + vdims[None, :]
+    if MASKED:
+        k = tl.load(k_at, mask=inside[None, :], other=0.0)
+        v = tl.load(v_at, mask=inside[:, None], other=0.0)
+    else:
+        k, v = tl.load(k_at), tl.load(v_at)
+    s = logits(q, k, scale, cap, SOFTCAP, IEEE, UPCAST)
+    if MASKED:
+        seen = (cols[None, :] <= offset + rows[:, None]) & inside[None, :]
+        s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _elementwise_max))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def forward(
     Q, K, V, Out, LSE, scale, cap,
     Q_LEN, S_LEN, H_Q: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
     V_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (query block, batch x query head): online softmax over the visible keys."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    """One (query block, batch x query head): online softmax over the visible keys, the
+    keys every query of the block sees first (no mask), then the diagonal's."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H_Q, bh % H_Q
-    kv = b * (H_Q // GROUPS) + h // GROUPS  # row of (B * H_kv)
+    k_base = (b * (H_Q // GROUPS) + h // GROUPS) * S_LEN  # row of (B * H_kv * S)
     offset = S_LEN - Q_LEN  # key index of the first query
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims, vdims = tl.arange(0, HEAD_DIM), tl.arange(0, V_DIM)
     q = tl.load(
-        Q + (bh * Q_LEN + rows[:, None]) * HEAD_DIM + dims[None, :],
+        Q + bh * Q_LEN * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
         mask=rows[:, None] < Q_LEN,
         other=0.0,
     )
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
     acc = tl.full((BLOCK_M, V_DIM), 0.0, tl.float32)
+    # keys before `lo` are seen by every query of the block; the block's last sees `end - 1`
+    lo = tl.minimum(offset + pid_m * BLOCK_M, S_LEN) // BLOCK_N * BLOCK_N
     end = tl.minimum(offset + (pid_m + 1) * BLOCK_M, S_LEN)
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            K + (kv * S_LEN + cols[None, :]) * HEAD_DIM + dims[:, None],
-            mask=cols[None, :] < S_LEN,
-            other=0.0,
-        )
-        s = logits(q, k, scale, cap, SOFTCAP, IEEE, UPCAST)
-        seen = (cols[None, :] <= offset + rows[:, None]) & (cols[None, :] < S_LEN)
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _elementwise_max))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
-        v = tl.load(
-            V + (kv * S_LEN + cols[:, None]) * V_DIM + vdims[None, :],
-            mask=cols[:, None] < S_LEN,
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE, UPCAST)
-        m_i = m_new
+    for start in range(0, lo, BLOCK_N):
+        m_i, l_i, acc = forward_tile(
+            q, K, V, k_base, start, rows, m_i, l_i, acc, scale, cap, offset, S_LEN,
+            HEAD_DIM, V_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_N, False,
+        )  # fmt: skip
+    for start in range(lo, end, BLOCK_N):
+        m_i, l_i, acc = forward_tile(
+            q, K, V, k_base, start, rows, m_i, l_i, acc, scale, cap, offset, S_LEN,
+            HEAD_DIM, V_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_N, True,
+        )  # fmt: skip
     # (B, q, H_q, D_v), the layout transformers' attention functions return
     out_rows = (b * Q_LEN + rows[:, None]) * H_Q + h
     tl.store(
@@ -96,6 +118,29 @@ def forward(
 
 
 @triton.jit
+def received_tile(
+    Q, LSE, k, q_base, lse_base, start, cols, total, scale, cap, offset, Q_LEN,
+    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The probabilities queries ``start .. start + BLOCK_M`` give a block of keys, added
+    to ``total``; MASKED: some of them do not see some of the keys. Rows past the last
+    query read an infinite log-sum-exp: they add 0."""
+    rows = start + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + q_base + rows[:, None] * HEAD_DIM + dims[None, :],
+        mask=rows[:, None] < Q_LEN,
+        other=0.0,
+    )
+    lse = tl.load(LSE + lse_base + rows, mask=rows < Q_LEN, other=float("inf"))
+    p = tl.exp2(logits(q, k, scale, cap, SOFTCAP, IEEE, UPCAST) - lse[:, None])
+    if MASKED:
+        p = tl.where(cols[None, :] <= offset + rows[:, None], p, 0.0)
+    return total + tl.reduce(p, 0, _sum_combine)
+
+
+@triton.jit
 def received(
     Q, K, LSE, R, scale, cap,
     Q_LEN, S_LEN, H_Q: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -103,30 +148,31 @@ def received(
 ):  # fmt: skip
     """One (key block, batch x KV head): the probabilities its keys receive, summed
     over the queries that see them and over the group's query heads."""
-    pid_n, kv = tl.program_id(0), tl.program_id(1)
+    pid_n, kv = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offset = S_LEN - Q_LEN
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     k = tl.load(
-        K + (kv * S_LEN + cols[None, :]) * HEAD_DIM + dims[:, None],
+        K + kv * S_LEN * HEAD_DIM + cols[None, :] * HEAD_DIM + dims[:, None],
         mask=cols[None, :] < S_LEN,
         other=0.0,
     )
     total = tl.full((BLOCK_N,), 0.0, tl.float32)
-    first = tl.maximum(pid_n * BLOCK_N - offset, 0)  # the first query that sees a key
-    first = first // BLOCK_M * BLOCK_M
+    # the query blocks from `first` see some of these keys, those from `mid` all of them
+    first = tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    mid = tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - offset, 0)
+    mid = tl.minimum((mid + BLOCK_M - 1) // BLOCK_M * BLOCK_M, Q_LEN)
     for g in range(GROUPS):
         bh = kv * GROUPS + g  # row of (B * H_q): the group's query heads follow
-        for start in range(first, Q_LEN, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            q = tl.load(
-                Q + (bh * Q_LEN + rows[:, None]) * HEAD_DIM + dims[None, :],
-                mask=rows[:, None] < Q_LEN,
-                other=0.0,
-            )
-            lse = tl.load(LSE + bh * Q_LEN + rows, mask=rows < Q_LEN, other=float("inf"))
-            s = logits(q, k, scale, cap, SOFTCAP, IEEE, UPCAST)
-            seen = (cols[None, :] <= offset + rows[:, None]) & (rows[:, None] < Q_LEN)
-            p = tl.where(seen, tl.exp2(s - lse[:, None]), 0.0)
-            total += tl.reduce(p, 0, _sum_combine)
+        q_base, lse_base = bh * Q_LEN * HEAD_DIM, bh * Q_LEN
+        for start in range(first, mid, BLOCK_M):
+            total = received_tile(
+                Q, LSE, k, q_base, lse_base, start, cols, total, scale, cap, offset, Q_LEN,
+                HEAD_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_M, True,
+            )  # fmt: skip
+        for start in range(mid, Q_LEN, BLOCK_M):
+            total = received_tile(
+                Q, LSE, k, q_base, lse_base, start, cols, total, scale, cap, offset, Q_LEN,
+                HEAD_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_M, False,
+            )  # fmt: skip
     tl.store(R + kv * S_LEN + cols, total, mask=cols < S_LEN)
