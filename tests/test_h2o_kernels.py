@@ -5,7 +5,6 @@ float32 rounding, the same kept positions in a whole H2O run, and a named fallba
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import os
@@ -39,10 +38,10 @@ def interpreter():
 
 
 @functools.cache
-def load(kind: str) -> torch.nn.Module:
+def load(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.set_num_threads(1)
     spec = ModelSpec(name=kind, source="random", architecture=KINDS[kind])
-    return spec.load()[0]
+    return spec.load()[0].to(dtype)
 
 
 def tensors(seq_len, q_len, head_dim, groups, dtype, kv_heads=2, seed=0):
@@ -109,10 +108,26 @@ def test_h2o_keeps_the_same_positions_with_the_kernels(interpreter, kind, fields
         assert torch.equal(method.positions(layer), positions)
 
 
+@pytest.mark.parametrize("kind", ["gqa", "gemma_softcap"])
+def test_h2o_keeps_the_same_positions_in_bfloat16(interpreter, kind):
+    """bfloat16 weights: the kernels round the probabilities to bfloat16 before PV (as
+    flash attention does; the PyTorch path multiplies in float32), so the layers' outputs
+    differ by bfloat16 rounding; the positions kept are still the same."""
+    model, ids = load(kind, torch.bfloat16), prompt(seed=1)
+    eager = H2O(ratio=0.3, sinks=2, prefill_kernel="torch")
+    expected, _ = run(model, ids, [eager], steps=3)
+    method = H2O(ratio=0.3, sinks=2, prefill_kernel="triton")
+    logits, _ = run(model, ids, [method], steps=3, extra=expected[:-1].argmax(-1))
+    assert method.last_stats()["prefill_kernel"] == "triton"
+    torch.testing.assert_close(logits, expected, atol=2e-2, rtol=2e-2)
+    for layer, positions in eager._positions.items():
+        assert torch.equal(method.positions(layer), positions)
+
+
 def test_a_kernel_that_cannot_run_falls_back_with_one_warning(interpreter, caplog):
     """float64 weights (a dtype the kernels lack): the PyTorch path, one warning for the
     run's four layers, the reason in the stats, the positions the PyTorch path keeps."""
-    model, ids = copy.deepcopy(load("gqa")).double(), prompt()
+    model, ids = load("gqa", torch.float64), prompt()
     expected = H2O(ratio=0.3, prefill_kernel="torch")
     run(model, ids, [expected], steps=1)
     method = H2O(ratio=0.3, prefill_kernel="triton")
