@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from test_cache_methods import ARCHS, prompt, run
+from transformers import DynamicCache
 
 from harness.models import ModelSpec
 from methods.base import MethodConfigError
@@ -169,3 +170,63 @@ def test_prefill_kernel_is_checked(monkeypatch):
     with pytest.raises(MethodConfigError, match="method.prefill_kernel=triton cannot run"):
         H2O(prefill_kernel="triton").validate_runtime("cpu", torch.float32, "sdpa")
     H2O(prefill_kernel="auto").validate_runtime("cpu", torch.float32, "sdpa")
+
+
+# On a GPU (bench/gpu/run.sh runs the tests marked cuda): the compiled kernels, at the
+# tile sizes the GPU runs. KVBENCH_CUDA_TESTS_ON=cpu rehearses them in the interpreter.
+DEVICE = os.environ.get("KVBENCH_CUDA_TESTS_ON", "cuda")
+
+
+@pytest.fixture
+def device(request) -> str:
+    if DEVICE != "cuda":
+        request.getfixturevalue("interpreter")
+    return DEVICE
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "head_dim, dtype, softcap, q_share",
+    [
+        (128, torch.bfloat16, None, 1.0),  # Llama-3-8B's heads
+        (128, torch.float32, None, 1.0),  # IEEE float32 tiles (not TF32)
+        (64, torch.float16, None, 0.3),  # the last 30 % of the keys' queries
+        (256, torch.bfloat16, 50.0, 1.0),  # Gemma-2's width and soft cap: the small tiles
+    ],
+)
+def test_compiled_kernels_match_the_pytorch_path(device, head_dim, dtype, softcap, q_share):
+    seq_len = 1000 if device == "cuda" else 100
+    q_len = round(seq_len * q_share)
+    query, key, value = (t.to(device) for t in tensors(seq_len, q_len, head_dim, 4, dtype))
+    scaling = head_dim**-0.5
+    assert h2o_kernels.unsupported(query, key, value, None) is None
+    output, received = h2o_kernels.attention_and_received(
+        query, key, value, scaling=scaling, softcap=softcap
+    )
+    expected_output, expected_received = attention_and_received(
+        query, key, value, scaling=scaling, softcap=softcap
+    )
+    half = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else CLOSE
+    torch.testing.assert_close(output, expected_output, **half)
+    torch.testing.assert_close(received, expected_received, **CLOSE)
+
+
+@pytest.mark.cuda
+def test_h2o_on_the_gpu_runs_the_kernels_and_keeps_the_same_positions(device):
+    """The tiny GQA Llama in bfloat16 on the device: ``auto`` picks the kernels on CUDA
+    (no warning, ``prefill_kernel: triton`` in the stats), ``triton`` elsewhere."""
+    spec = ModelSpec(name="gqa", source="random", architecture=KINDS["gqa"], device=device)
+    model = spec.load()[0].to(torch.bfloat16)
+    ids = prompt(200).to(device)
+    kept = {}
+    for kernel in ("torch", "auto" if device == "cuda" else "triton"):
+        method = H2O(ratio=0.3, sinks=2, prefill_kernel=kernel)
+        method.validate_runtime(device, torch.bfloat16, "sdpa")
+        with torch.inference_mode(), method.applied(model):
+            model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
+        kept[kernel] = method
+    torch_path, kernels = kept.values()
+    assert kernels.last_stats()["prefill_kernel"] == "triton"
+    assert "prefill_fallback" not in kernels.last_stats()
+    for layer, positions in torch_path._positions.items():
+        assert torch.equal(kernels.positions(layer), positions)
