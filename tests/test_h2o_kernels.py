@@ -178,8 +178,12 @@ DEVICE = os.environ.get("KVBENCH_CUDA_TESTS_ON", "cuda")
 
 
 @pytest.fixture
-def device(request) -> str:
-    if DEVICE != "cuda":
+def device(request, monkeypatch) -> str:
+    """The device the cuda tests run on: compiled kernels on CUDA (even after this
+    module's interpreted tests), the interpreter in a CPU rehearsal."""
+    if DEVICE == "cuda":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
         request.getfixturevalue("interpreter")
     return DEVICE
 
