@@ -232,5 +232,7 @@ def test_h2o_on_the_gpu_runs_the_kernels_and_keeps_the_same_positions(device):
     torch_path, kernels = kept.values()
     assert kernels.last_stats()["prefill_kernel"] == "triton"
     assert "prefill_fallback" not in kernels.last_stats()
+    assert torch_path.last_stats()["prefill_kernel"] == "torch"  # as asked: no fallback
+    assert "prefill_fallback" not in torch_path.last_stats()
     for layer, positions in torch_path._positions.items():
         assert torch.equal(kernels.positions(layer), positions)

@@ -160,7 +160,8 @@ class H2O(ScorerMethod):
         self._kernel[layer] = "torch" if why else "triton"
         if why is None:
             return True
-        if self.prefill_kernel == "triton" or query.device.type == "cuda":
+        auto_on_cuda = self.prefill_kernel == "auto" and query.device.type == "cuda"
+        if self.prefill_kernel == "triton" or auto_on_cuda:
             self._fallback[layer] = why
             if why not in self._warned:
                 self._warned.add(why)

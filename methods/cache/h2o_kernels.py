@@ -13,6 +13,11 @@ Here the same quantities come from two streaming passes that hold one tile in re
    ``exp2(logit - lse)``, the softmax probability, without a second softmax or any PV
    product: the received attention (B, H_kv, S) float32.
 
+Work: a flash forward, plus the QK^T half of one again (no PV, no second softmax): 1.5x a
+flash forward's matrix FLOPs and twice its exponentials, all on the tensor cores in the
+model's dtype, with O(S) extra memory (the log-sum-exp and the received attention). Its
+speed against the model's own sdpa is to be measured on a GPU (bench/gpu).
+
 Logits and sums are float32 (float32 inputs are multiplied in IEEE float32, not TF32), so
 the received attention matches the PyTorch path to float32 rounding and H2O keeps the same
 positions. The kernels take the plain causal prefill (no attention mask; queries are the
