@@ -45,27 +45,35 @@ def load(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return spec.load()[0].to(dtype)
 
 
-def tensors(seq_len, q_len, head_dim, groups, dtype, kv_heads=2, seed=0):
+def tensors(seq_len, q_len, head_dim, groups, dtype, kv_heads=2, seed=0, contiguous=False):
+    """query (1, H_q, q, D), key and value (1, H_kv, S, D); unless ``contiguous``, views of
+    (1, n, H, D) tensors, as transformers' attention modules pass them."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(heads, n):
-        return torch.randn(1, heads, n, head_dim, generator=g).to(dtype)
+        states = torch.randn(1, n, heads, head_dim, generator=g).to(dtype).transpose(1, 2)
+        return states.contiguous() if contiguous else states
 
     return rand(kv_heads * groups, q_len), rand(kv_heads, seq_len), rand(kv_heads, seq_len)
 
 
 @pytest.mark.parametrize(
-    "seq_len, q_len, head_dim, groups, softcap",
+    "seq_len, q_len, head_dim, groups, softcap, contiguous",
     [
-        (37, 37, 16, 2, None),  # shorter than a block
-        (200, 200, 16, 2, None),  # not a multiple of the blocks
-        (128, 128, 64, 1, None),  # MHA, a wider head
-        (200, 57, 16, 4, None),  # fewer queries than keys: the last 57 of 200
-        (130, 130, 32, 2, 2.0),  # soft-capped logits
+        (37, 37, 16, 2, None, True),  # shorter than a block
+        (200, 200, 16, 2, None, False),  # not a multiple of the blocks
+        (128, 128, 64, 1, None, True),  # MHA, a wider head
+        (200, 57, 16, 4, None, False),  # fewer queries than keys: the last 57 of 200
+        (130, 130, 32, 2, 2.0, False),  # soft-capped logits
     ],
 )
-def test_kernels_match_the_pytorch_path(interpreter, seq_len, q_len, head_dim, groups, softcap):
-    query, key, value = tensors(seq_len, q_len, head_dim, groups, torch.float32)
+def test_kernels_match_the_pytorch_path(
+    interpreter, seq_len, q_len, head_dim, groups, softcap, contiguous
+):
+    query, key, value = tensors(
+        seq_len, q_len, head_dim, groups, torch.float32, contiguous=contiguous
+    )
+    assert query.is_contiguous() == contiguous
     scaling = head_dim**-0.5 * 3  # sharper than 1/sqrt(d): the probabilities differ more
     assert h2o_kernels.unsupported(query, key, value, None) is None
     output, received = h2o_kernels.attention_and_received(

@@ -102,7 +102,8 @@ def attention_and_received(
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, seq_len, v_dim = key.shape[1], key.shape[2], value.shape[-1]
     groups = q_heads // kv_heads
-    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    strides = (*query.stride()[:3], *key.stride()[:3])  # any layout with contiguous rows
     output = query.new_empty((batch, q_len, q_heads, v_dim))
     lse = torch.empty((batch, q_heads, q_len), dtype=torch.float32, device=query.device)
     received = torch.empty((batch, kv_heads, seq_len), dtype=torch.float32, device=key.device)
@@ -122,13 +123,13 @@ def attention_and_received(
     block_m, block_n, warps, stages = blocks["forward"]
     grid = (math.ceil(q_len / block_m), batch * q_heads)
     kernels.forward[grid](
-        query, key, value, output, lse, scale, cap, V_DIM=v_dim,
+        query, key, value, output, lse, scale, cap, *strides, *value.stride()[:3], V_DIM=v_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **shape,
     )  # fmt: skip
     block_m, block_n, warps, stages = blocks["received"]
     grid = (math.ceil(seq_len / block_n), batch * kv_heads)
     kernels.received[grid](
-        query, key, lse, received, scale, cap,
+        query, key, lse, received, scale, cap, *strides,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **shape,
     )  # fmt: skip
     return output, received

@@ -43,7 +43,7 @@ def logits(q, k, scale, cap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: 
 
 @triton.jit
 def forward_tile(
-    q, K, V, k_base, start, rows, m_i, l_i, acc, scale, cap, offset, S_LEN,
+    q, K, V, k_base, v_base, sk_n, sv_n, start, rows, m_i, l_i, acc, scale, cap, offset, S_LEN,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -52,8 +52,9 @@ def forward_tile(
     cols = start + tl.arange(0, BLOCK_N)
     dims, vdims = tl.arange(0, HEAD_DIM), tl.arange(0, V_DIM)
     inside = cols < S_LEN
-    k_at = K + k_base * HEAD_DIM + cols[None, :] * HEAD_DIM + dims[:, None]
-    v_at = V + k_base * V_DIM + cols[:, None] * V_DIM + vdims[None, :]
+    at = cols.to(tl.int64)
+    k_at = K + k_base + at[None, :] * sk_n + dims[:, None]
+    v_at = V + v_base + at[:, None] * sv_n + vdims[None, :]
     if MASKED:
         k = tl.load(k_at, mask=inside[None, :], other=0.0)
         v = tl.load(v_at, mask=inside[:, None], other=0.0)
@@ -73,7 +74,7 @@ def forward_tile(
 
 @triton.jit
 def forward(
-    Q, K, V, Out, LSE, scale, cap,
+    Q, K, V, Out, LSE, scale, cap, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
     Q_LEN, S_LEN, H_Q: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
     V_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -82,12 +83,13 @@ def forward(
     keys every query of the block sees first (no mask), then the diagonal's."""
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H_Q, bh % H_Q
-    k_base = (b * (H_Q // GROUPS) + h // GROUPS) * S_LEN  # row of (B * H_kv * S)
+    k_base = b * sk_b + h // GROUPS * sk_h  # the KV head of the query head's group
+    v_base = b * sv_b + h // GROUPS * sv_h
     offset = S_LEN - Q_LEN  # key index of the first query
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims, vdims = tl.arange(0, HEAD_DIM), tl.arange(0, V_DIM)
     q = tl.load(
-        Q + bh * Q_LEN * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :],
+        Q + b * sq_b + h * sq_h + rows.to(tl.int64)[:, None] * sq_m + dims[None, :],
         mask=rows[:, None] < Q_LEN,
         other=0.0,
     )
@@ -99,13 +101,13 @@ def forward(
     end = tl.minimum(offset + (pid_m + 1) * BLOCK_M, S_LEN)
     for start in range(0, lo, BLOCK_N):
         m_i, l_i, acc = forward_tile(
-            q, K, V, k_base, start, rows, m_i, l_i, acc, scale, cap, offset, S_LEN,
-            HEAD_DIM, V_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_N, False,
+            q, K, V, k_base, v_base, sk_n, sv_n, start, rows, m_i, l_i, acc, scale, cap,
+            offset, S_LEN, HEAD_DIM, V_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_N, False,
         )  # fmt: skip
     for start in range(lo, end, BLOCK_N):
         m_i, l_i, acc = forward_tile(
-            q, K, V, k_base, start, rows, m_i, l_i, acc, scale, cap, offset, S_LEN,
-            HEAD_DIM, V_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_N, True,
+            q, K, V, k_base, v_base, sk_n, sv_n, start, rows, m_i, l_i, acc, scale, cap,
+            offset, S_LEN, HEAD_DIM, V_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_N, True,
         )  # fmt: skip
     # (B, q, H_q, D_v), the layout transformers' attention functions return
     out_rows = (b * Q_LEN + rows[:, None]) * H_Q + h
@@ -119,7 +121,7 @@ def forward(
 
 @triton.jit
 def received_tile(
-    Q, LSE, k, q_base, lse_base, start, cols, total, scale, cap, offset, Q_LEN,
+    Q, LSE, k, q_base, sq_m, lse_base, start, cols, total, scale, cap, offset, Q_LEN,
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -129,7 +131,7 @@ def received_tile(
     rows = start + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
-        Q + q_base + rows[:, None] * HEAD_DIM + dims[None, :],
+        Q + q_base + rows.to(tl.int64)[:, None] * sq_m + dims[None, :],
         mask=rows[:, None] < Q_LEN,
         other=0.0,
     )
@@ -142,18 +144,19 @@ def received_tile(
 
 @triton.jit
 def received(
-    Q, K, LSE, R, scale, cap,
+    Q, K, LSE, R, scale, cap, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n,
     Q_LEN, S_LEN, H_Q: tl.constexpr, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One (key block, batch x KV head): the probabilities its keys receive, summed
     over the queries that see them and over the group's query heads."""
-    pid_n, kv = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_n, kv = tl.program_id(0), tl.program_id(1).to(tl.int64)  # kv: row of (B * H_kv)
+    b, kv_head = kv // (H_Q // GROUPS), kv % (H_Q // GROUPS)
     offset = S_LEN - Q_LEN
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     k = tl.load(
-        K + kv * S_LEN * HEAD_DIM + cols[None, :] * HEAD_DIM + dims[:, None],
+        K + b * sk_b + kv_head * sk_h + cols.to(tl.int64)[None, :] * sk_n + dims[:, None],
         mask=cols[None, :] < S_LEN,
         other=0.0,
     )
@@ -163,16 +166,16 @@ def received(
     mid = tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - offset, 0)
     mid = tl.minimum((mid + BLOCK_M - 1) // BLOCK_M * BLOCK_M, Q_LEN)
     for g in range(GROUPS):
-        bh = kv * GROUPS + g  # row of (B * H_q): the group's query heads follow
-        q_base, lse_base = bh * Q_LEN * HEAD_DIM, bh * Q_LEN
+        h = kv_head * GROUPS + g  # the group's query heads follow each other
+        q_base, lse_base = b * sq_b + h * sq_h, (b * H_Q + h) * Q_LEN
         for start in range(first, mid, BLOCK_M):
             total = received_tile(
-                Q, LSE, k, q_base, lse_base, start, cols, total, scale, cap, offset, Q_LEN,
-                HEAD_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_M, True,
+                Q, LSE, k, q_base, sq_m, lse_base, start, cols, total, scale, cap, offset,
+                Q_LEN, HEAD_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_M, True,
             )  # fmt: skip
         for start in range(mid, Q_LEN, BLOCK_M):
             total = received_tile(
-                Q, LSE, k, q_base, lse_base, start, cols, total, scale, cap, offset, Q_LEN,
-                HEAD_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_M, False,
+                Q, LSE, k, q_base, sq_m, lse_base, start, cols, total, scale, cap, offset,
+                Q_LEN, HEAD_DIM, IEEE, UPCAST, SOFTCAP, BLOCK_M, False,
             )  # fmt: skip
     tl.store(R + kv * S_LEN + cols, total, mask=cols < S_LEN)
