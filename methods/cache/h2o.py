@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from methods.base import MethodConfigError, attention_modules, check_ratio
+from methods.cache import h2o_kernels
 from methods.cache.attention import (
     accumulated_attention,
     attention_and_received,
     attention_override,
 )
 from methods.cache.scorer import ScorerMethod, gather_tokens, top_indices
+
+log = logging.getLogger(__name__)
+PREFILL_KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -41,12 +47,22 @@ class H2O(ScorerMethod):
     that evicts one token moves the new token into the evicted token's slot (per KV head),
     so the cache is not copied; slots are then no longer in position order (attention does
     not depend on it), and the method tracks each slot's position (``positions(layer)``).
+
+    ``prefill_kernel`` picks how a prefill computes that pass: ``triton`` runs the two
+    kernels of :mod:`~methods.cache.h2o_kernels` (a flash forward that writes each query's
+    log-sum-exp, then the column sums blockwise: no attention matrix in memory), ``torch``
+    the PyTorch path, ``auto`` the kernels on CUDA and the PyTorch path elsewhere. Where
+    the kernels cannot take a call (no Triton, a dtype or head dim they lack, a padding
+    mask) the PyTorch path runs instead, with one logged warning naming why (on CUDA or
+    with ``triton``); :meth:`last_stats` records the path (``prefill_kernel``) and the
+    reason (``prefill_fallback``). Both keep the same positions (tests/test_h2o_kernels.py).
     """
 
     name: str = "h2o"
     window: int = 0
     recent_ratio: float = 0.5
     chunk_size: int = 64
+    prefill_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +79,26 @@ class H2O(ScorerMethod):
         self._positions: dict[int, torch.Tensor] = {}  # layer -> token index per slot
         self._seen: dict[int, int] = {}  # layer -> tokens seen (prompt + generated)
         self._received: dict[int, torch.Tensor] = {}  # layer -> last forward's attention
+        if self.prefill_kernel not in PREFILL_KERNELS:
+            raise MethodConfigError(
+                f"method.prefill_kernel={self.prefill_kernel!r} is not one of "
+                f"{', '.join(PREFILL_KERNELS)}"
+            )
+        self._kernel: dict[int, str] = {}  # layer -> the path its last prefill ran
+        self._fallback: dict[int, str] = {}  # layer -> why its last prefill fell back
+        self._warned: set[str] = set()
+
+    def validate_runtime(self, device: Any, dtype: Any, attn_implementation: str) -> None:
+        """``prefill_kernel: triton`` needs Triton, and CUDA (or the CPU interpreter)."""
+        if self.prefill_kernel != "triton":
+            return
+        why = h2o_kernels.triton_missing()
+        if why is None and torch.device(device).type != "cuda" and not h2o_kernels.interpreted():
+            why = f"it runs on CUDA, not {device} (on the CPU only under TRITON_INTERPRET=1)"
+        if why is not None:
+            raise MethodConfigError(
+                f"method.prefill_kernel=triton cannot run: {why}; set method.prefill_kernel=auto"
+            )
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
@@ -85,17 +121,64 @@ class H2O(ScorerMethod):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         """The layer's attention; keeps what each key received for the hook that follows."""
-        output, received = attention_and_received(
-            query,
-            key,
-            value,
-            scaling=module.scaling if scaling is None else scaling,
-            attention_mask=attention_mask,
-            softcap=getattr(module, "attn_logit_softcapping", None),
-            chunk_size=self.chunk_size,
-        )
-        self._received[module.layer_idx] = received
+        layer, scaling = module.layer_idx, module.scaling if scaling is None else scaling
+        softcap = getattr(module, "attn_logit_softcapping", None)
+        if query.shape[2] > 1 and self._use_kernel(layer, query, key, value, attention_mask):
+            output, received = h2o_kernels.attention_and_received(
+                query, key, value, scaling=scaling, softcap=softcap
+            )
+        else:
+            output, received = attention_and_received(
+                query,
+                key,
+                value,
+                scaling=scaling,
+                attention_mask=attention_mask,
+                softcap=softcap,
+                chunk_size=self.chunk_size,
+            )
+        self._received[layer] = received
         return output, None
+
+    def _use_kernel(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> bool:
+        """Whether this prefill runs the Triton kernels; records the path taken and why it
+        fell back, and logs each reason once (on CUDA, or when ``triton`` was asked for)."""
+        self._fallback.pop(layer, None)
+        if self.prefill_kernel == "torch":
+            why = "prefill_kernel: torch"
+        elif self.prefill_kernel == "auto" and query.device.type != "cuda":
+            why = f"device {query.device.type} (prefill_kernel: auto runs them on CUDA)"
+        else:
+            why = h2o_kernels.unsupported(query, key, value, attention_mask)
+        self._kernel[layer] = "torch" if why else "triton"
+        if why is None:
+            return True
+        auto_on_cuda = self.prefill_kernel == "auto" and query.device.type == "cuda"
+        if self.prefill_kernel == "triton" or auto_on_cuda:
+            self._fallback[layer] = why
+            if why not in self._warned:
+                self._warned.add(why)
+                log.warning("H2O's prefill runs the PyTorch path, not its Triton kernels: %s", why)
+        return False
+
+    def last_stats(self) -> dict[str, Any] | None:
+        """The base per-layer stats plus the prefill's path (``prefill_kernel``: triton,
+        torch, or both joined by ``+``) and, where it fell back from the kernels,
+        ``prefill_fallback``: why."""
+        stats = super().last_stats()
+        if stats is None or not self._kernel:
+            return stats
+        stats = dict(stats, prefill_kernel="+".join(sorted(set(self._kernel.values()))))
+        if self._fallback:
+            stats["prefill_fallback"] = "; ".join(sorted(set(self._fallback.values())))
+        return stats
 
     def _attention_received(
         self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict
