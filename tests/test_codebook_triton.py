@@ -1,0 +1,192 @@
+"""SpindleKV's Triton decode attention (the GPU kernels) against the PyTorch operations and the
+decoded cache, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_cache_methods import load, prompt, run
+from test_codebook_kernels import codebook_layer
+from test_spindlekv import sharp_gqa
+
+from methods.cache import codebook_attention, codebook_triton
+from methods.cache.codebook_layer import CodebookLayer
+from methods.cache.spindlekv import SpindleKV
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra holds it)")
+INTERPRETED = (
+    type(getattr(triton.language.standard, "zeros", None)).__name__ == "InterpretedFunction"
+)
+on_cpu = pytest.mark.skipif(
+    not INTERPRETED,
+    reason="Triton is not under its interpreter (a GPU is visible, or TRITON_INTERPRET was set "
+    "after Triton loaded; tests/conftest.py sets it): test_the_kernels_on_the_gpu checks them",
+)
+
+
+@pytest.fixture(autouse=True)
+def interpreted(monkeypatch):
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # a test may unset it
+
+
+def by_triton(layer: CodebookLayer, query: torch.Tensor, softcap, **options) -> torch.Tensor:
+    def kernel(*args):
+        return codebook_triton.attend(*args, **options)
+
+    return codebook_attention.attend_fused(layer, query, 0.25, softcap, kernel)
+
+
+@on_cpu
+@pytest.mark.parametrize("heads", [True, False])
+@pytest.mark.parametrize("magnitudes", [True, False])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_attention_equals_the_pytorch_operations_and_the_decoded_cache(
+    heads, magnitudes, softcap, splits
+):
+    """40 slots in blocks of 8, one program or three per KV head (the joined partial
+    softmaxes), KV head 0's last query head seeing no slot, one newest token waiting."""
+    layer = codebook_layer(0, heads, magnitudes)
+    query = torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(1)) * 3
+    out = by_triton(layer, query, softcap, splits=splits, block=8)
+    eager = codebook_attention.attend_codebook(layer, query, 0.25, softcap)
+    plain = codebook_attention.attend_materialized(layer, query, None, 0.25, softcap)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)
+    if heads:  # the head that sees no slot reads only the newest token's value
+        torch.testing.assert_close(out[0, 0, 2], layer.values[0, 0, 0])
+
+
+@on_cpu
+def test_triton_attention_reads_bfloat16_storage_in_float32():
+    """Entries, magnitudes, RoPE table and newest tokens stored in bfloat16: the kernel
+    computes in float32, so it gives the float32 operations on the same rounded values."""
+    layer = codebook_layer(5, heads=True, magnitudes=True)
+    table = layer.table.upto(layer.last_position, layer.key_book.entries)
+    parts = [layer.key_book.entries, layer.key_book.magnitudes, layer.value_book.entries,
+             layer.value_book.magnitudes, table, layer.keys, layer.values]  # fmt: skip
+    for part in parts:
+        part.copy_(part.bfloat16().float())  # in place: the layer now holds bf16 values
+    query = torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(6))
+    kb, vb = layer.key_book, layer.value_book
+    q = query.view(1, 2, 3, 16) * 0.25
+    out = codebook_triton.attend(
+        q, kb.entries.bfloat16(), kb.refs, kb.magnitudes.bfloat16(), table.bfloat16(),
+        layer.positions, layer.heads, vb.entries.bfloat16(), vb.refs, vb.magnitudes.bfloat16(),
+        layer.keys.bfloat16(), layer.values.bfloat16(), None, block=16,
+    )  # fmt: skip
+    eager = codebook_attention.attend_codebook(layer, query, 0.25, None)
+    torch.testing.assert_close(out.view(1, 6, 1, 16).transpose(1, 2), eager, atol=1e-5, rtol=1e-4)
+
+
+@on_cpu
+def test_a_query_head_that_sees_no_token_reads_zero_as_the_cpp_kernel_reports():
+    layer = codebook_layer(2, heads=True, magnitudes=True)
+    layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+    query = torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(3))
+    out = by_triton(layer, query, None, block=16)
+    assert torch.equal(out[0, 0, 2], torch.zeros(16))  # KV head 0's last query head
+    seen = [0, 1, 3, 4, 5]
+    eager = codebook_attention.attend_codebook(layer, query, 0.25, None)
+    torch.testing.assert_close(out[:, :, seen], eager[:, :, seen], atol=1e-5, rtol=1e-4)
+
+
+@on_cpu
+@pytest.mark.parametrize("kind", ["sharp", "gqa", "gemma", "gemma_sliding"])
+def test_spindlekv_decodes_through_triton_as_through_the_pytorch_operations(kind, monkeypatch):
+    """Whole decodes on the tiny models (the sharp one: copies keeping different tokens and
+    padding slots; Gemma-3: sliding layers, coded and sliding too with compress_sliding) give
+    the same logits and the same codebook refs and positions as ``decode_attention:
+    codebook``, and every step's attention went through the Triton kernels."""
+    model = sharp_gqa() if kind == "sharp" else load(kind.split("_")[0])
+    ids = prompt(40 if kind == "gemma_sliding" else 96)
+    calls = []
+    real = codebook_triton.attend
+    monkeypatch.setattr(codebook_triton, "attend", lambda *a: calls.append(1) or real(*a))
+    fields = dict(window=8, ratio=0.3, key_threshold=0.9, value_threshold=0.8)
+    if kind == "gemma_sliding":
+        fields["compress_sliding"] = True
+    method = SpindleKV(decode_attention="triton", **fields)
+    triton_logits, triton_cache = run(model, ids, [method], steps=4)
+    assert calls and method.last_stats()["decode_kernel"] == "triton"
+    eager = SpindleKV(decode_attention="codebook", **fields)
+    eager_logits, eager_cache = run(model, ids, [eager], steps=4)
+    torch.testing.assert_close(triton_logits, eager_logits, atol=1e-5, rtol=1e-4)
+    assert triton_logits.argmax(-1).tolist() == eager_logits.argmax(-1).tolist()
+    layers = [(a, b) for a, b in zip(triton_cache.layers, eager_cache.layers, strict=True)
+              if isinstance(a, CodebookLayer)]  # fmt: skip
+    assert layers
+    for a, b in layers:
+        assert torch.equal(a.key_book.refs, b.key_book.refs)
+        assert torch.equal(a.value_book.refs, b.value_book.refs)
+        assert torch.equal(a.positions, b.positions)
+        assert (a.heads is None) == (b.heads is None)
+        assert a.heads is None or torch.equal(a.heads, b.heads)
+
+
+@on_cpu
+def test_a_kernel_that_cannot_run_falls_back_with_one_warning_recorded(monkeypatch):
+    """Triton asked for on a CPU without the interpreter: the PyTorch operations run, with a
+    warning naming why, recorded in the stats; same logits and refs as asked for directly."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    model, ids = load("gqa"), prompt()
+    fields = dict(window=8, ratio=0.3, key_threshold=0.9, value_threshold=0.8)
+    method = SpindleKV(decode_attention="triton", **fields)
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1") as caught:
+        logits, cache = run(model, ids, [method], steps=2)
+    assert len([w for w in caught if "SpindleKV" in str(w.message)]) == 1
+    stats = method.last_stats()
+    assert stats["decode_kernel"] == "codebook"
+    assert "interpreter" in stats["decode_kernel_fallback"]
+    eager_logits, eager_cache = run(
+        model, ids, [SpindleKV(decode_attention="codebook", **fields)], steps=2
+    )
+    assert torch.equal(logits, eager_logits)
+    assert torch.equal(cache.layers[0].key_book.refs, eager_cache.layers[0].key_book.refs)
+
+
+def test_the_kernel_follows_the_device_dtype_and_head_dim(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    resolve = codebook_triton.resolve
+    assert resolve("fused", cpu, torch.float32, {16}) == ("fused", None)  # C++ on a CPU
+    assert resolve("fused", cuda, torch.bfloat16, {128}) == ("triton", None)
+    assert resolve("triton", cpu, torch.float32, {16}) == ("triton", None)  # interpreted
+    assert resolve("codebook", cuda, torch.bfloat16, {128}) == ("codebook", None)
+    kernel, why = resolve("fused", cpu, torch.bfloat16, {16})
+    assert kernel == "codebook" and "float32 only" in why
+    kernel, why = resolve("fused", cuda, torch.float64, {128})
+    assert kernel == "codebook" and "torch.float64" in why
+    kernel, why = resolve("fused", cuda, torch.bfloat16, {128, 300})
+    assert kernel == "codebook" and "not 300" in why
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "triton" else real(n))
+    assert resolve("fused", cuda, torch.bfloat16, {128}) == ("codebook", "Triton is not installed")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_on_the_gpu(dtype):
+    """The compiled kernels (default splits and block) against the float32 PyTorch operations
+    on the same values, the codebooks stored in ``dtype`` on the GPU."""
+    layer = codebook_layer(7, heads=True, magnitudes=True)
+    table = layer.table.upto(layer.last_position, layer.key_book.entries)
+    kb, vb = layer.key_book, layer.value_book
+    stored = [kb.entries, kb.magnitudes, vb.entries, vb.magnitudes, table, layer.keys, layer.values]
+    for part in stored:
+        part.copy_(part.to(dtype).float())
+    query = torch.randn(1, 6, 1, 16, generator=torch.Generator().manual_seed(8))
+    eager = codebook_attention.attend_codebook(layer, query, 0.25, 5.0)
+
+    def gpu(t):
+        return t.cuda() if t.dtype in (torch.int32, torch.bool) else t.to("cuda", dtype)
+
+    out = codebook_triton.attend(
+        (query.view(1, 2, 3, 16) * 0.25).cuda(), gpu(kb.entries), gpu(kb.refs),
+        gpu(kb.magnitudes), gpu(table), gpu(layer.positions), gpu(layer.heads), gpu(vb.entries),
+        gpu(vb.refs), gpu(vb.magnitudes), gpu(layer.keys), gpu(layer.values), 5.0,
+    )  # fmt: skip
+    out = out.cpu().view(1, 6, 1, 16).transpose(1, 2)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
