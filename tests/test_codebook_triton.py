@@ -3,16 +3,19 @@ decoded cache, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``)."
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
 import torch
 from test_cache_methods import load, prompt, run
-from test_codebook_kernels import codebook_layer
+from test_codebook_kernels import codebook_layer, rotate_half_rope
 from test_spindlekv import sharp_gqa
 
 from methods.cache import codebook_attention, codebook_triton
-from methods.cache.codebook_layer import CodebookLayer
+from methods.cache.attention import apply_rope
+from methods.cache.codebook import Codebook
+from methods.cache.codebook_layer import CodebookLayer, RopeTable
 from methods.cache.spindlekv import SpindleKV
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra holds it)")
@@ -95,23 +98,30 @@ def test_a_query_head_that_sees_no_token_reads_zero_as_the_cpp_kernel_reports():
 
 
 @on_cpu
-@pytest.mark.parametrize("kind", ["sharp", "gqa", "gemma", "gemma_sliding"])
+@pytest.mark.parametrize("kind", ["sharp", "gemma", "gemma_sliding"])
 def test_spindlekv_decodes_through_triton_as_through_the_pytorch_operations(kind, monkeypatch):
     """Whole decodes on the tiny models (the sharp one: copies keeping different tokens and
     padding slots; Gemma-3: sliding layers, coded and sliding too with compress_sliding) give
     the same logits and the same codebook refs and positions as ``decode_attention:
-    codebook``, and every step's attention went through the Triton kernels."""
+    codebook``; every step's attention and codebook match went through the Triton kernels."""
     model = sharp_gqa() if kind == "sharp" else load(kind.split("_")[0])
     ids = prompt(40 if kind == "gemma_sliding" else 96)
-    calls = []
-    real = codebook_triton.attend
-    monkeypatch.setattr(codebook_triton, "attend", lambda *a: calls.append(1) or real(*a))
+    calls = {"attend": 0, "append": 0}
+    for name in calls:
+        real = getattr(codebook_triton, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(codebook_triton, name, spy)
     fields = dict(window=8, ratio=0.3, key_threshold=0.9, value_threshold=0.8)
     if kind == "gemma_sliding":
         fields["compress_sliding"] = True
     method = SpindleKV(decode_attention="triton", **fields)
     triton_logits, triton_cache = run(model, ids, [method], steps=4)
-    assert calls and method.last_stats()["decode_kernel"] == "triton"
+    assert calls["attend"] and calls["append"]
+    assert method.last_stats()["decode_kernel"] == "triton"
     eager = SpindleKV(decode_attention="codebook", **fields)
     eager_logits, eager_cache = run(model, ids, [eager], steps=4)
     torch.testing.assert_close(triton_logits, eager_logits, atol=1e-5, rtol=1e-4)
@@ -164,6 +174,47 @@ def test_the_kernel_follows_the_device_dtype_and_head_dim(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "triton" else real(n))
     assert resolve("fused", cuda, torch.bfloat16, {128}) == ("codebook", "Triton is not installed")
+
+
+def step_book(magnitudes: bool, dtype: torch.dtype) -> Codebook:
+    """Four groups (batch 2 x 2 KV heads) of 6 entries each, group 0's entry 4 twice (4, 5),
+    group 3 with none: 24 entries in all, stored in ``dtype``."""
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randn(24, 16, generator=g)
+    rows[5] = rows[4]
+    rows = rows / rows.norm(dim=-1, keepdim=True) if magnitudes else rows
+    owner = torch.tensor([0] * 6 + [1] * 6 + [2] * 12, dtype=torch.int32)
+    refs = torch.randint(0, 6, (2, 2, 10), generator=g, dtype=torch.int32)
+    norms = torch.rand(2, 2, 10, generator=g).to(dtype) + 0.5 if magnitudes else None
+    return Codebook(rows.to(dtype), owner, refs, norms, 0.9, "head")
+
+
+@on_cpu
+@pytest.mark.parametrize("magnitudes", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_step_joins_and_opens_the_entries_the_pytorch_operations_do(magnitudes, dtype):
+    """One decoding step, a key per group given post-RoPE: back to pre-RoPE in the kernel,
+    then it joins its own group's nearest entry (the first of two equal ones) or opens one,
+    numbered in group order, as :meth:`Codebook.append` does (refs, owners, entries and
+    magnitudes); group 3 has no entry, group 1's key is unlike its entries."""
+    book = step_book(magnitudes, dtype)
+    twin = copy.deepcopy(book)
+    pre = torch.randn(2, 2, 1, 16, generator=torch.Generator().manual_seed(10))
+    pre[0, 0, 0] = book.entries[4].float() * 3.0  # group 0: entries 4 and 5, the first wins
+    pre[1, 0, 0] = book.entries[20].float() * 0.5  # group 2 joins entry 20
+    position = torch.tensor([[310], [77]])
+    rope = rotate_half_rope(16)
+    cos, sin = rope(position, pre)
+    post = apply_rope(pre, cos.unsqueeze(1), sin.unsqueeze(1))
+    table = RopeTable(rope).upto(310, pre)
+    book.append_step(post, table, position, codebook_triton.append)
+    twin.append(pre)
+    assert book.refs[..., -1].tolist() == [[4, 24], [20, 25]]
+    assert torch.equal(book.refs, twin.refs) and torch.equal(book.owner, twin.owner)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(book.entries, twin.entries, **tolerance)
+    if magnitudes:
+        torch.testing.assert_close(book.magnitudes, twin.magnitudes, **tolerance)
 
 
 @pytest.mark.cuda

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from methods.base import MethodConfigError
-from methods.cache import codebook_kernels
+from methods.cache import codebook_kernels, codebook_triton
 from methods.cache.attention import apply_rope, undo_rope
 from methods.cache.codebook import Codebook
 from methods.cache.grown import Grown
@@ -254,9 +254,11 @@ class CodebookLayer(DynamicLayer):
         fused = self.kernel == "fused" and codebook_kernels.supported(
             self.keys, self.values, *(book.entries for book in books)
         )
-        if fused and new == 1 and self.key_book.scope == "head":  # the decoding step
-            self.key_book.append_step(self.keys, self.table.upto(last, self.keys), positions)
-            self.value_book.append_step(self.values)
+        kernel = codebook_triton.append if self.kernel == "triton" else None
+        if (fused or kernel) and new == 1 and self.key_book.scope == "head":  # decoding step
+            table = self.table.upto(last, self.keys)
+            self.key_book.append_step(self.keys, table, positions, kernel)
+            self.value_book.append_step(self.values, kernel=kernel)
         else:
             rows = self.table.rows(positions, self.keys, last).float().unsqueeze(1)
             half = rows.shape[-1] // 2

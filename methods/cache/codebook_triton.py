@@ -17,6 +17,7 @@ is how the tests check them against the PyTorch operations and the decoded cache
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -77,12 +78,15 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+@functools.cache
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _splits(programs: int, slots: int, block: int, device: torch.device) -> tuple[int, int]:
     """(splits, slots per split, a multiple of ``block``): enough programs to fill the GPU
     (four per streaming multiprocessor) when the batch's KV heads are fewer."""
-    cores = 4
-    if device.type == "cuda":
-        cores = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    cores = 4 * _multiprocessors(device.index) if device.type == "cuda" else 4
     want = max(1, min(MAX_SPLITS, -(-cores // programs), -(-slots // block)))
     per_split = -(-max(slots, 1) // want)
     per_split = -(-per_split // block) * block
@@ -108,21 +112,25 @@ def attend(
     newest_values: torch.Tensor,
     softcap: float | None,
     splits: int | None = None,
-    block: int = 32,
+    block: int | None = None,
 ) -> torch.Tensor:
     """:func:`methods.cache.codebook_kernels.attend` (same arguments and result: one query
     token (B, H_kv, G, D), already scaled, over the slots and the newest tokens; (B, H_kv,
     G, Dv) float32) by the Triton kernels. ``splits``: how many programs share a KV head's
-    slots (by default enough to fill the GPU); ``block``: slots per loop step (a power of 2)."""
+    slots (by default enough to fill the GPU); ``block``: slots per loop step (a power of 2;
+    by default as many as keep a block's (G, slots, D) products to about 8k floats, which a
+    program holds in registers)."""
     batch, kv_heads, groups, dim = query.shape
     slots, dv, newest = key_refs.shape[-1], value_entries.shape[-1], newest_keys.shape[-2]
     programs = batch * kv_heads
+    g_p, half_p, dv_p = _pow2(groups), _pow2(dim // 2), _pow2(dv)
+    if block is None:
+        block = max(8, min(32, _pow2(8192 // (g_p * max(2 * half_p, dv_p)) + 1) // 2))
     if splits is None:
         splits, per_split = _splits(programs, slots, block, query.device)
     else:
         per_split = -(-max(slots, 1) // splits)
         splits = -(-max(slots, 1) // per_split)
-    g_p, half_p, dv_p = _pow2(groups), _pow2(dim // 2), _pow2(dv)
     q = query.float().contiguous()
     m = q.new_empty(programs, splits, g_p)
     total = q.new_empty(programs, splits, g_p)
@@ -150,3 +158,40 @@ def attend(
         S_P=_pow2(splits),
     )  # fmt: skip
     return out
+
+
+def append(
+    vectors: torch.Tensor,
+    table: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    entries: torch.Tensor,
+    owner: torch.Tensor,
+    count: int,
+    theta: float,
+    magnitudes: bool,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`methods.cache.codebook_kernels.append` (same arguments and result: one new
+    vector per group (N, D) joins its group's most similar entry or opens one, written into
+    the reserved room of ``entries``/``owner``) by the Triton kernels; ``entries`` may be of
+    any dtype the kernels take. Reading back how many entries were made is one host sync."""
+    n, dim = vectors.shape
+    v = vectors.contiguous()
+    scratch = v.new_empty(n, dim, dtype=torch.float32)
+    best = v.new_empty(n, dtype=torch.float32)
+    ref = v.new_empty(n, dtype=torch.int32)
+    norms = v.new_empty(n, dtype=torch.float32)
+    refs = v.new_empty(n, dtype=torch.int32)
+    made = v.new_zeros(1, dtype=torch.int32)
+    none = scratch.new_empty(0)
+    k = kernels()
+    k.match_kernel[(n,)](
+        v, none if table is None else table.contiguous(),
+        none if positions is None else positions.contiguous(), entries, owner, best, ref,
+        scratch, norms, count, dim,
+        HAS_TABLE=table is not None, MAGNITUDES=magnitudes, HALF_P=_pow2(dim // 2), BLOCK_E=64,
+    )  # fmt: skip
+    k.open_kernel[(1,)](
+        best, ref, scratch, entries, owner, refs, made, n, count, dim, float(theta),
+        N_P=_pow2(n), D_P=_pow2(dim),
+    )  # fmt: skip
+    return refs, norms, int(made.item())

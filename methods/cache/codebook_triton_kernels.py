@@ -150,3 +150,82 @@ def join_kernel(
     out = out / tl.where(total > 0.0, total, 1.0)[:, None]
     omask = (g < G)[:, None] & (dv < DV)[None, :]
     tl.store(out_ptr + (bh * G + g[:, None]) * DV + dv[None, :], out, mask=omask)
+
+
+@triton.jit
+def match_kernel(
+    v_ptr, table_ptr, pos_ptr, ent_ptr, owner_ptr, best_ptr, ref_ptr, keep_ptr, norm_ptr,
+    count, D,
+    HAS_TABLE: tl.constexpr, MAGNITUDES: tl.constexpr, HALF_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """Group ``program_id(0)``'s new vector (row n of (N, D); post-RoPE with its position's
+    table row when HAS_TABLE, taken back to pre-RoPE): its norm, the vector an entry would
+    keep (its direction when MAGNITUDES, else as it is) and its own group's most similar of
+    the first ``count`` entries, cosine and index (the first on ties; -inf: none). Entries
+    without magnitudes are compared by direction. Only the group's rows are read."""
+    n = tl.program_id(0)
+    half = D // 2
+    i = tl.arange(0, HALF_P)
+    im = i < half
+    x1 = tl.load(v_ptr + n * D + i, mask=im, other=0.0).to(tl.float32)
+    x2 = tl.load(v_ptr + n * D + half + i, mask=im, other=0.0).to(tl.float32)
+    if HAS_TABLE:  # undo RoPE (cos/sin may carry an attention scaling factor)
+        pos = tl.load(pos_ptr + n).to(tl.int64)
+        cos = tl.load(table_ptr + pos * D + i, mask=im, other=1.0).to(tl.float32)
+        sin = tl.load(table_ptr + pos * D + half + i, mask=im, other=0.0).to(tl.float32)
+        r = cos * cos + sin * sin
+        x1, x2 = (x1 * cos + x2 * sin) / r, (x2 * cos - x1 * sin) / r
+    norm = tl.sqrt(tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0))
+    u1 = x1 / tl.maximum(norm, 1e-12)
+    u2 = x2 / tl.maximum(norm, 1e-12)
+    best = tl.full([], -float("inf"), tl.float32)
+    ref = tl.full([], 0, tl.int32)
+    for start in range(0, count, BLOCK_E):
+        e = start + tl.arange(0, BLOCK_E)
+        own = tl.load(owner_ptr + e, mask=e < count, other=-1) == n
+        rows = ent_ptr + e.to(tl.int64)[:, None] * D + i[None, :]
+        rm = own[:, None] & im[None, :]
+        e1 = tl.load(rows, mask=rm, other=0.0).to(tl.float32)
+        e2 = tl.load(rows + half, mask=rm, other=0.0).to(tl.float32)
+        dot = tl.sum(e1 * u1[None, :], axis=1) + tl.sum(e2 * u2[None, :], axis=1)
+        if not MAGNITUDES:  # raw centres: by direction
+            length = tl.sqrt(tl.sum(e1 * e1, axis=1) + tl.sum(e2 * e2, axis=1))
+            dot = dot / tl.maximum(length, 1e-12)
+        dot = tl.where(own, dot, -float("inf"))
+        top = tl.max(dot, axis=0)
+        at = tl.argmax(dot, axis=0, tie_break_left=True)
+        ref = tl.where(top > best, start + at, ref)
+        best = tl.maximum(best, top)
+    tl.store(best_ptr + n, best)
+    tl.store(ref_ptr + n, ref)
+    tl.store(norm_ptr + n, norm)
+    if MAGNITUDES:
+        x1, x2 = u1, u2
+    tl.store(keep_ptr + n * D + i, x1, mask=im)
+    tl.store(keep_ptr + n * D + half + i, x2, mask=im)
+
+
+@triton.jit
+def open_kernel(
+    best_ptr, ref_ptr, keep_ptr, ent_ptr, owner_ptr, refs_ptr, made_ptr, N, count, D, theta,
+    N_P: tl.constexpr, D_P: tl.constexpr,
+):  # fmt: skip
+    """One program over the N groups, in order: a vector whose best cosine does not exceed
+    ``theta`` opens an entry, numbered from ``count`` in group order (its vector and owner
+    written there); each vector's entry (N,) int32 and how many were made."""
+    n = tl.arange(0, N_P)
+    nm = n < N
+    best = tl.load(best_ptr + n, mask=nm, other=float("inf"))
+    new = (best <= theta) & nm
+    opened = new.to(tl.int32)
+    slot = count + tl.cumsum(opened, axis=0) - opened  # entries opened by earlier groups
+    ref = tl.where(new, slot, tl.load(ref_ptr + n, mask=nm, other=0))
+    tl.store(refs_ptr + n, ref.to(tl.int32), mask=nm)
+    d = tl.arange(0, D_P)
+    wm = new[:, None] & (d < D)[None, :]
+    keep = tl.load(keep_ptr + n[:, None] * D + d[None, :], mask=wm, other=0.0)
+    rows = ent_ptr + slot.to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(rows, keep.to(ent_ptr.dtype.element_ty), mask=wm)
+    tl.store(owner_ptr + slot, n, mask=new)
+    tl.store(made_ptr, tl.sum(opened, axis=0))
