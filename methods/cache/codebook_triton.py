@@ -117,15 +117,13 @@ def attend(
     """:func:`methods.cache.codebook_kernels.attend` (same arguments and result: one query
     token (B, H_kv, G, D), already scaled, over the slots and the newest tokens; (B, H_kv,
     G, Dv) float32) by the Triton kernels. ``splits``: how many programs share a KV head's
-    slots (by default enough to fill the GPU); ``block``: slots per loop step (a power of 2;
-    by default as many as keep a block's (G, slots, D) products to about 8k floats, which a
-    program holds in registers)."""
+    slots (by default enough to fill the GPU); ``block``: slots per loop step (a power of 2,
+    at least 16: the dots' smallest side; 16 by default)."""
     batch, kv_heads, groups, dim = query.shape
     slots, dv, newest = key_refs.shape[-1], value_entries.shape[-1], newest_keys.shape[-2]
     programs = batch * kv_heads
-    g_p, half_p, dv_p = _pow2(groups), _pow2(dim // 2), _pow2(dv)
-    if block is None:
-        block = max(8, min(32, _pow2(8192 // (g_p * max(2 * half_p, dv_p)) + 1) // 2))
+    g_p, d_p, dv_p = max(16, _pow2(groups)), max(16, _pow2(dim)), max(16, _pow2(dv))
+    block = block or 16  # a block's rows stay in registers (head dim 128: 128 per thread)
     if splits is None:
         splits, per_split = _splits(programs, slots, block, query.device)
     else:
@@ -147,15 +145,14 @@ def attend(
         *_strides(key_refs, 2), *_strides(value_refs, 2), *_strides(positions, 2),
         *_strides(key_magnitudes, 2), *_strides(value_magnitudes, 2), *_strides(flags, 3),
         HAS_KMAG=key_magnitudes is not None, HAS_VMAG=value_magnitudes is not None,
-        HAS_HEADS=flags is not None, SOFTCAP=bool(softcap), G_P=g_p, HALF_P=half_p,
-        DV_P=dv_p, BLOCK_U=block,
+        HAS_HEADS=flags is not None, SOFTCAP=bool(softcap), G_P=g_p, D_P=d_p, DV_P=dv_p,
+        BLOCK_U=block,
     )  # fmt: skip
     out = q.new_empty(batch, kv_heads, groups, dv)
     k.join_kernel[(programs,)](
         q, newest_keys.contiguous(), newest_values.contiguous(), m, total, acc, out,
         groups, dim, dv, newest, splits, float(softcap or 1.0),
-        SOFTCAP=bool(softcap), G_P=g_p, HALF_P=half_p, DV_P=dv_p, T_P=_pow2(max(newest, 1)),
-        S_P=_pow2(splits),
+        SOFTCAP=bool(softcap), G_P=g_p, D_P=d_p, DV_P=dv_p, T_P=_pow2(max(newest, 1)),
     )  # fmt: skip
     return out
 
@@ -188,7 +185,7 @@ def append(
         v, none if table is None else table.contiguous(),
         none if positions is None else positions.contiguous(), entries, owner, best, ref,
         scratch, norms, count, dim,
-        HAS_TABLE=table is not None, MAGNITUDES=magnitudes, HALF_P=_pow2(dim // 2), BLOCK_E=64,
+        HAS_TABLE=table is not None, MAGNITUDES=magnitudes, HALF_P=_pow2(dim // 2), BLOCK_E=32,
     )  # fmt: skip
     k.open_kernel[(1,)](
         best, ref, scratch, entries, owner, refs, made, n, count, dim, float(theta),
