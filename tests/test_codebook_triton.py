@@ -1,5 +1,7 @@
-"""SpindleKV's Triton decode attention (the GPU kernels) against the PyTorch operations and the
-decoded cache, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``)."""
+"""SpindleKV's Triton kernels (its GPU decoding step: the attention over the codebooks and the
+codebook match) against the PyTorch operations and the decoded cache, run on the CPU by
+Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py where no GPU is
+visible), plus their compilation for the H200 and, on a GPU, the compiled kernels."""
 
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ on_cpu = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def interpreted(monkeypatch):
+    """SpindleKV's kernel choice reads the variable: keep it set (a test may unset it)."""
     if INTERPRETED:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # a test may unset it
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def by_triton(layer: CodebookLayer, query: torch.Tensor, softcap, **options) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""SpindleKV's codebook decode attention as Triton kernels, for GPUs (``decode_attention:
-fused`` on CUDA, or ``triton`` anywhere Triton runs).
+"""SpindleKV's decoding step over its codebook cache as Triton kernels, for GPUs: the attention
+(:func:`attend`) and the new key's and value's codebook match (:func:`append`), run by
+``decode_attention: fused`` on CUDA and by ``triton`` anywhere Triton runs.
 
 On a GPU the PyTorch-operations path (``methods.cache.codebook_attention.attend_codebook``)
 writes a gathered, rotated (U, D) key buffer, the logits and the weights per layer and step,
@@ -9,7 +10,8 @@ query-head flags once, gather its key entry, RoPE row and value entry (shared ro
 mostly stay in cache) and write nothing per slot: the bytes read per step are about the
 compressed cache's own, not the full cache's. The slots are split across programs (flash
 decoding: a GPU has far more cores than a batch has KV heads), then one small kernel joins
-the splits with the newest not-yet-folded tokens.
+the splits with the newest not-yet-folded tokens. The match reads only each group's own
+entries and numbers the new ones as the PyTorch operations do (the same refs).
 
 The same kernels run on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``), which
 is how the tests check them against the PyTorch operations and the decoded cache.
