@@ -107,13 +107,14 @@ def test_a_query_head_that_sees_no_token_reads_zero_as_the_cpp_kernel_reports():
 
 
 @on_cpu
-@pytest.mark.parametrize("kind", ["sharp", "gemma", "gemma_sliding"])
+@pytest.mark.parametrize("kind", ["sharp", "sharp_fold3", "gemma", "gemma_sliding"])
 def test_spindlekv_decodes_through_triton_as_through_the_pytorch_operations(kind, monkeypatch):
     """Whole decodes on the tiny models (the sharp one: copies keeping different tokens and
-    padding slots; Gemma-3: sliding layers, coded and sliding too with compress_sliding) give
-    the same logits and the same codebook refs and positions as ``decode_attention:
-    codebook``; every step's attention and codebook match went through the Triton kernels."""
-    model = sharp_gqa() if kind == "sharp" else load(kind.split("_")[0])
+    padding slots, and with fold_every 3: up to 3 newest tokens waiting; Gemma-3: sliding
+    layers, coded and sliding too with compress_sliding) give the same logits and the same
+    codebook refs and positions as ``decode_attention: codebook``; every step's attention and
+    codebook match (one token folded at a time) went through the Triton kernels."""
+    model = sharp_gqa() if kind.startswith("sharp") else load(kind.split("_")[0])
     ids = prompt(40 if kind == "gemma_sliding" else 96)
     calls = {"attend": 0, "append": 0}
     for name in calls:
@@ -127,9 +128,11 @@ def test_spindlekv_decodes_through_triton_as_through_the_pytorch_operations(kind
     fields = dict(window=8, ratio=0.3, key_threshold=0.9, value_threshold=0.8)
     if kind == "gemma_sliding":
         fields["compress_sliding"] = True
+    if kind == "sharp_fold3":  # three tokens join the codebooks together (the PyTorch match)
+        fields["fold_every"] = 3
     method = SpindleKV(decode_attention="triton", **fields)
     triton_logits, triton_cache = run(model, ids, [method], steps=4)
-    assert calls["attend"] and calls["append"]
+    assert calls["attend"] and (calls["append"] or kind == "sharp_fold3")
     assert method.last_stats()["decode_kernel"] == "triton"
     eager = SpindleKV(decode_attention="codebook", **fields)
     eager_logits, eager_cache = run(model, ids, [eager], steps=4)
