@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from harness.models import ModelSpec
+if not torch.cuda.is_available():  # before anything loads Triton (torch._dynamo does)
+    # Triton kernels (SpindleKV's GPU decode attention) run on a CPU only under Triton's
+    # interpreter, which must be on when Triton is first imported: tests/test_codebook_triton.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from harness.models import ModelSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_REHEARSAL = "KVBENCH_CUDA_TESTS_ON"  # =cpu: run the cuda-marked tests' CPU rehearsal

@@ -11,6 +11,7 @@ paper's loop over the repeated heads, identical copies folded together).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -311,17 +312,20 @@ class Codebook:
         vectors: torch.Tensor,
         table: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        kernel: Callable[..., tuple[torch.Tensor, torch.Tensor, int]] | None = None,
     ) -> None:
         """:meth:`append` of one decoding step (B, H_kv, 1, D), scope ``head``, by the fused
-        kernel (:func:`methods.cache.codebook_kernels.append`); keys come post-RoPE with the
-        RoPE ``table`` and their ``positions`` (B, 1), and go back to pre-RoPE there."""
+        kernel (:func:`methods.cache.codebook_kernels.append`, or ``kernel``, which takes the
+        same arguments: :func:`methods.cache.codebook_triton.append`); keys come post-RoPE
+        with the RoPE ``table`` and their ``positions`` (B, 1), and go back to pre-RoPE there."""
         batch, kv_heads, _, dim = vectors.shape
         count = batch * kv_heads
         if positions is not None:
             positions = positions.reshape(batch).repeat_interleave(kv_heads).int()
         self._entries.reserve(count)
         self._owner.reserve(count)
-        refs, norms, made = codebook_kernels.append(
+        kernel = codebook_kernels.append if kernel is None else kernel
+        refs, norms, made = kernel(
             vectors.reshape(count, dim), table, positions, self._entries.buffer,
             self._owner.buffer, self._entries.size, self.theta, self.magnitudes is not None,
         )  # fmt: skip

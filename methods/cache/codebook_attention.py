@@ -15,7 +15,9 @@ Decoding one token (:func:`attend_codebook`), no decoded token is kept:
 - values (:func:`weighted_entries`): the softmax weights times the value magnitudes are
   summed into their entries' rows and multiplied by them in one fused kernel.
 That is ``decode_attention: codebook``; ``fused`` (the default) does the same in one C++
-pass per KV head (:func:`attend_fused`, ``methods.cache.codebook_kernels``). The plain
+pass per KV head on a CPU (:func:`attend_fused`, ``methods.cache.codebook_kernels``) and by
+Triton kernels on a GPU (``methods.cache.codebook_triton``; the layer's ``kernel`` is then
+``triton``, as SpindleKV resolved it when applied). The plain
 reading (:func:`attend_materialized`: decode every token, re-apply RoPE with the model's
 rotary, sdpa) is kept as ``decode_attention: materialize`` and is what the tests compare
 the other two against.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from methods.cache import codebook_kernels
+from methods.cache import codebook_kernels, codebook_triton
 from methods.cache.codebook_layer import CodebookLayer
 
 PREFIX = "kvbench_codebook_over_"
@@ -88,6 +91,8 @@ def codebook_attention(
     visible = _all_visible(attention_mask)
     if layer.kernel != "materialize" and query.shape[2] == 1 and visible:
         book = layer.key_book.entries
+        if layer.kernel == "triton":
+            return attend_fused(layer, query, scaling, softcap, codebook_triton.attend), None
         if layer.kernel == "fused" and codebook_kernels.supported(query, book):
             return attend_fused(layer, query, scaling, softcap), None
         return attend_codebook(layer, query, scaling, softcap), None
@@ -128,15 +133,21 @@ def attend_codebook(
 
 
 def attend_fused(
-    layer: CodebookLayer, query: torch.Tensor, scaling: float, softcap: float | None
+    layer: CodebookLayer,
+    query: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    kernel: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """:func:`attend_codebook` by the fused kernel
-    (:func:`methods.cache.codebook_kernels.attend`): (B, 1, H_q, Dv)."""
+    """:func:`attend_codebook` by a fused kernel, (B, 1, H_q, Dv): the C++ one
+    (:func:`methods.cache.codebook_kernels.attend`) or ``kernel``, which takes the same
+    arguments (:func:`methods.cache.codebook_triton.attend`)."""
     batch, q_heads, _, dim = query.shape
     key_book, value_book = layer.key_book, layer.value_book
     kv_heads = layer.positions.shape[1]
     q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim) * scaling  # (B, H_kv, G, D)
-    out = codebook_kernels.attend(
+    kernel = codebook_kernels.attend if kernel is None else kernel
+    out = kernel(
         q, key_book.entries, key_book.refs, key_book.magnitudes,
         layer.table.upto(layer.last_position, key_book.entries), layer.positions, layer.heads,
         value_book.entries, value_book.refs, value_book.magnitudes, layer.keys, layer.values,

@@ -8,14 +8,16 @@ heads keep it. Decoded keys are never kept: attention reads the codebooks direct
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from methods.base import MethodConfigError
-from methods.cache import codebook_kernels
+from methods.cache import codebook_kernels, codebook_triton
 from methods.cache.attention import apply_rope, undo_rope
 from methods.cache.codebook import Codebook
 from methods.cache.grown import Grown
@@ -70,6 +72,31 @@ class RopeTable:
         return 0 if self.table is None else self.table.numel() * self.table.element_size()
 
 
+def model_rope(model: nn.Module, module: nn.Module) -> tuple[tuple, Any]:
+    """(key, ``rope(positions (B, n), like) -> (cos, sin)``) from the model's own rotary
+    embedding (Gemma-3's takes the attention layer's type, local or global), or the layer's
+    own when it defines ``position_embeddings`` (KV-Latent's reduced-dim attention). Layers
+    with the same key share one RoPE (and one :class:`RopeTable`)."""
+    own = getattr(module, "position_embeddings", None)
+    if callable(own):
+        return ("own", module.layer_idx), lambda positions, like: own(positions, like.dtype)
+    found = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
+    if not found:
+        raise MethodConfigError(
+            f"{type(model).__name__} has no `rotary_emb` module: SpindleKV re-applies RoPE to "
+            "its codebook keys and supports RoPE models only"
+        )
+    rotary = found[0]
+    extra = ()
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        extra = (getattr(module, "layer_type", None) or "full_attention",)
+
+    def rope(positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary(like, positions, *extra)
+
+    return ("model", *extra), rope
+
+
 class CodebookLayer(DynamicLayer):
     """SpindleKV's compressed cache layer. Per KV head, U token slots: ``key_book`` over their
     pre-RoPE keys, ``value_book`` over their values, ``positions`` (B, H_kv, U) int32 (each
@@ -113,7 +140,7 @@ class CodebookLayer(DynamicLayer):
         self._heads = None if heads is None else Grown(heads, -1)
         self.last_position = int(positions.max()) if positions.numel() else -1
         self.rope, self.table, self.fold_every = rope, table, fold_every
-        self.kernel = kernel  # SpindleKV's decode_attention: fused, codebook or materialize
+        self.kernel = kernel  # SpindleKV's resolved decode_attention (its decode_kernel)
         self.window = sliding_window  # not `sliding_window`: methods.base's is_sliding
         batch, kv_heads = positions.shape[:2]
         self.tail_positions = positions.new_zeros(batch, 0)
@@ -227,9 +254,11 @@ class CodebookLayer(DynamicLayer):
         fused = self.kernel == "fused" and codebook_kernels.supported(
             self.keys, self.values, *(book.entries for book in books)
         )
-        if fused and new == 1 and self.key_book.scope == "head":  # the decoding step
-            self.key_book.append_step(self.keys, self.table.upto(last, self.keys), positions)
-            self.value_book.append_step(self.values)
+        kernel = codebook_triton.append if self.kernel == "triton" else None
+        if (fused or kernel) and new == 1 and self.key_book.scope == "head":  # decoding step
+            table = self.table.upto(last, self.keys)
+            self.key_book.append_step(self.keys, table, positions, kernel)
+            self.value_book.append_step(self.values, kernel=kernel)
         else:
             rows = self.table.rows(positions, self.keys, last).float().unsqueeze(1)
             half = rows.shape[-1] // 2

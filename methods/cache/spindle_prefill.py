@@ -87,7 +87,7 @@ def build(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> Cod
     )  # fmt: skip
     return CodebookLayer(
         key_book, value_book, positions.int(), heads, p.rope, p.table,
-        method.decode_attention, method.fold_every, p.sliding_window,
+        method.decode_kernel, method.fold_every, p.sliding_window,
     )  # fmt: skip
 
 

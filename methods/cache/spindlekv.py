@@ -3,7 +3,7 @@ codebook of similar keys and values (shallow layers' tokens are the most alike).
 
 from __future__ import annotations
 
-import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from methods.base import MethodConfigError, attention_modules, cache_of
-from methods.cache import codebook_attention, codebook_kernels
+from methods.cache import codebook_attention, codebook_kernels, codebook_triton
 from methods.cache.attention import layer_rope, pool
 from methods.cache.budget import compressed_layers, refuse_eager, require_ragged_ok
 from methods.cache.codebook import SCOPES
-from methods.cache.codebook_layer import CodebookLayer, RopeTable
+from methods.cache.codebook_layer import CodebookLayer, RopeTable, model_rope
 from methods.cache.snapkv import SnapKV
 from methods.cache.spindle_plan import keep_order, spindle_budgets
 from methods.cache.spindle_prefill import Pending, plan
@@ -26,32 +26,7 @@ __all__ = ["SpindleKV", "model_rope", "round_robin", "spindle_budgets"]
 
 GQA_MODES = ("repeat", "union", "group_average")
 BUDGET_MODES = ("bytes", "tokens")
-DECODE_ATTENTION = ("fused", "codebook", "materialize")
-
-
-def model_rope(model: nn.Module, module: nn.Module) -> tuple[tuple, Any]:
-    """(key, ``rope(positions (B, n), like) -> (cos, sin)``) from the model's own rotary
-    embedding (Gemma-3's takes the attention layer's type, local or global), or the layer's
-    own when it defines ``position_embeddings`` (KV-Latent's reduced-dim attention). Layers
-    with the same key share one RoPE (and one :class:`RopeTable`)."""
-    own = getattr(module, "position_embeddings", None)
-    if callable(own):
-        return ("own", module.layer_idx), lambda positions, like: own(positions, like.dtype)
-    found = [m for name, m in model.named_modules() if name.endswith("rotary_emb")]
-    if not found:
-        raise MethodConfigError(
-            f"{type(model).__name__} has no `rotary_emb` module: SpindleKV re-applies RoPE to "
-            "its codebook keys and supports RoPE models only"
-        )
-    rotary = found[0]
-    extra = ()
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        extra = (getattr(module, "layer_type", None) or "full_attention",)
-
-    def rope(positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary(like, positions, *extra)
-
-    return ("model", *extra), rope
+DECODE_ATTENTION = ("fused", "triton", "codebook", "materialize")
 
 
 def round_robin(scores: torch.Tensor) -> torch.Tensor:
@@ -109,8 +84,12 @@ class SpindleKV(SnapKV):
 
     Decode attention (``decode_attention``): ``fused`` (default) reads the codebooks in one
     pass per KV head and matches new tokens against their own group's entries, in the C++
-    kernels of ``methods.cache.codebook_kernels`` (float32 on a CPU; elsewhere it is
-    ``codebook``); ``codebook`` does the same with PyTorch operations (see
+    kernels of ``methods.cache.codebook_kernels`` on a CPU (float32), and attends by the
+    Triton kernels of ``methods.cache.codebook_triton`` on a GPU (``triton`` asks for those
+    anywhere: on a CPU under ``TRITON_INTERPRET=1``, as the tests run them). Where the
+    kernel cannot run (no Triton, a dtype or head dim it does not take) the PyTorch operations
+    run instead, with one warning naming why, recorded in the stats
+    (``decode_kernel_fallback``; ``decode_kernel`` says what ran); ``codebook`` does the same with PyTorch operations (see
     ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry);
     ``materialize`` decodes every token each step (the plain reading). ``ratio: 1.0`` (with
     no ``budget``) is the full cache, untouched. Sliding-window layers keep their own window
@@ -143,7 +122,7 @@ class SpindleKV(SnapKV):
             "gqa": (GQA_MODES, "repeat (the paper), union or group_average (its ablation)"),
             "budget_mode": (BUDGET_MODES, "bytes (equal memory) or tokens (the paper's count)"),
             "codebook_scope": (SCOPES, "head or layer"),
-            "decode_attention": (DECODE_ATTENTION, "fused, codebook or materialize"),
+            "decode_attention": (DECODE_ATTENTION, "fused, triton, codebook or materialize"),
         }
         for field, (allowed, hint) in choices.items():
             if getattr(self, field) not in allowed:
@@ -174,6 +153,8 @@ class SpindleKV(SnapKV):
         self._stats: dict[str, Any] | None = None
         self._sliding: dict[int, dict[str, Any]] = {}  # sliding layer -> its plan's stats
         self._model: nn.Module | None = None
+        self.decode_kernel = self.decode_attention  # what runs, once applied to a model
+        self._kernel_fallback: str | None = None
 
     def validate_for(self, config: Any) -> None:
         require_ragged_ok(self.name, config)
@@ -198,7 +179,8 @@ class SpindleKV(SnapKV):
             self._model = model
             try:
                 if not self.untouched:
-                    if self.decode_attention == "fused" and model.device.type == "cpu":
+                    self._resolve_kernel(model)
+                    if self.decode_kernel == "fused":
                         codebook_kernels.extension()  # built (or loaded) now, not mid-request
                     model.set_attn_implementation(codebook_attention.register(base))
                     for module in modules:
@@ -217,6 +199,21 @@ class SpindleKV(SnapKV):
                 self._rope.clear()
                 self._tables.clear()
                 self._pending = {}
+
+    def _resolve_kernel(self, model: nn.Module) -> None:
+        """Set ``decode_kernel`` for this model (:func:`codebook_triton.resolve`), with one
+        warning naming why when the kernel asked for cannot run."""
+        dims = {int(m.head_dim) for m in attention_modules(model) if hasattr(m, "head_dim")}
+        asked = self.decode_attention
+        kernel, why = codebook_triton.resolve(asked, model.device, model.dtype, dims)
+        self.decode_kernel, self._kernel_fallback = kernel, why
+        if why:
+            warnings.warn(
+                f"SpindleKV: decode_attention={asked} runs the PyTorch operations "
+                f"(decode_attention=codebook) on this model: {why}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _bind(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         layers = getattr(cache_of(kwargs), "layers", ())
@@ -309,7 +306,9 @@ class SpindleKV(SnapKV):
         ``compress_sliding``, sliding layers (each coded alone, ``sliding: true``) are in
         ``layers`` too and ``sliding`` sums them. ``rope_table_bytes``: the tabulated RoPE
         the codebook attention reads (a function of the position, not part of the cache).
-        None before the first request."""
+        ``decode_kernel``: what the decoding steps ran (``fused``: C++, ``triton``,
+        ``codebook``: PyTorch operations, ``materialize``) and, where it is not the kernel
+        asked for, ``decode_kernel_fallback``: why. None before the first request."""
         base = super().last_stats()
         if self._stats is None and not self._sliding:
             return base
@@ -319,6 +318,9 @@ class SpindleKV(SnapKV):
         for stats in self._sliding.values():
             layers += [dict(layer, sliding=True) for layer in stats["layers"]]
         out["layers"] = sorted(layers, key=lambda layer: layer["layer"])
+        out["decode_kernel"] = self.decode_kernel
+        if self._kernel_fallback:
+            out["decode_kernel_fallback"] = self._kernel_fallback
         if self._sliding:
             stored = sum(s["bytes"] for s in self._sliding.values())
             full = sum(s["full_bytes"] for s in self._sliding.values())
