@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from harness import model_cache
+from harness import model_cache, sdpa
 from harness.dtypes import AUTO, is_cuda, resolve_dtype
 from methods.storage import cache_root
 
@@ -60,6 +60,7 @@ class ModelSpec:
     dtype: str = AUTO
     device: str = "cpu"
     attn_implementation: str = "sdpa"
+    sdpa_backend: str = "auto"
     max_length: int | None = None
     threads: int | None = None
 
@@ -77,6 +78,16 @@ class ModelSpec:
             raise ModelConfigError(
                 f"model.attn_implementation={self.attn_implementation!r} is unknown: use "
                 f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        if self.sdpa_backend not in sdpa.BACKENDS:
+            raise ModelConfigError(
+                f"model.sdpa_backend={self.sdpa_backend!r} is unknown: use one of "
+                f"{', '.join(sdpa.BACKENDS)}"
+            )
+        if self.sdpa_backend != "auto" and self.attn_implementation != "sdpa":
+            raise ModelConfigError(
+                f"model.sdpa_backend={self.sdpa_backend} picks a kernel of sdpa attention, but "
+                f"model.attn_implementation={self.attn_implementation}: set one of the two only"
             )
         if not DEVICE_PATTERN.fullmatch(str(self.device)):
             raise ModelConfigError(
@@ -149,6 +160,17 @@ class ModelSpec:
         config._attn_implementation = self.attn_implementation
         return config
 
+    def resolved_sdpa_backend(self, config: Any) -> str:
+        """The kernel sdpa attention runs (``model.sdpa_backend``, ``auto`` resolved for this
+        device, dtype and model: :func:`harness.sdpa.resolve`); refused here, before the
+        weights load, when the named one cannot run the model."""
+        if self.attn_implementation != "sdpa":
+            return "none"
+        try:
+            return sdpa.resolve(self.sdpa_backend, str(self.device), self.resolved_dtype, config)
+        except sdpa.SdpaBackendError as exc:
+            raise ModelConfigError(str(exc)) from None
+
     def resolved_path(self) -> str:
         """Where ``from_pretrained`` reads (the dequantised cache for GGUF models)."""
         if self.source == "gguf_package":
@@ -160,9 +182,11 @@ class ModelSpec:
 
         Random weights are drawn on the CPU, so a seed gives the same model on every device;
         pretrained weights on a GPU are loaded straight onto it (``device_map``), never
-        staged in host memory as a whole."""
+        staged in host memory as a whole. ``sdpa_backend`` is checked before the weights load
+        and entered around every forward pass (:mod:`harness.sdpa`)."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        backend = self.resolved_sdpa_backend(self.load_config())
         if self.source == "random":
             torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(
@@ -182,6 +206,8 @@ class ModelSpec:
         tokenizer = self.load_tokenizer()
         model.to(self.device).eval()
         model.requires_grad_(False)
+        if self.attn_implementation == "sdpa":
+            sdpa.attach(model, self.sdpa_backend, backend)
         return model, tokenizer
 
     def load_tokenizer(self) -> Any:

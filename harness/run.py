@@ -203,6 +203,7 @@ def make_record(
             "dtype_requested": model_spec.dtype,
             "device": str(session.device),
             "attn_implementation": model_spec.attn_implementation,
+            "sdpa_backend": model_spec.resolved_sdpa_backend(model_config),
             "max_length": session.max_length,
         },
         "method": {

@@ -253,6 +253,7 @@ def test_kvbench_run_on_the_gpu_records_dtype_device_and_memory(tmp_path, monkey
     expected = "bfloat16" if DEVICE == "cuda" else "float32"
     assert record["model"]["dtype"] == expected and record["model"]["dtype_requested"] == "auto"
     assert record["model"]["device"].startswith(DEVICE)
+    assert record["model"]["sdpa_backend"] == ("flash" if DEVICE == "cuda" else "default")
     assert record["config"]["model"]["dtype"] == expected
     m = record["measurements"]
     assert m["kv_ratio"] == pytest.approx(0.25, abs=0.01)
