@@ -5,6 +5,10 @@ Greedy, EOS off (the model's generation config), ``max_new_tokens`` tokens. The 
 when the first logits reach the logits processors (the clock synchronises the device there),
 so prefill and decode split as in kvbench's own loop. The static cache is sized to the
 request (prompt + new tokens) and holds all of it: its KV bytes are the full cache's.
+
+Without ``torch.compile``: on CUDA, ``generate`` compiles the forward pass for a static cache
+unless told not to, and compiles again for every new cache length (every request of the
+``new_lengths`` workload), tens of seconds each, more than the whole table's time budget.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def generate_static(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: i
             min_new_tokens=max_new_tokens,
             do_sample=False,
             cache_implementation="static",
+            disable_compile=True,  # see the module docstring
             logits_processor=LogitsProcessorList([clock]),
         )
     end = synchronized_clock(device)

@@ -349,7 +349,7 @@ def main() -> None:
         f"- workloads: repeat = one prompt per context, best of up to {plan.repeats}; "
         f"new_lengths = {plan.new_lengths} requests per method of lengths no other request had, "
         "just above the context (medians; request ms is the mean wall time of one request)",
-        f"- {BASELINE} = model.generate with the static cache (bench/gpu/baseline.py)",
+        f"- {BASELINE} = model.generate with the static cache, not compiled (bench/gpu/baseline.py)",
         f"- ceilings measured in this run: copy bandwidth {ceiling['bandwidth'] / 1e9:.0f} GB/s "
         f"(read + write), {next(model.parameters()).dtype} matrix rate "
         f"{ceiling['matmul'] / 1e12:.1f} TFLOP/s",
