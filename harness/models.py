@@ -59,6 +59,7 @@ class ModelSpec:
     seed: int = 0
     dtype: str = AUTO
     device: str = "cpu"
+    device_map: str | None = None
     attn_implementation: str = "sdpa"
     sdpa_backend: str = "auto"
     max_length: int | None = None
@@ -98,6 +99,8 @@ class ModelSpec:
             raise ModelConfigError(f"model.max_length={self.max_length} is too small (>= 16)")
         if self.threads is not None and self.threads < 1:
             raise ModelConfigError(f"model.threads={self.threads} must be >= 1 (or null)")
+        if self.device_map is not None:
+            self._check_device_map()
         self._check_device()
         if self.source == "gguf_package":
             self.packages = list(self.packages) or [self.path.replace("_", "-")]
@@ -139,6 +142,33 @@ class ModelSpec:
                 )
         if self.attn_implementation.startswith("flash_attention"):
             check_flash_attention(self.attn_implementation, self.device, self.resolved_dtype)
+
+    def _check_device_map(self) -> None:
+        """``device_map: auto`` (accelerate spreads a model too large for one GPU over all
+        visible ones) can run: accelerate installed, CUDA, pretrained weights."""
+        field = f"model.device_map={self.device_map}"
+        if self.device_map != "auto":
+            raise ModelConfigError(f"{field} is unknown: use auto (or null: one device)")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelConfigError(
+                f"{field} needs the accelerate package: `pip install accelerate`, or "
+                "model.device_map=null (the model on model.device)"
+            )
+        if not torch.cuda.is_available() or not is_cuda(self.device):
+            where = (
+                "no CUDA device is visible"
+                if not torch.cuda.is_available()
+                else f"model.device={self.device}"
+            )
+            raise ModelConfigError(
+                f"{field} spreads a model over GPUs, but {where}: use model.device_map=null "
+                "(the model on model.device), or model.device=cuda on a GPU machine"
+            )
+        if self.source == "random":
+            raise ModelConfigError(
+                f"{field} places pretrained weights; a random model (model.source=random) is "
+                "built on the CPU and moved: use model.device_map=null"
+            )
 
     @property
     def resolved_dtype(self) -> str:
@@ -197,6 +227,8 @@ class ModelSpec:
         else:
             path = self.resolved_path()
             placement = {"device_map": self.device} if is_cuda(self.device) else {}
+            if self.device_map is not None:  # accelerate spreads it over the visible GPUs
+                placement = {"device_map": self.device_map}
             model = AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=self.torch_dtype,
@@ -204,7 +236,9 @@ class ModelSpec:
                 **placement,
             )
         tokenizer = self.load_tokenizer()
-        model.to(self.device).eval()
+        if self.device_map is None:
+            model.to(self.device)
+        model.eval()
         model.requires_grad_(False)
         if self.attn_implementation == "sdpa":
             sdpa.attach(model, self.sdpa_backend, backend)
