@@ -16,6 +16,7 @@ calls and kvbench's own all run under it).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ KERNELS = {
 DEFAULT = "default"  # ``auto`` on the CPU: torch's own choice
 FLASH_MAX_HEAD_DIM = 256
 SIXTEEN_BIT = ("float16", "bfloat16")
+_HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
 class SdpaBackendError(ValueError):
@@ -107,7 +109,11 @@ class _Entered:
         self.open: list[Any] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        context = sdpa_kernel(self.backends, set_priority=True)
+        context = (
+            sdpa_kernel(self.backends, set_priority=True)
+            if _HAS_PRIORITY
+            else sdpa_kernel(self.backends)  # torch < 2.6: its own order, flash first
+        )
         context.__enter__()
         self.open.append(context)
 
