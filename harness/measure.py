@@ -207,19 +207,34 @@ class PeakMemory:
     process-lifetime peak is reported (and the rise is an upper bound). The absolute peak is
     dominated by the weights and the allocator; the rise is what the request itself added
     (its KV cache, activations and scratch).
+
+    A model spread over several GPUs (``model.device_map=auto``; :meth:`of_model`) sums the
+    memory before and the peaks over its devices (each device's own peak: their sum bounds
+    what they held at any one time from above).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, also: Iterable[torch.device] = ()) -> None:
         self.device = device
+        self.devices = [device]
+        if device.type == "cuda":
+            self.devices += [d for d in also if d.type == "cuda" and d != device]
         self.resettable = _PROC_CLEAR_REFS.exists()
         self.before = 0
+
+    @classmethod
+    def of_model(cls, model: Any) -> PeakMemory:
+        """The probe of every device ``model``'s parameters are on, its first one first."""
+        first = next(model.parameters()).device
+        return cls(first, sorted({p.device for p in model.parameters()} - {first}, key=str))
 
     def reset(self) -> None:
         """Start a request: reset the high-water mark and read the memory before it."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = int(torch.cuda.memory_allocated(self.device))
+            self.before = 0
+            for device in self.devices:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                self.before += int(torch.cuda.memory_allocated(device))
             return
         if self.resettable:
             try:
@@ -230,8 +245,11 @@ class PeakMemory:
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
+            peak = 0
+            for device in self.devices:
+                torch.cuda.synchronize(device)
+                peak += int(torch.cuda.max_memory_allocated(device))
+            return peak
         return _proc_status_bytes("VmHWM") or int(psutil.Process().memory_info().rss)
 
     def rise_bytes(self, peak: int) -> int:

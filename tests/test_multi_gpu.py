@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import joblib
 import pytest
@@ -18,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import harness.models
-from harness import gpu_lease
+from harness import gpu_lease, measure
 from harness.models import ModelConfigError, ModelSpec, byte_tokenizer
 from harness.run import CONF_DIR
 from tests.conftest import REPO, model_spec
@@ -145,3 +146,28 @@ def test_device_map_without_accelerate_or_without_a_gpu_is_refused(monkeypatch, 
     )
     with pytest.raises(ModelConfigError, match="needs the accelerate package: `pip install acc"):
         spec(**fields)
+
+
+def test_peak_memory_of_a_model_on_several_gpus_sums_its_devices(monkeypatch):
+    """``model.device_map=auto``: the memory before and the peak are the devices' sums."""
+    allocated = {0: 100, 1: 40}
+    peaks = {0: 1000, 1: 300}
+    index = lambda d: torch.device(d).index  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: allocated[index(d)])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: peaks[index(d)])
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    spread = SimpleNamespace(  # a model whose parameters are on the two GPUs
+        parameters=lambda: iter([SimpleNamespace(device=d) for d in (gpus[0], gpus[1], gpus[1])])
+    )
+    assert measure.PeakMemory.of_model(spread).devices == gpus
+    probe = measure.PeakMemory(gpus[0], [gpus[1], gpus[0]])
+    assert probe.devices == gpus
+    probe.reset()
+    assert probe.read() == {
+        "peak_memory_bytes": 1300,
+        "memory_before_bytes": 140,
+        "peak_memory_rise_bytes": 1160,
+    }
+    assert measure.PeakMemory(torch.device("cpu"), gpus).devices == [torch.device("cpu")]
