@@ -4,6 +4,7 @@ hold records; after them, report what is in it."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness.gpu_lease import GpuLeaseError, check_jobs
 from harness.records import ResultsDirError, check_writable
 
 log = logging.getLogger("kvbench")
@@ -28,6 +30,7 @@ class ReportCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_results_dir(config)
+        _check_gpu_jobs(config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         job_return = kwargs.get("job_return")
@@ -78,6 +81,31 @@ def _check_results_dir(config: DictConfig) -> None:
     try:
         check_writable(config.run.results_dir)
     except ResultsDirError as exc:
+        print(f"kvbench: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _check_gpu_jobs(config: DictConfig) -> None:
+    """Exit with one line, before any job starts, when the launcher runs more jobs on GPUs
+    at once than this node has (joblib's ``n_jobs``; submitit_local's ``gpus_per_node``, each
+    job asking for that many). SLURM's own scheduler refuses what its nodes cannot hold."""
+    launcher = config.get("hydra", {}).get("launcher", {})
+    target = str(launcher.get("_target_", ""))
+    device = str(config.get("model", {}).get("device", "cpu"))
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if target.endswith("JoblibLauncher"):
+        jobs = int(launcher.get("n_jobs") or 1)
+        jobs = jobs if jobs > 0 else (os.cpu_count() or 1) + 1 + jobs  # joblib's -1: all cores
+    elif target.endswith("LocalLauncher"):
+        jobs = int(launcher.get("gpus_per_node") or 0)
+    else:
+        return
+    try:
+        check_jobs(jobs, device, torch.cuda.device_count())
+    except GpuLeaseError as exc:
         print(f"kvbench: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

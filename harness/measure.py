@@ -217,34 +217,54 @@ class PeakMemory:
 
     CUDA (:data:`CUDA_PEAK`): ``memory_allocated`` before, ``max_memory_allocated`` after
     resetting the peak statistics: weights, KV cache and activations, as the allocator saw
-    them. CPU (:data:`CPU_PEAK`): the process's resident set does not show a KV cache (its
-    high-water mark is set by the weights' loading and the allocator's reuse, and stays flat
-    over a request), so the peak is what can be counted: the weights' bytes plus the bytes
-    the request's KV cache had allocated at the larger of its two readings (after prefill, at
-    the end); before = the weights, rise = the KV cache. Activations are not counted on the
-    CPU.
+    them. A model spread over several GPUs (``model.device_map=auto``; :meth:`of_model`) sums
+    the memory before and the peaks over its devices (each device's own peak: their sum
+    bounds what they held at any one time from above). CPU (:data:`CPU_PEAK`): the process's
+    resident set does not show a KV cache (its high-water mark is set by the weights' loading
+    and the allocator's reuse, and stays flat over a request), so the peak is what can be
+    counted: the weights' bytes plus the bytes the request's KV cache had allocated at the
+    larger of its two readings (after prefill, at the end); before = the weights, rise = the
+    KV cache. Activations are not counted on the CPU.
     """
 
-    def __init__(self, device: torch.device, weights_bytes: int = 0) -> None:
+    def __init__(
+        self, device: torch.device, weights_bytes: int = 0, also: Iterable[torch.device] = ()
+    ) -> None:
         self.device = device
         self.weights_bytes = int(weights_bytes)
         self.kind = CUDA_PEAK if device.type == "cuda" else CPU_PEAK
+        self.devices = [device]
+        if device.type == "cuda":
+            self.devices += [d for d in also if d.type == "cuda" and d != device]
         self.before = 0
+
+    @classmethod
+    def of_model(cls, model: Any) -> PeakMemory:
+        """The probe of every device ``model``'s parameters are on, its first one first (its
+        weights' bytes for the CPU's count)."""
+        first = next(model.parameters()).device
+        others = sorted({p.device for p in model.parameters()} - {first}, key=str)
+        return cls(first, module_bytes(model), others)
 
     def reset(self) -> None:
         """Start a request: reset the allocator's peak and read the memory before it."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = int(torch.cuda.memory_allocated(self.device))
+            self.before = 0
+            for device in self.devices:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                self.before += int(torch.cuda.memory_allocated(device))
             return
         self.before = self.weights_bytes
 
     def peak_bytes(self, kv_allocated_bytes: int = 0) -> int:
         """The request's peak: the allocator's (CUDA), else weights + ``kv_allocated_bytes``."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
+            peak = 0
+            for device in self.devices:
+                torch.cuda.synchronize(device)
+                peak += int(torch.cuda.max_memory_allocated(device))
+            return peak
         return self.weights_bytes + int(kv_allocated_bytes)
 
     def rise_bytes(self, peak: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from harness import model_cache
+from harness import model_cache, sdpa
 from harness.dtypes import AUTO, is_cuda, resolve_dtype
 from methods.storage import cache_root
 
@@ -59,7 +59,9 @@ class ModelSpec:
     seed: int = 0
     dtype: str = AUTO
     device: str = "cpu"
+    device_map: str | None = None
     attn_implementation: str = "sdpa"
+    sdpa_backend: str = "auto"
     max_length: int | None = None
     threads: int | None = None
 
@@ -78,6 +80,16 @@ class ModelSpec:
                 f"model.attn_implementation={self.attn_implementation!r} is unknown: use "
                 f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
             )
+        if self.sdpa_backend not in sdpa.BACKENDS:
+            raise ModelConfigError(
+                f"model.sdpa_backend={self.sdpa_backend!r} is unknown: use one of "
+                f"{', '.join(sdpa.BACKENDS)}"
+            )
+        if self.sdpa_backend != "auto" and self.attn_implementation != "sdpa":
+            raise ModelConfigError(
+                f"model.sdpa_backend={self.sdpa_backend} picks a kernel of sdpa attention, but "
+                f"model.attn_implementation={self.attn_implementation}: set one of the two only"
+            )
         if not DEVICE_PATTERN.fullmatch(str(self.device)):
             raise ModelConfigError(
                 f"model.device={self.device!r} is not supported: use cpu, cuda or cuda:N "
@@ -87,6 +99,8 @@ class ModelSpec:
             raise ModelConfigError(f"model.max_length={self.max_length} is too small (>= 16)")
         if self.threads is not None and self.threads < 1:
             raise ModelConfigError(f"model.threads={self.threads} must be >= 1 (or null)")
+        if self.device_map is not None:
+            self._check_device_map()
         self._check_device()
         if self.source == "gguf_package":
             self.packages = list(self.packages) or [self.path.replace("_", "-")]
@@ -129,6 +143,33 @@ class ModelSpec:
         if self.attn_implementation.startswith("flash_attention"):
             check_flash_attention(self.attn_implementation, self.device, self.resolved_dtype)
 
+    def _check_device_map(self) -> None:
+        """``device_map: auto`` (accelerate spreads a model too large for one GPU over all
+        visible ones) can run: accelerate installed, CUDA, pretrained weights."""
+        field = f"model.device_map={self.device_map}"
+        if self.device_map != "auto":
+            raise ModelConfigError(f"{field} is unknown: use auto (or null: one device)")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelConfigError(
+                f"{field} needs the accelerate package: `pip install accelerate`, or "
+                "model.device_map=null (the model on model.device)"
+            )
+        if not torch.cuda.is_available() or not is_cuda(self.device):
+            where = (
+                "no CUDA device is visible"
+                if not torch.cuda.is_available()
+                else f"model.device={self.device}"
+            )
+            raise ModelConfigError(
+                f"{field} spreads a model over GPUs, but {where}: use model.device_map=null "
+                "(the model on model.device), or model.device=cuda on a GPU machine"
+            )
+        if self.source == "random":
+            raise ModelConfigError(
+                f"{field} places pretrained weights; a random model (model.source=random) is "
+                "built on the CPU and moved: use model.device_map=null"
+            )
+
     @property
     def resolved_dtype(self) -> str:
         """The dtype name the weights get: ``dtype``, with ``auto`` resolved from ``device``
@@ -149,6 +190,17 @@ class ModelSpec:
         config._attn_implementation = self.attn_implementation
         return config
 
+    def resolved_sdpa_backend(self, config: Any) -> str:
+        """The kernel sdpa attention runs (``model.sdpa_backend``, ``auto`` resolved for this
+        device, dtype and model: :func:`harness.sdpa.resolve`); refused here, before the
+        weights load, when the named one cannot run the model."""
+        if self.attn_implementation != "sdpa":
+            return "none"
+        try:
+            return sdpa.resolve(self.sdpa_backend, str(self.device), self.resolved_dtype, config)
+        except sdpa.SdpaBackendError as exc:
+            raise ModelConfigError(str(exc)) from None
+
     def resolved_path(self) -> str:
         """Where ``from_pretrained`` reads (the dequantised cache for GGUF models)."""
         if self.source == "gguf_package":
@@ -160,9 +212,11 @@ class ModelSpec:
 
         Random weights are drawn on the CPU, so a seed gives the same model on every device;
         pretrained weights on a GPU are loaded straight onto it (``device_map``), never
-        staged in host memory as a whole."""
+        staged in host memory as a whole. ``sdpa_backend`` is checked before the weights load
+        and entered around every forward pass (:mod:`harness.sdpa`)."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        backend = self.resolved_sdpa_backend(self.load_config())
         if self.source == "random":
             torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(
@@ -173,6 +227,8 @@ class ModelSpec:
         else:
             path = self.resolved_path()
             placement = {"device_map": self.device} if is_cuda(self.device) else {}
+            if self.device_map is not None:  # accelerate spreads it over the visible GPUs
+                placement = {"device_map": self.device_map}
             model = AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=self.torch_dtype,
@@ -180,8 +236,12 @@ class ModelSpec:
                 **placement,
             )
         tokenizer = self.load_tokenizer()
-        model.to(self.device).eval()
+        if self.device_map is None:
+            model.to(self.device)
+        model.eval()
         model.requires_grad_(False)
+        if self.attn_implementation == "sdpa":
+            sdpa.attach(model, self.sdpa_backend, backend)
         return model, tokenizer
 
     def load_tokenizer(self) -> Any:

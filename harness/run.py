@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness import preflight, records, results
+from harness import gpu_lease, preflight, records, results
 from harness.lm import KVBenchLM
 from harness.models import ModelSpec
 from harness.preflight import BAD_INPUT, ConfigError
@@ -107,8 +107,33 @@ def execute(cfg: DictConfig) -> Path:
     )
     window = model_spec.context_length(model_config)
     preflight.check_window(window, limits, cap, model_spec.max_length)
-    started, clock = now(), time.perf_counter()
+    with gpu_lease.on_a_free_gpu(model_spec) as model_spec:
+        record = _run(cfg, model_spec, model_config, method, task, task_manager, data_hash)
+    records.write_record(folder, record, cfg, overwrite=cfg.run.overwrite)
+    score = record["score"]
+    log.info(
+        "%s: %s = %s, kv_ratio = %s -> %s",
+        folder.name,
+        score["metric"],
+        score["value"],
+        record["measurements"]["kv_ratio"],
+        folder,
+    )
+    return folder
 
+
+def _run(
+    cfg: DictConfig,
+    model_spec: ModelSpec,
+    model_config: Any,
+    method: Method,
+    task: TaskSpec,
+    task_manager: Any,
+    data_hash: str | None,
+) -> dict[str, Any]:
+    """Load the model, run the task's requests under the method, and return the record."""
+    cap = cfg.run.max_gen_toks
+    started, clock = now(), time.perf_counter()
     model, tokenizer = model_spec.load()
     with apply(
         method,
@@ -154,17 +179,7 @@ def execute(cfg: DictConfig) -> Path:
         "finished_at": now(),
         "wall_s": time.perf_counter() - clock,
     }
-    records.write_record(folder, record, cfg, overwrite=cfg.run.overwrite)
-    score = record["score"]
-    log.info(
-        "%s: %s = %s, kv_ratio = %s -> %s",
-        folder.name,
-        score["metric"],
-        score["value"],
-        record["measurements"]["kv_ratio"],
-        folder,
-    )
-    return folder
+    return record
 
 
 def with_resolved_dtype(cfg: DictConfig, model_spec: ModelSpec) -> DictConfig:
@@ -203,6 +218,7 @@ def make_record(
             "dtype_requested": model_spec.dtype,
             "device": str(session.device),
             "attn_implementation": model_spec.attn_implementation,
+            "sdpa_backend": model_spec.resolved_sdpa_backend(model_config),
             "max_length": session.max_length,
         },
         "method": {

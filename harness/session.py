@@ -38,7 +38,6 @@ from harness.measure import (
     PeakMemory,
     RequestMeasurement,
     floor_bytes,
-    module_bytes,
     synchronized_clock,
 )
 from methods.base import Method, PromptParts
@@ -115,7 +114,7 @@ class Session:
         self.max_length = max_length
         self.add_bos_token = add_bos_token
         self.device = next(model.parameters()).device
-        self.peak_memory = PeakMemory(self.device, module_bytes(model))
+        self.peak_memory = PeakMemory.of_model(model)
         self.measurements: list[RequestMeasurement] = []
         self.compresses_prompts = "prompt" in method.kinds()
         # every method but the untouched model scores continuations token by token, so the

@@ -39,16 +39,24 @@ def test_run_sh_dry_run_writes_the_logs_and_the_table(tmp_path):
         assert (out / name).is_file(), name
     assert "import harness.api ok" in (out / "env.txt").read_text()
     table = pd.read_csv(out / "gpu_speed.csv")
-    assert set(table["method"]) == set(speed.METHODS)
+    assert set(table["method"]) == set(speed.METHODS) and "transformers" in speed.METHODS
     assert sorted(set(table["context"])) == [64, 128]
-    assert (table["status"] == "ok").all()
+    assert set(table["workload"]) == {"repeat", "new_lengths"}
+    assert len(table) == 2 * 2 * len(speed.METHODS)
+    assert (table["status"] == "ok").all(), table[table["status"] != "ok"]["status"].tolist()
     full = table[table["method"] == "full"]
     assert (full["prefill vs full"] == 1).all() and (full["KV vs full"] == 1).all()
     kept = table[table["method"].isin(EVICTION)]["KV vs full"]
     assert kept.between(0.17, 0.23).all()  # 20 % of the KV cache, measured
-    for column in ("prefill ms", "decode ms/tok", "decode vs floor", "peak MB"):
+    for column in ("prefill ms", "decode ms/tok", "decode vs floor", "peak MB", "request ms"):
         assert (table[column] > 0).all(), column
-    assert "DRY RUN" in (out / "gpu_speed.md").read_text()
+    new = table[table["workload"] == "new_lengths"]
+    assert (new["requests"] == 2).all() and new["same tokens"].isna().all()  # 8 on a GPU
+    baseline = table[(table["method"] == "transformers") & (table["workload"] == "repeat")]
+    assert (baseline["KV vs full"] == 1).all()  # the static cache holds every token
+    assert baseline["same tokens"].all()  # model.generate decodes what kvbench's full cache does
+    text = (out / "gpu_speed.md").read_text()
+    assert "DRY RUN" in text and "model.sdpa_backend=auto" in text
 
 
 def test_a_run_is_projected_from_the_methods_smaller_contexts():
@@ -63,7 +71,7 @@ def test_a_run_is_projected_from_the_methods_smaller_contexts():
 def test_the_table_skips_and_names_what_failed_or_would_not_fit(tiny_gqa, monkeypatch):
     model, tokenizer = tiny_gqa
 
-    def fake_cell(model, tokenizer, name, ids, plan):
+    def fake_cell(model, tokenizer, name, workload, context, plan):
         if name == "h2o":
             raise torch.OutOfMemoryError("CUDA out of memory")
         if name == "snapkv":
@@ -74,15 +82,42 @@ def test_the_table_skips_and_names_what_failed_or_would_not_fit(tiny_gqa, monkey
     methods = ["full", "h2o", "snapkv", "pyramidkv"]
     plan = speed.Plan([64, 128], methods, 0.2, 2, 1, 1.0, cell_s=10, budget_s=100)
     rows = speed.measure(model, tokenizer, plan, time.perf_counter(), lambda rows: None)
-    status = {(r["method"], r["context"]): r["status"] for r in rows}
-    assert status[("full", 128)] == "ok"
-    assert status[("h2o", 64)] == "out of memory"
-    assert status[("h2o", 128)] == "skipped: out of memory at a smaller context"
-    assert status[("snapkv", 64)].startswith("failed: RuntimeError: boom")
-    assert status[("pyramidkv", 128)] == "skipped: projected 14 s > 10 s"
+    status = {(r["method"], r["workload"], r["context"]): r["status"] for r in rows}
+    assert status[("full", "new_lengths", 128)] == "ok"
+    assert status[("h2o", "repeat", 64)] == "out of memory"
+    assert status[("h2o", "new_lengths", 64)] == "skipped: out of memory at a smaller context"
+    assert status[("snapkv", "repeat", 64)].startswith("failed: RuntimeError: boom")
+    assert status[("pyramidkv", "repeat", 128)] == "skipped: projected 14 s > 10 s"
     spent = speed.Plan([64], ["full"], 0.2, 2, 1, 1.0, cell_s=10, budget_s=-1)
-    (row,) = speed.measure(model, tokenizer, spent, time.perf_counter(), lambda rows: None)
-    assert row["status"].startswith("skipped: the table's")
+    rows = speed.measure(model, tokenizer, spent, time.perf_counter(), lambda rows: None)
+    assert all(r["status"].startswith("skipped: the table's") for r in rows)
+
+
+def test_a_method_failing_its_warm_up_is_named_in_its_rows_and_the_rest_run(tiny_gqa, monkeypatch):
+    """SpindleKV's warm-up once raised on a GPU and took the whole table with it."""
+    model, tokenizer = tiny_gqa
+    real = speed.request
+
+    def request(model, tokenizer, name, ids, plan):
+        if name == "spindlekv":
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+        return real(model, tokenizer, name, ids, plan)
+
+    monkeypatch.setattr(speed, "request", request)
+    plan = speed.Plan([16], ["full", "streamingllm", "spindlekv"], 0.25, 2, 1, 1.0, 60, 600)
+    speed.warm_up(model, tokenizer, plan)
+    rows = speed.measure(model, tokenizer, plan, time.perf_counter(), lambda rows: None)
+    status = {(r["method"], r["workload"]): r["status"] for r in rows}
+    failed = "failed at warm-up: TypeError: can't convert cuda:0 device type tensor to numpy"
+    assert status[("spindlekv", "repeat")] == status[("spindlekv", "new_lengths")] == failed
+    assert {v for k, v in status.items() if k[0] != "spindlekv"} == {"ok"}
+
+
+def test_new_lengths_are_near_the_context_and_never_repeat():
+    lengths = [n for slot in range(len(speed.METHODS)) for n in speed.new_lengths(8192, slot)]
+    assert len(set(lengths)) == len(lengths) == 8 * len(speed.METHODS)
+    assert min(lengths) > 8192 and max(lengths) <= 1.1 * 8192
+    assert speed.new_lengths(64, 0) == list(range(65, 73))
 
 
 def fake_wheel(folder, name: str, version: str, requires: list[str]) -> None:

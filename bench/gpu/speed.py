@@ -13,41 +13,68 @@ seeded random token ids. Each (method, context) runs through kvbench's own reque
 ``--decode-tokens`` tokens with EOS disabled, so every method decodes the same number of steps.
 Prefill and decode times are kvbench's (the clock synchronises the GPU), peak memory is the
 allocator's peak during the request (reset per request, weights included), KV bytes are the
-bytes the cache holds after prefill. Best of ``--repeats`` (one when a run takes longer than
-``--repeat-below-s``).
+bytes the cache holds after prefill. Attention runs sdpa's kernel of ``--sdpa-backend``
+(``model.sdpa_backend``, ``auto``: flash on the GPU, see harness/sdpa.py).
+
+Workloads (the ``workload`` column): ``repeat``, one prompt per context, best of ``--repeats``
+(one when a run takes longer than ``--repeat-below-s``); ``new_lengths``, 8 requests (``--new-lengths``; 2 in a dry run) whose
+prompt lengths no other request had (just above the context, each method its own), as real
+tasks bring: medians of their times and the mean wall time of a request (``request ms``), which
+shows what a kernel that plans per input shape costs. Rows: the full cache, every cache method,
+and ``transformers``: ``model.generate`` with the static cache (bench/gpu/baseline.py), the
+baseline a user would otherwise reach for.
 
 Ratios: ``vs full`` = method / full cache at the same context (lower is better);
 ``decode vs floor`` = measured / (weights + KV bytes) / copy bandwidth; ``prefill vs floor`` =
 measured / max(FLOPs / matrix rate, bytes / bandwidth) of a full-cache prefill (bench/gpu/
-ceilings.py). A (method, context) whose run is projected (from its smaller contexts) to take
-longer than ``--cell-s`` or the time left of ``--budget-s`` is skipped, and an out-of-memory or
-any other failure is caught: the table says which and why.
+ceilings.py). A (method, workload, context) whose run is projected (from its smaller contexts)
+to take longer than ``--cell-s`` or the time left of ``--budget-s`` is skipped, and an
+out-of-memory or any other failure, the warm-up's included, is caught: the method's rows say
+which and why, and every other method still runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import generate, load  # noqa: E402
 from bench.gpu import ceilings  # noqa: E402
+from bench.gpu.baseline import generate_static  # noqa: E402
+from bench.gpu.speed_table import MB, table, verdicts  # noqa: E402
 from harness.models import ModelSpec  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
-# cheapest first: when the time budget runs out at a long context, the costly ones are skipped
-METHODS = ("full", "streamingllm", "knorm", "snapkv", "pyramidkv", "h2o", "spindlekv")
+# cheapest first: when the time budget runs out at a long context, the costly ones are skipped;
+# ``transformers`` is model.generate with the static cache (bench/gpu/baseline.py)
+METHODS = (
+    "full",
+    "transformers",
+    "streamingllm",
+    "knorm",
+    "snapkv",
+    "pyramidkv",
+    "h2o",
+    "spindlekv",
+)
+BASELINE = "transformers"
+# repeat: one prompt per context, best of --repeats; new_lengths: NEW_LENGTHS requests of
+# lengths no other request had (each method its own), as real tasks bring
+WORKLOADS = ("repeat", "new_lengths")
+NEW_LENGTHS = 8
 LLAMA3_8B = dict(
     model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
     num_key_value_heads=8, head_dim=128, vocab_size=1024, rope_theta=500000.0,
@@ -58,7 +85,6 @@ TINY = dict(
     LLAMA3_8B, hidden_size=64, intermediate_size=128, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=4096,
 )  # fmt: skip
-MB = 2**20
 
 
 @dataclass
@@ -73,13 +99,16 @@ class Plan:
     repeat_below_s: float
     cell_s: float
     budget_s: float
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    new_lengths: int = NEW_LENGTHS
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
     def projected_s(self, method: str, context: int) -> float | None:
         """A run's seconds at ``context``, from the method's runs at smaller contexts: the
         growth between its last two (an exponent in [1, 2]), else an exponent of 1.5 (prefill
-        attention grows quadratically, the rest linearly; SpindleKV's codebook loop less)."""
+        attention grows quadratically, the rest linearly; SpindleKV's codebook loop less).
+        ``method`` is a history key: a method, or ``method/workload``."""
         runs = self.history.get(method, [])
         if not runs:
             return None
@@ -92,7 +121,7 @@ class Plan:
         return t1 * (context / c1) ** exponent
 
 
-def arguments() -> argparse.Namespace:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (CI)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/gpu/out"))
@@ -105,12 +134,16 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--repeat-below-s", type=float, default=5.0)
     parser.add_argument("--cell-s", type=float, default=120.0, help="longest run allowed")
     parser.add_argument("--budget-s", type=float, default=180.0, help="for the whole table")
-    args = parser.parse_args()
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--new-lengths", type=int, default=NEW_LENGTHS, help="requests per cell")
+    parser.add_argument("--sdpa-backend", default="auto", help="model.sdpa_backend")
+    args = parser.parse_args(argv)
     if args.contexts is None:
         args.contexts = [64, 128] if args.dry_run else [8192, 32768, 131072]
     if args.dry_run:
         args.decode_tokens = min(args.decode_tokens, 4)
         args.repeats = 1
+        args.new_lengths = min(args.new_lengths, 2)
         torch.set_num_threads(1)  # tiny shapes: one thread is fastest (and kind to CI)
     return args
 
@@ -126,6 +159,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, Model
         device="cpu" if args.dry_run else "cuda",
         dtype="auto",
         attn_implementation="sdpa",
+        sdpa_backend=args.sdpa_backend,
     )
     model, tokenizer = spec.load()
     model.generation_config.eos_token_id = []  # decode every step, whatever the random model says
@@ -137,32 +171,74 @@ def prompt(context: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, context), generator=generator, device="cpu")
 
 
-def run_cell(model, tokenizer, name: str, ids: torch.Tensor, plan: Plan) -> dict:
-    """Best of the repeats of one (method, context): times, peak memory, KV bytes, tokens."""
+def request(model, tokenizer, name: str, ids: torch.Tensor, plan: Plan) -> dict:
+    """One request of ``name`` (a method, ``full`` or ``transformers``): its times, peak
+    memory, KV bytes and tokens."""
+    if name == BASELINE:
+        return generate_static(model, ids, plan.decode_tokens)
     method = None if name == "full" else load("method", name, ratio=plan.ratio)
-    best: dict = {}
+    start = time.perf_counter()
+    out = generate(model, tokenizer, method, ids, plan.decode_tokens)
+    wall = time.perf_counter() - start
+    gen, m = out.generation, out.measurement
+    return {
+        "prefill_s": gen.prefill_s,
+        "decode_total_s": gen.decode_s,
+        "decode_steps": gen.decode_steps,
+        "peak_bytes": m.peak_memory_bytes,
+        "kv_bytes": gen.kv_bytes_prefill,
+        "kv_bytes_final": gen.kv_bytes_final,
+        "kv_full_bytes": m.kv_full_bytes_prefill,
+        "tokens": gen.tokens,
+        "wall_s": wall,
+    }
+
+
+def new_lengths(context: int, slot: int, count: int = NEW_LENGTHS) -> list[int]:
+    """``count`` prompt lengths just above ``context`` that no other request has: slot
+    ``slot`` (a row's index) gets its own, so no method finds a shape another one warmed."""
+    step = max(1, context // 1024)
+    return [context + step * (1 + slot * count + i) for i in range(count)]
+
+
+def run_cell(model, tokenizer, name: str, workload: str, context: int, plan: Plan) -> dict:
+    """One (method, workload, context). ``repeat``: best of the repeats of one prompt.
+    ``new_lengths``: a request per new length, medians of its times, mean wall time."""
+    vocab = model.config.vocab_size
+    if workload == "new_lengths":
+        slot = list(dict.fromkeys(["full", *plan.methods])).index(name)
+        lengths = new_lengths(context, slot, plan.new_lengths)
+        runs = [request(model, tokenizer, name, prompt(n, vocab), plan) for n in lengths]
+        kv = ("kv_bytes", "kv_bytes_final", "kv_full_bytes")
+        return {
+            "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+            "decode_s": statistics.median(per_token(r) for r in runs),
+            "peak_bytes": max(r["peak_bytes"] for r in runs),
+            **{k: statistics.mean(r[k] for r in runs) for k in kv},
+            "prompt_tokens": statistics.mean(lengths),
+            "tokens": [r["tokens"] for r in runs],
+            "wall_s": statistics.mean(r["wall_s"] for r in runs),
+            "repeats": len(runs),
+        }
+    ids, best = prompt(context, vocab), {}
     for _ in range(plan.repeats):
-        start = time.perf_counter()
-        out = generate(model, tokenizer, method, ids, plan.decode_tokens)
-        wall = time.perf_counter() - start
-        gen, m = out.generation, out.measurement
-        per_token = gen.decode_s / max(gen.decode_steps, 1)
+        r = request(model, tokenizer, name, ids, plan)
         best = {
-            "prefill_s": min(best.get("prefill_s", math.inf), gen.prefill_s),
-            "decode_s": min(best.get("decode_s", math.inf), per_token),
-            "peak_bytes": max(best.get("peak_bytes", 0), m.peak_memory_bytes),
-            "kv_bytes": gen.kv_bytes_prefill,
-            "kv_bytes_final": gen.kv_bytes_final,
-            "kv_full_bytes": m.kv_full_bytes_prefill,
-            "decode_steps": gen.decode_steps,
-            "tokens": gen.tokens,
-            "wall_s": min(best.get("wall_s", math.inf), wall),
+            **r,
+            "prefill_s": min(best.get("prefill_s", math.inf), r["prefill_s"]),
+            "decode_s": min(best.get("decode_s", math.inf), per_token(r)),
+            "peak_bytes": max(best.get("peak_bytes", 0), r["peak_bytes"]),
+            "prompt_tokens": context,
+            "wall_s": min(best.get("wall_s", math.inf), r["wall_s"]),
             "repeats": best.get("repeats", 0) + 1,
         }
-        del out
-        if wall > plan.repeat_below_s:
+        if r["wall_s"] > plan.repeat_below_s:
             break
     return best
+
+
+def per_token(run: dict) -> float:
+    return run["decode_total_s"] / max(run["decode_steps"], 1)
 
 
 def free(device: torch.device) -> None:
@@ -171,96 +247,64 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def warm_up(model, tokenizer, plan: Plan) -> None:
+    """A short request per method (kernels, hooks, the allocator): a method that fails here
+    is named in each of its rows (``plan.failed``), and the others run."""
+    device = next(model.parameters()).device
+    warm = prompt(min(plan.contexts[0], 1024), model.config.vocab_size)
+    brief = dataclasses.replace(plan, decode_tokens=2)
+    for name in dict.fromkeys(["full", *plan.methods]):
+        try:
+            request(model, tokenizer, name, warm, brief)
+        except Exception as exc:  # noqa: BLE001 - a failing method is a result
+            plan.failed[name] = f"failed at warm-up: {type(exc).__name__}: {exc}"[:200]
+            print(f"warm-up {name}: {plan.failed[name]}", flush=True)
+        free(device)
+
+
+def cell_status(plan: Plan, name: str, key: str, context: int, clock_start: float) -> str | None:
+    """Why a cell is not run (None: run it)."""
+    projected = plan.projected_s(key, context)
+    left = plan.budget_s - (time.perf_counter() - clock_start)
+    if name in plan.failed:
+        why = plan.failed[name]
+        return (
+            why if why.startswith("failed at warm-up") else f"skipped: {why} at a smaller context"
+        )
+    if left <= 0:
+        return f"skipped: the table's {plan.budget_s:.0f} s budget is spent"
+    if projected is not None and projected > min(plan.cell_s, left):
+        return f"skipped: projected {projected:.0f} s > {min(plan.cell_s, left):.0f} s"
+    return None
+
+
 def measure(model, tokenizer, plan: Plan, clock_start: float, on_row) -> list[dict]:
-    """Every (context, method) in order, full cache first; ``on_row(rows)`` after each."""
+    """Every (context, workload, method) in order, full cache first; ``on_row(rows)`` after
+    each."""
     device = next(model.parameters()).device
     rows = []
     for context in plan.contexts:
-        ids = prompt(context, model.config.vocab_size)
-        for name in ["full"] + [m for m in plan.methods if m != "full"]:
-            row = {"context": context, "method": name}
-            projected = plan.projected_s(name, context)
-            left = plan.budget_s - (time.perf_counter() - clock_start)
-            if name in plan.failed:
-                row["status"] = f"skipped: {plan.failed[name]} at a smaller context"
-            elif left <= 0:
-                row["status"] = f"skipped: the table's {plan.budget_s:.0f} s budget is spent"
-            elif projected is not None and projected > min(plan.cell_s, left):
-                row["status"] = (
-                    f"skipped: projected {projected:.0f} s > {min(plan.cell_s, left):.0f} s"
-                )
-            else:
-                try:
-                    row |= run_cell(model, tokenizer, name, ids, plan)
-                    row["status"] = "ok"
-                    plan.history.setdefault(name, []).append((context, row["wall_s"]))
-                except torch.OutOfMemoryError:
-                    row["status"] = plan.failed[name] = "out of memory"
-                except Exception as exc:  # noqa: BLE001 - a failing method is a result
-                    row["status"] = plan.failed[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
-                free(device)
-            rows.append(row)
-            took = f"{row['wall_s']:.2f} s" if "wall_s" in row else ""
-            print(f"{context:>7} {name:<13} {row['status']} {took}", flush=True)
-            on_row(rows)
+        for workload in plan.workloads:
+            for name in ["full"] + [m for m in plan.methods if m != "full"]:
+                row = {"context": context, "workload": workload, "method": name}
+                key = f"{name}/{workload}"
+                status = cell_status(plan, name, key, context, clock_start)
+                if status is None:
+                    try:
+                        row |= run_cell(model, tokenizer, name, workload, context, plan)
+                        status = "ok"
+                        plan.history.setdefault(key, []).append((context, row["wall_s"]))
+                    except torch.OutOfMemoryError:
+                        status = plan.failed[name] = "out of memory"
+                    except Exception as exc:  # noqa: BLE001 - a failing method is a result
+                        status = plan.failed[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
+                    free(device)
+                row["status"] = status
+                rows.append(row)
+                took = f"{row['wall_s']:.2f} s" if "wall_s" in row else ""
+                print(f"{context:>7} {workload:<11} {name:<13} {status} {took}", flush=True)
+                on_row(rows)
     return rows
-
-
-def table(rows: list[dict], weights: int, config, ceiling: dict) -> pd.DataFrame:
-    """The rows with their ratios to the full cache and to the floors."""
-    full = {r["context"]: r for r in rows if r["method"] == "full" and r["status"] == "ok"}
-    out = []
-    for r in rows:
-        base = full.get(r["context"])
-        row = {"context": r["context"], "method": r["method"], "status": r["status"]}
-        if r["status"] == "ok":
-            flops = ceilings.prefill_flops(config, r["context"])
-            prefill_floor = ceilings.prefill_floor_s(
-                flops, weights + r["kv_full_bytes"], ceiling["matmul"], ceiling["bandwidth"]
-            )
-            decode_floor = ceilings.decode_floor_s(
-                weights, r["kv_bytes_final"], ceiling["bandwidth"]
-            )
-            row |= {
-                "prefill ms": r["prefill_s"] * 1e3,
-                "prefill vs full": r["prefill_s"] / base["prefill_s"] if base else None,
-                "prefill vs floor": r["prefill_s"] / prefill_floor,
-                "decode ms/tok": r["decode_s"] * 1e3,
-                "decode vs full": r["decode_s"] / base["decode_s"] if base else None,
-                "decode vs floor": r["decode_s"] / decode_floor,
-                "decode floor ms": decode_floor * 1e3,
-                "peak MB": r["peak_bytes"] / MB,
-                "peak vs full": r["peak_bytes"] / base["peak_bytes"] if base else None,
-                "KV MB": r["kv_bytes"] / MB,
-                "KV vs full": r["kv_bytes"] / r["kv_full_bytes"],
-                "same tokens": r["tokens"] == base["tokens"] if base else None,
-                "repeats": r["repeats"],
-            }
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-def verdicts(frame: pd.DataFrame) -> list[str]:
-    """The lines a reader needs: which methods failed or were skipped, which are slower than
-    the full cache."""
-    lines = []
-    ok = frame[frame["status"] == "ok"]
-    if "decode vs full" in ok:
-        slow = ok[(ok["method"] != "full") & (ok["decode vs full"] > 1.0)]
-        for _, r in slow.iterrows():
-            lines.append(
-                f"- slower than the full cache at decode: {r['method']} at {r['context']} tokens "
-                f"({r['decode vs full']:.2f}x)"
-            )
-        slow = ok[(ok["method"] != "full") & (ok["prefill vs full"] > 1.0)]
-        for _, r in slow.iterrows():
-            lines.append(
-                f"- slower prefill (compression included): {r['method']} at {r['context']} "
-                f"tokens ({r['prefill vs full']:.2f}x)"
-            )
-    for _, r in frame[frame["status"] != "ok"].iterrows():
-        lines.append(f"- {r['method']} at {r['context']} tokens: {r['status']}")
-    return lines or ["- every method ran at every context and none was slower than the full cache"]
 
 
 def main() -> None:
@@ -280,6 +324,8 @@ def main() -> None:
         repeat_below_s=args.repeat_below_s,
         cell_s=args.cell_s,
         budget_s=args.budget_s,
+        workloads=list(args.workloads),
+        new_lengths=args.new_lengths,
     )
     ceiling = {
         "bandwidth": ceilings.copy_bandwidth(device, 32 if args.dry_run else 4096),
@@ -288,13 +334,7 @@ def main() -> None:
         ),
     }
     weights = ceilings.weight_bytes(model)
-    warm = prompt(min(plan.contexts[0], 1024), model.config.vocab_size)
-    for name in dict.fromkeys(
-        ["full", *plan.methods]
-    ):  # kernels, hooks and allocator warmed per method
-        method = None if name == "full" else load("method", name, ratio=plan.ratio)
-        generate(model, tokenizer, method, warm, 2)
-    free(device)
+    warm_up(model, tokenizer, plan)
     import transformers
 
     header = [
@@ -303,9 +343,13 @@ def main() -> None:
         f"- model: random weights, Llama-3-8B shapes x {args.layers} layers"
         if not args.dry_run
         else "- model: DRY RUN, tiny random shapes on the CPU (not a measurement)",
-        f"- dtype {spec.resolved_dtype} (model.dtype=auto), sdpa attention, weights "
-        f"{weights / MB:.0f} MB, greedy decode of {plan.decode_tokens} tokens (EOS off), best "
-        f"of up to {plan.repeats}",
+        f"- dtype {spec.resolved_dtype} (model.dtype=auto), sdpa attention (kernel "
+        f"{spec.resolved_sdpa_backend(model.config)}: model.sdpa_backend={spec.sdpa_backend}), "
+        f"weights {weights / MB:.0f} MB, greedy decode of {plan.decode_tokens} tokens (EOS off)",
+        f"- workloads: repeat = one prompt per context, best of up to {plan.repeats}; "
+        f"new_lengths = {plan.new_lengths} requests per method of lengths no other request had, "
+        "just above the context (medians; request ms is the mean wall time of one request)",
+        f"- {BASELINE} = model.generate with the static cache, not compiled (bench/gpu/baseline.py)",
         f"- ceilings measured in this run: copy bandwidth {ceiling['bandwidth'] / 1e9:.0f} GB/s "
         f"(read + write), {next(model.parameters()).dtype} matrix rate "
         f"{ceiling['matmul'] / 1e12:.1f} TFLOP/s",

@@ -49,9 +49,10 @@ class Neighbours:
             col_unit = _unit(vectors[torch.from_numpy(cols)])
             row_unit = _unit(vectors[torch.from_numpy(new)])
             for start in range(0, new.size, self.block):
-                hits = (row_unit[start : start + self.block] @ col_unit.T > self.theta).nonzero()
-                a = new[start + hits[:, 0].numpy()]
-                b = cols[hits[:, 1].numpy()]
+                above = row_unit[start : start + self.block] @ col_unit.T > self.theta
+                hits = above.nonzero().cpu().numpy()  # one host copy per block (the GPU's too)
+                a = new[start + hits[:, 0]]
+                b = cols[hits[:, 1]]
                 keep = a != b
                 a, b = a[keep], b[keep]
                 old = ~is_new[b]  # a pair with an older vector is found from this side only

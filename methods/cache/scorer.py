@@ -97,12 +97,19 @@ class ScorerMethod(CacheMethod):
 
 def top_indices(scores: torch.Tensor, n_kept: int, sinks: int, recent: int) -> torch.Tensor:
     """The ``n_kept`` best of scores (B, H, S) per head, always including the first ``sinks``
-    and the last ``recent`` tokens: indices (B, H, n_kept), in increasing order."""
+    and the last ``recent`` tokens: indices (B, H, n_kept), in increasing order.
+
+    Equal scores go to the lower index, on every device. ``topk`` leaves the order of equal
+    scores to its kernel, and they are common: SnapKV's max-pooling copies a local maximum
+    to its neighbours, so a run of equal scores often straddles the budget's cut, and the
+    CPU and CUDA kernels kept different tokens of it (the logits then differ by a few 1e-2).
+    A stable sort makes the choice the same everywhere (SpindleKV's ``keep_order`` too)."""
     scores = scores.float().clone()
     scores[..., :sinks] = torch.inf
     if recent:
         scores[..., -recent:] = torch.inf
-    return scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    return order[..., :n_kept].sort(dim=-1).values
 
 
 def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
