@@ -20,9 +20,10 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from harness.models import ModelConfigError
-from harness.records import ResultsDirError
+from harness.records import RecordError, ResultsDirError
 from harness.taskspec import TaskConfigError
 from methods.base import MethodConfigError
+from methods.storage import DataFileError, NotRegularFileError
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, for a task that sets no max_gen_toks
 
@@ -38,7 +39,16 @@ class ConfigError(ValueError):
     """A config value is not what kvbench expects; the message names the field and the fix."""
 
 
-BAD_INPUT = (ConfigError, ModelConfigError, TaskConfigError, MethodConfigError, ResultsDirError)
+BAD_INPUT = (
+    ConfigError,
+    ModelConfigError,
+    TaskConfigError,
+    MethodConfigError,
+    ResultsDirError,
+    RecordError,  # a record that fails its schema, or a full disk / too long a path
+    DataFileError,  # an offline data file empty, cut short or malformed (names the line)
+    NotRegularFileError,  # a FIFO or device where a record or data file is expected
+)
 
 # run.* fields: (annotation, lowest allowed value or None)
 RUN_FIELDS: dict[str, tuple[Any, int | None]] = {

@@ -217,6 +217,7 @@ def make_record(
             "lm_eval_tasks": names,
             "limit": task.limit,
             "primary_metric": task.primary_metric,
+            "score_range": task.score_range,
             **({"ruler": task.ruler_settings()} if task.is_ruler else {}),
             "data_hash": data_hash,
         },
