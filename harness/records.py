@@ -162,6 +162,10 @@ def check_writable(results_dir: Path | str) -> None:
     """Fail with one line naming ``run.results_dir`` unless a record can be written there
     (checked before any model loads: a run computed for minutes is otherwise lost at the end).
     The folder is created if missing."""
+    if not str(results_dir).strip():  # Path("") is the cwd, and Hydra's log would go to /.hydra
+        raise ResultsDirError(
+            "run.results_dir is empty: pass a folder for the records, e.g. run.results_dir=results"
+        )
     root = Path(results_dir)
     _check_length(results_dir)
     try:

@@ -36,9 +36,29 @@ CACHE_ENV = "KVBENCH_CACHE"
 DATA_ENV = "KVBENCH_DATA"
 
 
+class CacheDirError(ValueError):
+    """``$KVBENCH_CACHE`` names a file, or a folder kvbench cannot write."""
+
+
 def cache_root() -> Path:
-    """The folder for dequantised models and trained weights (``$KVBENCH_CACHE``)."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "kvbench"))
+    """The folder for dequantised models and trained weights (``$KVBENCH_CACHE``); a path
+    that is a file (or lies below one), or a folder that cannot be written, raises
+    :class:`CacheDirError` naming it."""
+    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "kvbench"))
+    fix = f"set ${CACHE_ENV} to a writable folder (default ~/.cache/kvbench)"
+    try:
+        mode = root.stat().st_mode
+    except FileNotFoundError:
+        return root  # made when first needed
+    except OSError as exc:  # a file on the way (NotADirectoryError), a name too long
+        raise CacheDirError(
+            f"${CACHE_ENV}={root} cannot be a folder ({exc.strerror}): {fix}"
+        ) from None
+    if not stat.S_ISDIR(mode):
+        raise CacheDirError(f"${CACHE_ENV}={root} is {_file_kind(mode)}, not a folder: {fix}")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise CacheDirError(f"${CACHE_ENV}={root} is a folder kvbench cannot write: {fix}")
+    return root
 
 
 def _shipped(name: str) -> Path:
@@ -83,6 +103,9 @@ def data_file(relative: str) -> Path:
 class NotRegularFileError(OSError):
     """A path where a regular file is expected names a FIFO, a device, a socket or a folder."""
 
+    def __str__(self) -> str:
+        return f"{self.filename} is {self.strerror}"
+
 
 class DataFileError(ValueError):
     """An offline data file is empty, cut short or malformed; the message names the line."""
@@ -109,7 +132,8 @@ def open_regular(path: Path | str, encoding: str = "utf-8") -> Any:
 
 
 def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"))
+    kinds += ((stat.S_ISSOCK, "a socket"),)
     kinds += ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
     return next((name for test, name in kinds if test(mode)), "a special file")
 
@@ -147,7 +171,7 @@ def read_json(relative: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataFileError(
-            f"{path} line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}; "
+            f"{path} line {exc.lineno} is not valid JSON ({exc.msg}, column {exc.colno}; "
             f"a file cut short?): {_RESTORE}"
         ) from None
 
@@ -160,7 +184,7 @@ def _jsonl_row(path: Path, number: int, line: str) -> dict[str, Any]:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataFileError(
-            f"{path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}; a file "
+            f"{path} line {number} is not valid JSON ({exc.msg}, column {exc.colno}; a file "
             f"cut short?): {_RESTORE}"
         ) from None
     if not isinstance(row, dict):
