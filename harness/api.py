@@ -47,7 +47,12 @@ def build(group: str, name: str, **fields: Any) -> Any:
     (validated, nothing loaded yet)."""
     _check_entry(group, name)
     # composed as the CLI composes it, so an entry built on another (``defaults:``) resolves
-    cfg = OmegaConf.merge(_compose([f"{group}={name}"])[group], fields)
+    base = _compose([f"{group}={name}"])[group]
+    unknown = sorted(set(fields) - set(base))
+    if unknown:
+        known = ", ".join(k for k in base if k != "_target_")
+        raise ValueError(f"{group}.{unknown[0]} is not a field of {group}={name}: use {known}")
+    cfg = OmegaConf.merge(base, fields)
     check_types(group, cfg)  # `ratio="abc"` is named as method.ratio
     try:
         return instantiate(cfg, _convert_="all")
@@ -96,13 +101,13 @@ def compose_config(
         )
     args = [f"model={model}", f"method={method}", f"task={task}"]
     for key, value in overrides.items():
-        if not isinstance(key, str) or not key:
+        if not isinstance(key, str) or not re.fullmatch(r"[+~]{0,2}[A-Za-z_][\w.@/-]*", key):
             raise TypeError(f"overrides: key {key!r} is not a dotted field name like 'task.limit'")
-        args.append(f"{key}={_override_value(value)}")
+        args.append(f"{key}={_override_value(key, value)}")
     return _compose(args)
 
 
-def _override_value(value: Any) -> str:
+def _override_value(key: str, value: Any) -> str:
     """``value`` in Hydra's override grammar, as the Python value it is: a string is quoted
     (``"/x,y"`` is a path, not a sweep over two values; ``"0.2"`` stays a string, which the
     field's check then names), lists and mappings as JSON, None as null."""
@@ -113,8 +118,16 @@ def _override_value(value: Any) -> str:
         escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
         return f"'{escaped}'"
     if isinstance(value, bool | list | tuple | dict):
-        return json.dumps(value)
-    return str(value)
+        try:
+            return json.dumps(value)
+        except TypeError as exc:
+            raise TypeError(f"overrides[{key!r}]: {exc}") from None
+    if isinstance(value, int | float):
+        return str(value)
+    raise TypeError(
+        f"overrides[{key!r}]={value!r:.60} is a {type(value).__name__}: pass a string, a "
+        "number, a bool, None, a list or a dict"
+    )
 
 
 def _compose(overrides: list[str]) -> Any:

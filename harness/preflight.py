@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -249,6 +250,10 @@ def _yaml(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str) and re.fullmatch(r"\s*([-+.\d]|true|false|null).*", value):
+        return f"'{value}' (a string)"  # "0.2" from Python: not the number it looks like
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml(v) for v in value) + "]"
     return str(value)
 
 

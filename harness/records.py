@@ -284,7 +284,7 @@ def read_record(folder_or_file: Path) -> dict[str, Any]:
     regular file (a FIFO, a device) raises :class:`methods.storage.NotRegularFileError`
     without blocking."""
     path = Path(folder_or_file)
-    if path.is_dir():
+    if path.name != RECORD_FILE and path.is_dir():
         path = path / RECORD_FILE
     with open_regular(path) as f:
         return json.load(f)

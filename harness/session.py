@@ -185,6 +185,7 @@ class Session:
         labels the measurement."""
         checks.check_open(self.is_open, self.method, "generate")
         checks.check_max_new_tokens(max_new_tokens)
+        checks.check_generate_options(stop, truncation, tag, split=split, should_stop=should_stop)
         ids = checks.prompt_ids(prompt, self.vocab_size)
         max_context = self.max_length - max_new_tokens
         if max_context <= 0:
@@ -253,9 +254,9 @@ class Session:
         ``original_tokens``: the context's length before prompt methods shortened it into
         ``context_ids`` (default: ``len(context_ids)``, no prompt method)."""
         checks.check_open(self.is_open, self.method, "score")
-        checks.check_ids("score", self.vocab_size, continuation_ids=continuation_ids)
-        if len(context_ids):
-            checks.check_ids("score", self.vocab_size, context_ids=context_ids)
+        checks.check_ids(
+            "score", self.vocab_size, context_ids=context_ids, continuation_ids=continuation_ids
+        )
         continuation = list(continuation_ids)
         room = max(self.max_length + 1 - len(continuation), 0)  # context tokens that fit
         whole = (list(context_ids) + continuation)[-(self.max_length + 1) :]
@@ -341,7 +342,7 @@ def apply(
     refuses requests once the block ends, and a model already inside a block cannot be
     applied again (:mod:`harness.session_checks`).
     """
-    checks.check_apply_args(method, model, tokenizer)
+    checks.check_apply_args(method, model, tokenizer, max_length)
     config = model.config.get_text_config()
     weights = next(model.parameters())
     method.validate_runtime(

@@ -31,8 +31,15 @@ def _what(value: Any) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def check_apply_args(method: Any, model: Any, tokenizer: Any) -> None:
+def check_apply_args(method: Any, model: Any, tokenizer: Any, max_length: Any = None) -> None:
     """``apply(method, model, tokenizer)``: each argument of its kind, in that order."""
+    if max_length is not None and (
+        not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2
+    ):
+        raise ValueError(
+            f"apply: max_length={max_length!r} is not a window of at least 2 tokens: pass an "
+            "integer, or None for the model's own"
+        )
     if isinstance(model, Method) and isinstance(method, nn.Module):
         raise TypeError(
             "apply(method, model, tokenizer): the method and the model are swapped: "
@@ -126,6 +133,8 @@ def check_texts(what: str, **texts: Any) -> None:
     for name, value in texts.items():
         if not isinstance(value, str):
             raise TypeError(f"session.{what}: {name} must be text (a str), got {_what(value)}")
+        if not value:
+            raise ValueError(f"session.{what}: {name} is empty: pass some text")
 
 
 def check_ids(what: str, vocab: int | None, **sequences: Any) -> None:
@@ -138,4 +147,29 @@ def check_ids(what: str, vocab: int | None, **sequences: Any) -> None:
         try:
             prompt_ids(value, vocab)
         except (TypeError, ValueError) as exc:
-            raise type(exc)(f"session.{what}: {name}: {exc}".replace("prompt", name)) from None
+            raise type(exc)(f"session.{what}: {exc}".replace("prompt", name)) from None
+
+
+def check_generate_options(stop: Any, truncation: Any, tag: Any, **functions: Any) -> None:
+    """``stop`` a list of strings (a bare string would stop at each of its characters),
+    ``truncation`` one of left/middle, ``tag`` a mapping or None, ``functions`` (split,
+    should_stop) callables or None."""
+    for name, function in functions.items():
+        if function is not None and not callable(function):
+            raise TypeError(f"{name} must be a function or None, got {_what(function)}")
+    if isinstance(stop, str) or not isinstance(stop, Sequence):
+        raise TypeError(
+            f"stop={stop!r:.60} is not a list of strings: pass e.g. stop=[{stop!r:.40}] "
+            "(a bare string would stop at any of its characters)"
+            if isinstance(stop, str)
+            else f"stop must be a list of strings, got {_what(stop)}"
+        )
+    bad = [s for s in stop if s is not None and not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"stop={list(stop)!r:.80}: {bad[0]!r} is not a string")
+    from harness.prompt_fit import TRUNCATIONS
+
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation={truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+    if tag is not None and not isinstance(tag, dict):
+        raise TypeError(f"tag must be a dict (e.g. {{'task': 't', 'doc_id': 0}}), got {_what(tag)}")

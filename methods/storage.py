@@ -85,7 +85,13 @@ def data_dir() -> Path:
 
 def data_file(relative: str) -> Path:
     """The path of ``relative`` inside the data folder; FileNotFoundError if it is missing."""
-    path = data_dir() / relative
+    root = data_dir()
+    if root.exists() and not root.is_dir():
+        raise DataFileError(
+            f"${DATA_ENV}={root} is {_file_kind(root.stat().st_mode)}, not a folder: set it to "
+            "the folder that holds the benchmark data (see data/README.md), or unset it"
+        )
+    path = root / relative
     if path.exists() and not path.is_file():
         kind = _file_kind(path.stat().st_mode)
         raise NotRegularFileError(

@@ -155,7 +155,7 @@ def test_a_string_number_is_not_coerced(monkeypatch):
     from harness.run import build as build_run
 
     cfg = compose_config("tiny_llama_gqa", "streamingllm", overrides={"method.ratio": "0.2"})
-    with pytest.raises(ConfigError, match="method.ratio=0.2 is not a number"):
+    with pytest.raises(ConfigError, match=r"method.ratio='0.2' \(a string\) is not a number"):
         build_run(cfg)
 
 
@@ -181,3 +181,71 @@ def test_unknown_group_or_entry_lists_the_options(call, names):
 def test_build_unwraps_a_methods_own_error():
     with pytest.raises(MethodConfigError, match="method.ratio=1.5"):
         build("method", "streamingllm", ratio=1.5)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "names"),
+    [
+        # a bare string used to stop at any of its characters
+        ({"stop": "###"}, TypeError, r"stop='###' is not a list of strings.*stop=\['###'\]"),
+        ({"stop": [3]}, TypeError, "3 is not a string"),
+        ({"stop": 5}, TypeError, "stop must be a list of strings"),
+        # "right" used to cut token ids in the middle
+        ({"truncation": "right"}, ValueError, "truncation='right' is not one of left, middle"),
+        ({"tag": "doc1"}, TypeError, "tag must be a dict"),
+        ({"should_stop": 3}, TypeError, "should_stop must be a function"),
+        ({"split": "x"}, TypeError, "split must be a function"),
+        ({"max_new_tokens": 10**9}, ValueError, "leaves no room for the prompt"),
+    ],
+)
+def test_generate_refuses_bad_options(tiny_gqa, options, error, names):
+    model, tokenizer = tiny_gqa
+    with apply(build("method", "full"), model, tokenizer) as session:
+        with pytest.raises(error, match=names):
+            session.generate(IDS, **{"max_new_tokens": 2, **options})
+        assert session.measurements == []
+
+
+@pytest.mark.parametrize("max_length", [0, 1, "100", 1.5, True])
+def test_apply_refuses_a_window_that_is_not_a_positive_int(tiny_gqa, max_length):
+    model, tokenizer = tiny_gqa
+    with pytest.raises(ValueError, match=f"max_length={max_length!r} is not a window"):
+        with apply(build("method", "full"), model, tokenizer, max_length=max_length):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("context", "continuation", "names"),
+    [("", " x", "context is empty"), ("abc", "", "continuation is empty")],
+)
+def test_loglikelihood_refuses_empty_texts(tiny_gqa, context, continuation, names):
+    """An empty context used to fail deep in torch's embedding (a float tensor)."""
+    model, tokenizer = tiny_gqa
+    with apply(build("method", "full"), model, tokenizer) as session:
+        with pytest.raises(ValueError, match=names):
+            session.loglikelihood(context, continuation)
+        with pytest.raises(ValueError, match="context_ids is an empty list"):
+            session.score([], [5])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"task.limit ": 1}, "key 'task.limit ' is not a dotted field name"),
+        ({"task.lengths": {1, 2}}, r"overrides\['task.lengths'\]=\{1, 2\} is a set"),
+        ({"run.results_dir": object()}, "is a object"),
+        ({3: 1}, "key 3 is not a dotted field name"),
+    ],
+)
+def test_evaluate_refuses_keys_and_values_the_grammar_cannot_carry(overrides, names):
+    """They used to end in Hydra's OverrideParseException (LexerNoViableAltException)."""
+    with pytest.raises(TypeError, match=names):
+        compose_config("tiny_llama_gqa", overrides=overrides)
+
+
+def test_build_names_an_unknown_field_with_the_fields():
+    """It used to be OmegaConf's "Key 'no_such' is not in struct"."""
+    with pytest.raises(
+        ValueError, match="method.no_such is not a field of method=streamingllm: use"
+    ):
+        build("method", "streamingllm", no_such=1)

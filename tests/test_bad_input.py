@@ -87,6 +87,9 @@ CASES = [
     (["method=snapkv", "method.ratio=-0.2"], "method.ratio"),
     (["method=snapkv", "method.ratio=nan"], "method.ratio"),
     (["method=snapkv", "method.ratio=inf"], "method.ratio"),
+    # an empty results folder used to write into the cwd and Hydra's log into /.hydra
+    (["run.results_dir="], "run.results_dir is empty"),
+    (["run.results_dir=' '"], "run.results_dir is empty"),
 ]
 
 
@@ -334,3 +337,12 @@ def test_a_ratio_the_prompts_cannot_honour_is_refused_before_the_first_request(
     with pytest.raises(MethodConfigError, match=names):
         run.execute(cfg)
     assert requests == [] and list(tmp_path.iterdir()) == []
+
+
+def test_kvbench_data_that_is_a_file_is_one_line(cli, tmp_path, monkeypatch):
+    afile = tmp_path / "data.txt"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("KVBENCH_DATA", str(afile))
+    status, lines, loads = cli(*TINY, f"run.results_dir={tmp_path / 'r'}")
+    assert status == 1 and loads == [] and len(lines) == 1, lines
+    assert f"$KVBENCH_DATA={afile} is a file, not a folder" in lines[0]

@@ -105,3 +105,21 @@ def test_out_that_is_a_file_is_one_line(good, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out" in err[0] and str(afile) in err[0]
     assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["folder", "device"])
+def test_a_record_json_that_is_a_folder_or_a_device_is_named(good, kind):
+    """A folder named record.json used to be read as <it>/record.json (a confusing "No such
+    file"); a link to /dev/zero must not be read at all."""
+    path = good / "odd_run" / "record.json"
+    if kind == "folder":
+        path.mkdir(parents=True)
+    else:
+        path.parent.mkdir()
+        os.symlink("/dev/zero", path)
+    report = load_report(good)
+    expected = "a folder" if kind == "folder" else "a character device"
+    assert len(report.runs) == 1
+    assert [(p, f"not a regular file but {expected}" in why) for p, why in report.skipped] == [
+        (path, True)
+    ]
