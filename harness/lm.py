@@ -21,7 +21,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from harness.preflight import DEFAULT_MAX_GEN_TOKS, generation_limit
+from harness.preflight import DEFAULT_MAX_GEN_TOKS, check_prompt_lengths, generation_limit
 from harness.session import Session
 from methods.base import PromptParts
 
@@ -102,6 +102,12 @@ class KVBenchLM(TemplateLM):
     # --- generate_until ---------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        # before the first request: a cache method these prompts cannot honour is refused
+        # now, not after the whole run (harness.preflight.check_prompt_lengths)
+        lengths = [len(self.session.encode(request.args[0])) for request in requests]
+        check_prompt_lengths(
+            self.session.method, [min(n, self.session.max_length) for n in lengths]
+        )
         outputs = []
         for request in tqdm(requests, desc="kvbench generate_until", disable=disable_tqdm):
             context, gen_kwargs = request.args

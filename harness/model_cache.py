@@ -23,8 +23,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import xxhash
+from safetensors import SafetensorError
 
-from methods.storage import older_than_process, publish, remove_stale_staging, staging_folder
+from methods.storage import (
+    CACHE_ENV,
+    older_than_process,
+    publish,
+    remove_stale_staging,
+    staging_folder,
+)
 
 log = logging.getLogger("kvbench")
 
@@ -87,6 +94,10 @@ def problem(folder: Path) -> str | None:
     return None
 
 
+class ModelCacheError(RuntimeError):
+    """A model cache that cannot be written (a full disk); the message names the folder."""
+
+
 def ensure(target: Path, build: Callable[[Path], str], *, what: str) -> Path:
     """``target``, verified; built first (``build(staging)`` fills a staging folder and
     returns a description of its source) when it is missing, partial or corrupt."""
@@ -104,6 +115,14 @@ def ensure(target: Path, build: Callable[[Path], str], *, what: str) -> Path:
         source = build(staging)
         write_marker(staging, source)
         publish(staging, target, complete=lambda path: problem(path) is None)
+    except (OSError, SafetensorError) as exc:  # a full disk, mostly: one line, no traceback
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if any(sign in reason for sign in ("code: 28", "os error 28", "StorageFull")):
+            reason = "No space left on device"
+        raise ModelCacheError(
+            f"cannot write the model cache {target}: {reason[:200]}; free space on that "
+            f"disk, or set ${CACHE_ENV} to a folder on another, and run again"
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     why = problem(target)

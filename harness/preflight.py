@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,10 +20,12 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from harness.model_cache import ModelCacheError
 from harness.models import ModelConfigError
-from harness.records import ResultsDirError
+from harness.records import RecordError, ResultsDirError
 from harness.taskspec import TaskConfigError
-from methods.base import MethodConfigError
+from methods.base import CacheMethod, Method, MethodConfigError
+from methods.storage import CacheDirError, DataFileError, NotRegularFileError
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's, for a task that sets no max_gen_toks
 
@@ -38,7 +41,18 @@ class ConfigError(ValueError):
     """A config value is not what kvbench expects; the message names the field and the fix."""
 
 
-BAD_INPUT = (ConfigError, ModelConfigError, TaskConfigError, MethodConfigError, ResultsDirError)
+BAD_INPUT = (
+    ConfigError,
+    ModelConfigError,
+    TaskConfigError,
+    MethodConfigError,
+    ResultsDirError,
+    RecordError,  # a record that fails its schema, or a full disk / too long a path
+    DataFileError,  # an offline data file empty, cut short or malformed (names the line)
+    NotRegularFileError,  # a FIFO or device where a record or data file is expected
+    CacheDirError,  # $KVBENCH_CACHE a file, or not writable
+    ModelCacheError,  # a model cache that cannot be written (a full disk)
+)
 
 # run.* fields: (annotation, lowest allowed value or None)
 RUN_FIELDS: dict[str, tuple[Any, int | None]] = {
@@ -133,6 +147,20 @@ def check_window(
     )
 
 
+def check_prompt_lengths(method: Method, lengths: Sequence[int]) -> None:
+    """Refuse a cache method that the prompts' lengths (tokens reaching the model) cannot
+    honour (:meth:`methods.base.CacheMethod.check_prompt_lengths`): one that would keep every
+    token (no effect: refused after the run otherwise), or fewer than it always keeps. Called
+    with the model's window before the weights load, and with the task's prompts before the
+    first request."""
+    lengths = [n for n in lengths if n > 0]
+    if not lengths:
+        return
+    for m in method.flatten():
+        if isinstance(m, CacheMethod) and m.asks_reduction():
+            m.check_prompt_lengths(min(lengths), max(lengths))
+
+
 # --- annotations --------------------------------------------------------------------------
 def _fields(group: str, section: Any) -> Iterator[tuple[str, Any, Any, Any]]:
     """(dotted key, annotation, value, default) of every checkable field of ``section``."""
@@ -188,7 +216,8 @@ def _accepts(annotation: Any, value: Any) -> bool:
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
     if annotation is list or origin in (list, tuple, Sequence):
-        return isinstance(value, list | tuple)
+        args = typing.get_args(annotation) if origin in (list, Sequence) else ()
+        return isinstance(value, list | tuple) and all(_accepts(args[0], v) for v in value if args)
     if annotation is dict or origin in (dict, Mapping):
         return isinstance(value, dict)
     return True
@@ -206,6 +235,9 @@ def _describe(annotation: Any) -> str:
     if origin is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(annotation)))
     if annotation is list or origin in (list, tuple, Sequence):
+        args = typing.get_args(annotation) if origin in (list, Sequence) else ()
+        if args and args[0] in (int, float, str):
+            return "a list of " + {int: "integers", float: "numbers", str: "strings"}[args[0]]
         return "a list"
     if annotation is dict or origin in (dict, Mapping):
         return "a mapping"
@@ -218,6 +250,10 @@ def _yaml(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str) and re.fullmatch(r"\s*([-+.\d]|true|false|null).*", value):
+        return f"'{value}' (a string)"  # "0.2" from Python: not the number it looks like
+    if isinstance(value, list):
+        return "[" + ",".join(_yaml(v) for v in value) + "]"
     return str(value)
 
 

@@ -14,8 +14,10 @@ The folder appears only once the record is complete: it is written into a
 staging folder and renamed into place (:func:`methods.storage.publish`), so a killed run
 leaves nothing that looks finished, and two writers of one run finishing together both
 succeed (the second keeps the first's record). A run is finished only when its
-``record.json`` parses and carries this schema version and the folder's run id
-(:func:`is_finished`); anything else there (a truncated file, another schema) is recomputed.
+``record.json`` is a regular file that parses and passes the typed schema
+(:mod:`harness.record_schema`: every field's type and range, the run id equal to the folder's
+name) (:func:`is_finished`); anything else there (a truncated file, another schema, a score
+that is not a number, a FIFO) is recomputed, and the report skips it naming the field.
 
 ``record.json`` (schema version 1)::
 
@@ -43,6 +45,7 @@ succeed (the second keeps the first's record). A run is finished only when its
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -55,12 +58,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness import record_schema
 from harness.dtypes import resolve_dtype
-from methods.storage import publish, remove_stale_staging, staging_folder
+from methods.storage import open_regular, publish, remove_stale_staging, staging_folder
 
 log = logging.getLogger("kvbench")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = record_schema.SCHEMA_VERSION
 RECORD_FILE = "record.json"
 CONFIG_FILE = "config.yaml"
 # run.* fields that change where or whether a run is written, not what it computes
@@ -102,36 +106,52 @@ def run_dir(cfg: DictConfig, data_hash: str | None = None) -> Path:
 
 
 def record_problem(folder: Path) -> str | None:
-    """Why ``folder`` does not hold a finished record, or None if it does: ``record.json``
-    parses as a JSON object carrying this schema version and the folder's name as run id."""
+    """Why ``folder`` does not hold a finished record, or None if it does: ``record.json`` is a
+    regular file, parses, and passes the schema (:func:`harness.record_schema.problem`) with
+    the folder's name as its run id."""
     path = Path(folder) / RECORD_FILE
-    if not path.is_file():
+    if not path.exists():
         return "no record.json"
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = read_record(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"unreadable: {type(exc).__name__}: {exc}"
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    if record.get("schema_version") != SCHEMA_VERSION:
-        return f"schema_version {record.get('schema_version')!r}, expected {SCHEMA_VERSION}"
-    if record.get("run_id") != Path(folder).name:
-        return f"run_id {record.get('run_id')!r} is not the folder's name"
-    return None
+        return f"unreadable: {_reason(exc)}"
+    return record_schema.problem(record, Path(folder).name)
+
+
+def load_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)`` for a valid record file at ``path`` (its folder's name is its run
+    id), else ``(None, why)`` in one line naming the field that failed: the report's reader."""
+    try:
+        record = read_record(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable: {_reason(exc)}"
+    problem = record_schema.problem(record, Path(path).parent.name)
+    return (None, problem) if problem else (record, None)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
 
 
 def is_finished(folder: Path, *, warn: bool = True) -> bool:
     """Whether ``folder`` holds a finished run (see :func:`record_problem`). A record.json that
     is there but not finished is named in a warning (it will be recomputed) when ``warn``."""
     problem = record_problem(folder)
-    if problem is not None and warn and (Path(folder) / RECORD_FILE).exists():
+    if problem is not None and warn and problem != "no record.json":
         log.warning(
             "%s is not a finished record (%s): the run is computed again",
             Path(folder) / RECORD_FILE,
             problem,
         )
     return problem is None
+
+
+class RecordError(ValueError):
+    """A record that fails the schema (:mod:`harness.record_schema`), or that cannot be
+    written (a full disk, a path too long); the message names the field or the path."""
 
 
 class ResultsDirError(ValueError):
@@ -142,37 +162,110 @@ def check_writable(results_dir: Path | str) -> None:
     """Fail with one line naming ``run.results_dir`` unless a record can be written there
     (checked before any model loads: a run computed for minutes is otherwise lost at the end).
     The folder is created if missing."""
+    if not str(results_dir).strip():  # Path("") is the cwd, and Hydra's log would go to /.hydra
+        raise ResultsDirError(
+            "run.results_dir is empty: pass a folder for the records, e.g. run.results_dir=results"
+        )
     root = Path(results_dir)
-    if root.exists() and not root.is_dir():
+    _check_length(results_dir)
+    try:
+        is_file = root.exists() and not root.is_dir()
+    except OSError as exc:  # a name too long, a loop of links
+        raise _not_usable(results_dir, exc) from None
+    if is_file:
         raise ResultsDirError(
             f"run.results_dir={str(results_dir)!r} is a file, not a folder: pass a folder "
             "for the records, e.g. run.results_dir=results"
         )
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = Path(tempfile.mkdtemp(prefix=".write-check-", dir=root))
+        # as long a name as a run folder's staging name (or Hydra's .hydra/<time>-<pid>): a
+        # path that only fits without it fails here, not after the run
+        probe = Path(tempfile.mkdtemp(prefix=".write-check-" + "x" * PROBE_NAME, dir=root))
         probe.rmdir()
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(root) else ""
+        raise _not_usable(results_dir, exc) from None
+
+
+PROBE_NAME = 180  # characters: a run folder's name is about 60 to 120
+
+
+def _check_length(results_dir: Path | str) -> None:
+    """Refuse a path whose folder names or whole length leave no room for the run folders,
+    before any folder of it is made."""
+    path = os.path.abspath(os.fsencode(str(results_dir)))
+    longest = max((len(part) for part in path.split(b"/")), default=0)
+    if longest > NAME_MAX or len(path) + PROBE_NAME + 40 > PATH_MAX:
+        what = (
+            f"a folder name of {longest} bytes (at most {NAME_MAX})"
+            if longest > NAME_MAX
+            else f"{len(path)} bytes, and the run folders inside need about "
+            f"{PROBE_NAME + 40} more (at most {PATH_MAX} in all)"
+        )
         raise ResultsDirError(
-            f"run.results_dir={str(results_dir)!r} cannot hold records: {reason}{where}; "
-            "pass a writable folder, e.g. run.results_dir=results"
-        ) from None
+            f"run.results_dir={_short(results_dir)} is too long: {what}; pass a shorter "
+            "path, e.g. run.results_dir=results"
+        )
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits (os.pathconf differs only on exotic mounts)
+
+
+def _not_usable(results_dir: Path | str, exc: OSError) -> ResultsDirError:
+    reason = exc.strerror or type(exc).__name__
+    fix = "pass a shorter path" if exc.errno == errno.ENAMETOOLONG else "pass a writable folder"
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(results_dir) else ""
+    if exc.errno == errno.ENAMETOOLONG:
+        where = ""
+    return ResultsDirError(
+        f"run.results_dir={_short(results_dir)} cannot hold records: {reason}{where}; "
+        f"{fix}, e.g. run.results_dir=results"
+    )
+
+
+def _short(path: Path | str) -> str:
+    text = repr(str(path))
+    return text if len(text) <= 200 else f"{text[:98]}...{text[-98:]}"
 
 
 def write_record(folder: Path, record: dict[str, Any], cfg: DictConfig, overwrite: bool) -> Path:
     """Write ``record.json`` and ``config.yaml`` into ``folder`` atomically.
 
-    An existing finished run is replaced only with ``overwrite``; otherwise the record
-    already there wins (another worker finished the same config first) and is kept. Folders
-    and files get the user's umask. Staging folders of killed writers are cleared first.
+    The record must pass the schema as it will be read back (:class:`RecordError` naming the
+    field otherwise). An existing finished run is replaced only with ``overwrite``; otherwise
+    the record already there wins (another worker finished the same config first) and is
+    kept. Folders and files get the user's umask. Staging folders of killed writers are
+    cleared first. A write that fails (a full disk, a name too long) is one
+    :class:`RecordError` naming the path, and leaves nothing behind.
     """
+    text = json.dumps(record, indent=1, default=_json_default)
+    problem = record_schema.problem(json.loads(text), folder.name)
+    if problem is not None:
+        raise RecordError(f"the record of {folder.name} fails its schema: {problem}")
+    try:
+        _publish_record(folder, text, cfg, overwrite)
+    except OSError as exc:
+        where = exc.filename or folder
+        raise RecordError(
+            f"cannot write the record {where}: {exc.strerror or exc}; "
+            + _WRITE_FIXES.get(exc.errno, "check run.results_dir")
+        ) from None
+    return folder
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that disk, or pass run.results_dir on another, and run again",
+    errno.EDQUOT: "free space on that disk, or pass run.results_dir on another, and run again",
+    errno.ENAMETOOLONG: "pass a shorter run.results_dir (the run folder's name is fixed)",
+}
+
+
+def _publish_record(folder: Path, text: str, cfg: DictConfig, overwrite: bool) -> None:
     remove_stale_staging(folder.parent, folder.name)
     staging = staging_folder(folder)
     try:
         with open(staging / RECORD_FILE, "w") as f:
-            json.dump(record, f, indent=1, default=_json_default)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         OmegaConf.save(cfg, staging / CONFIG_FILE, resolve=True)
@@ -184,14 +277,16 @@ def write_record(folder: Path, record: dict[str, Any], cfg: DictConfig, overwrit
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def read_record(folder_or_file: Path) -> dict[str, Any]:
+    """The parsed ``record.json`` of a run folder (or at a path). A path that is not a
+    regular file (a FIFO, a device) raises :class:`methods.storage.NotRegularFileError`
+    without blocking."""
     path = Path(folder_or_file)
-    if path.is_dir():
+    if path.name != RECORD_FILE and path.is_dir():
         path = path / RECORD_FILE
-    with open(path) as f:
+    with open_regular(path) as f:
         return json.load(f)
 
 

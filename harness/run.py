@@ -32,7 +32,7 @@ from harness.provenance import code_hashes, now, provenance
 from harness.session import Session, apply
 from harness.taskspec import TaskSpec
 from methods.base import CacheMethod, Method
-from methods.storage import conf_dir
+from methods.storage import cache_root, conf_dir
 
 log = logging.getLogger("kvbench")
 CONF_DIR = conf_dir()
@@ -91,6 +91,7 @@ def execute(cfg: DictConfig) -> Path:
         log.info("skipping %s: already finished (run.overwrite=true recomputes it)", folder)
         return folder
     records.check_writable(cfg.run.results_dir)
+    cache_root()  # $KVBENCH_CACHE a file, or not writable: said now, not once loading
     cap = cfg.run.max_gen_toks
     tokenizer = None
     if task.is_ruler:  # RULER is sized in the model's tokens: its tokenizer, before the weights
@@ -107,6 +108,8 @@ def execute(cfg: DictConfig) -> Path:
     )
     window = model_spec.context_length(model_config)
     preflight.check_window(window, limits, cap, model_spec.max_length)
+    # the longest prompt that fits: a ratio that cannot act on it (0.9999) is refused now
+    preflight.check_prompt_lengths(method, [window - max(limits.values(), default=0)])
     with gpu_lease.on_a_free_gpu(model_spec) as model_spec:
         record = _run(cfg, model_spec, model_config, method, task, task_manager, data_hash)
     records.write_record(folder, record, cfg, overwrite=cfg.run.overwrite)
@@ -233,6 +236,7 @@ def make_record(
             "lm_eval_tasks": names,
             "limit": task.limit,
             "primary_metric": task.primary_metric,
+            "score_range": task.score_range,
             **({"ruler": task.ruler_settings()} if task.is_ruler else {}),
             "data_hash": data_hash,
         },
@@ -319,7 +323,10 @@ def _remove_hydra_output() -> None:
             and output in Path(handler.baseFilename).parents
         ):
             root.removeHandler(handler)
-            handler.close()
+            try:
+                handler.close()
+            except OSError:  # a full disk: the folder is removed below all the same
+                pass
     shutil.rmtree(output, ignore_errors=True)
     if output.parent.name == ".hydra" and not any(output.parent.iterdir()):
         output.parent.rmdir()

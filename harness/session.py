@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from harness import session_checks as checks
 from harness.generation import Generation, greedy_generate, score_continuation
 from harness.measure import (
     KVLayout,
@@ -40,9 +41,8 @@ from harness.measure import (
     floor_bytes,
     synchronized_clock,
 )
+from harness.prompt_fit import TRUNCATIONS, PromptFit, keep_protected, truncate
 from methods.base import Method, PromptParts
-
-TRUNCATIONS = ("left", "middle")
 
 
 @dataclass
@@ -54,38 +54,6 @@ class Generated:
     prompt_ids: list[int]
     generation: Generation
     measurement: RequestMeasurement
-
-
-@dataclass
-class PromptFit:
-    """A prompt fitted into the window and passed through the prompt methods.
-
-    Token accounting: ``original_tokens`` = ``len(ids)`` + ``truncated_tokens`` + what the
-    prompt methods removed; ``window_tokens`` is what the prompt methods were given (the
-    prompt after the window's first cut), the full-cache reference of the KV ratios.
-    """
-
-    ids: list[int]  # what the model sees
-    original_tokens: int  # the whole prompt, before any cut
-    truncated_tokens: int  # removed by the window (before and after prompt methods)
-    prompt_method_s: float
-    fields: dict[str, Any] = field(default_factory=dict)  # the prompt-method fields
-    window_tokens: int | None = None  # in the window before prompt methods (default: ids)
-
-    def __post_init__(self) -> None:
-        if self.window_tokens is None:
-            self.window_tokens = len(self.ids)
-
-
-def truncate(ids: list[int], limit: int, how: str) -> list[int]:
-    """Fit ``ids`` into ``limit`` tokens: ``left`` drops the start (lm-eval's ``hf``),
-    ``middle`` keeps the first and last halves (LongBench's ``pred.py``)."""
-    if len(ids) <= limit:
-        return ids
-    if how == "left":
-        return ids[-limit:]
-    head = limit // 2
-    return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
 class Session:
@@ -114,6 +82,8 @@ class Session:
         self.max_length = max_length
         self.add_bos_token = add_bos_token
         self.device = next(model.parameters()).device
+        self.is_open = True  # False once the apply block ends: requests are then refused
+        self.vocab_size = checks.vocab_size(model)
         self.peak_memory = PeakMemory.of_model(model)
         self.measurements: list[RequestMeasurement] = []
         self.compresses_prompts = "prompt" in method.kinds()
@@ -185,7 +155,7 @@ class Session:
         if truncation not in TRUNCATIONS:
             raise ValueError(f"truncation={truncation!r}: use one of {TRUNCATIONS}")
         if isinstance(prompt, PromptParts):
-            split, prompt = _keep_protected(prompt), prompt.text
+            split, prompt = keep_protected(prompt), prompt.text
         split = split or (lambda text: PromptParts(text, ""))
         full_ids = self.encode(prompt)
         window_ids = truncate(full_ids, max_context, truncation)
@@ -213,6 +183,10 @@ class Session:
         ids sent as they are). Stops at EOS, at any of ``stop`` in the decoded text, or when
         ``should_stop(tokens)``. ``split``: see :meth:`fit`. ``tag`` (e.g. task and doc_id)
         labels the measurement."""
+        checks.check_open(self.is_open, self.method, "generate")
+        checks.check_max_new_tokens(max_new_tokens)
+        checks.check_generate_options(stop, truncation, tag, split=split, should_stop=should_stop)
+        ids = checks.prompt_ids(prompt, self.vocab_size)
         max_context = self.max_length - max_new_tokens
         if max_context <= 0:
             raise ValueError(
@@ -220,11 +194,11 @@ class Session:
                 f"max_length={self.max_length}: raise model.max_length or lower the tokens "
                 "generated (run.max_gen_toks)"
             )
-        if isinstance(prompt, str | PromptParts):
+        if ids is None:
             fit = self.fit(prompt, max_context=max_context, truncation=truncation, split=split)
         else:
-            ids = truncate(list(prompt), max_context, truncation)
-            fit = PromptFit(ids, len(prompt), len(prompt) - len(ids), 0.0)
+            kept = truncate(ids, max_context, truncation)
+            fit = PromptFit(kept, len(ids), len(ids) - len(kept), 0.0)
         stops = [s for s in stop if s]
 
         def stopped(tokens: list[int]) -> bool:
@@ -281,6 +255,10 @@ class Session:
         recording a measurement (e.g. a reference answer scored after a generation).
         ``original_tokens``: the context's length before prompt methods shortened it into
         ``context_ids`` (default: ``len(context_ids)``, no prompt method)."""
+        checks.check_open(self.is_open, self.method, "score")
+        checks.check_ids(
+            "score", self.vocab_size, context_ids=context_ids, continuation_ids=continuation_ids
+        )
         continuation = list(continuation_ids)
         room = max(self.max_length + 1 - len(continuation), 0)  # context tokens that fit
         whole = (list(context_ids) + continuation)[-(self.max_length + 1) :]
@@ -320,6 +298,8 @@ class Session:
     ) -> tuple[float, bool]:
         """log p(continuation | context) of two texts; the context passes through the
         prompt methods first (all of it compressible)."""
+        checks.check_open(self.is_open, self.method, "loglikelihood")
+        checks.check_texts("loglikelihood", context=context, continuation=continuation)
         text, seconds, fields = self.compress(PromptParts(context, ""))
         return self.score(
             self.encode(text),
@@ -346,18 +326,6 @@ class Session:
         return [asdict(m) for m in self.measurements]
 
 
-def _keep_protected(parts: PromptParts) -> Callable[[str], PromptParts]:
-    """A splitter for a prompt given as parts: the same parts for the whole text; after a
-    window cut, the protected end stays protected where it survived the cut."""
-
-    def split(text: str) -> PromptParts:
-        if parts.protected and text.endswith(parts.protected):
-            return PromptParts(text[: len(text) - len(parts.protected)], parts.protected)
-        return PromptParts(text, "") if parts.compressible else PromptParts("", text)
-
-    return split
-
-
 @contextmanager
 def apply(
     method: Method,
@@ -372,8 +340,11 @@ def apply(
     ``max_length`` is the window (default: the model's ``max_position_embeddings``). The
     full-cache reference is taken from ``model`` before the method acts on it. Cache hooks are
     removed when the block ends, even on error; a model method's changes stay (it changes the
-    model in place), so load a fresh model to compare it with the original.
+    model in place), so load a fresh model to compare it with the original. The session
+    refuses requests once the block ends, and a model already inside a block cannot be
+    applied again (:mod:`harness.session_checks`).
     """
+    checks.check_apply_args(method, model, tokenizer, max_length)
     config = model.config.get_text_config()
     weights = next(model.parameters())
     method.validate_runtime(
@@ -382,7 +353,7 @@ def apply(
     kv_layout = KVLayout.from_config(config, weights.dtype)
     window = max_length or getattr(config, "max_position_embeddings", None) or 2048
     with method.applied(model, tokenizer) as applied_model:
-        yield Session(
+        session = Session(
             applied_model,
             tokenizer,
             method,
@@ -390,3 +361,9 @@ def apply(
             max_length=window,
             add_bos_token=add_bos_token,
         )
+        checks.enter_block(method, model, applied_model)
+        try:
+            yield session
+        finally:
+            session.is_open = False
+            checks.leave_block(model, applied_model)

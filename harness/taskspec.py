@@ -79,6 +79,8 @@ class TaskSpec(RulerSpec):
         seed: RULER only: the generator's seed (each length is drawn from it afresh).
         sample_fields: document fields copied into each sample of the record (RULER: the
             length, requested depth and where the needle is in tokens).
+        score_range: ``[lo, hi]`` the primary metric lies in (null: unbounded on that side);
+            a record whose score falls outside is refused (:mod:`harness.record_schema`).
     """
 
     name: str
@@ -98,6 +100,7 @@ class TaskSpec(RulerSpec):
     depths: list[float] | None = None
     seed: int | None = None
     sample_fields: list[str] = field(default_factory=list)
+    score_range: list[float | None] = field(default_factory=lambda: [0.0, 1.0])
 
     def __post_init__(self) -> None:
         self.local_tasks = _as_list(self.local_tasks)
@@ -124,6 +127,7 @@ class TaskSpec(RulerSpec):
                 f"with task.source={self.source}"
             )
         self._check_limit_and_fewshot()
+        self._check_score_range()
         if self.truncation not in TRUNCATIONS:
             raise TaskConfigError(
                 f"task.truncation={self.truncation!r} is not one of {TRUNCATIONS}: use "
@@ -155,6 +159,15 @@ class TaskSpec(RulerSpec):
                 "could protect nothing: give the text that starts the final question, e.g. "
                 "task.protect_from='Q: ', or task.protect_from=null to protect the whole prompt"
             )
+
+    def _check_score_range(self) -> None:
+        bounds = list(self.score_range) if isinstance(self.score_range, list | tuple) else []
+        if len(bounds) != 2 or (None not in bounds and bounds[0] >= bounds[1]):
+            raise TaskConfigError(
+                f"task.score_range={self.score_range} is not [lo, hi] with lo < hi: pass e.g. "
+                "task.score_range=[0,1], or [0,null] for a metric without an upper bound"
+            )
+        self.score_range = bounds
 
     def _check_limit_and_fewshot(self) -> None:
         if self.limit is not None and int(self.limit) <= 0:

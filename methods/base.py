@@ -270,6 +270,13 @@ class CacheMethod(Method):
         ratio = self.requested_ratio()
         return ratio is None or ratio < 1.0
 
+    def check_prompt_lengths(self, shortest: int, longest: int) -> None:
+        """Refuse (:class:`MethodConfigError`) a configuration these prompt lengths (in
+        tokens, as they reach the model) cannot honour: one that keeps every token of the
+        longest (no effect: the run would be refused after it ran) or keeps fewer than it
+        promises of the shortest. Called before the weights load with the model's window as
+        both, and before the first request with the task's prompts. Default: anything goes."""
+
     def min_kept_tokens(self) -> int:
         """The fewest tokens a compressed layer keeps, however small the ratio (tokens the
         method always keeps, e.g. sinks and an observation window): with the layers it

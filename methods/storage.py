@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -35,9 +36,29 @@ CACHE_ENV = "KVBENCH_CACHE"
 DATA_ENV = "KVBENCH_DATA"
 
 
+class CacheDirError(ValueError):
+    """``$KVBENCH_CACHE`` names a file, or a folder kvbench cannot write."""
+
+
 def cache_root() -> Path:
-    """The folder for dequantised models and trained weights (``$KVBENCH_CACHE``)."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "kvbench"))
+    """The folder for dequantised models and trained weights (``$KVBENCH_CACHE``); a path
+    that is a file (or lies below one), or a folder that cannot be written, raises
+    :class:`CacheDirError` naming it."""
+    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "kvbench"))
+    fix = f"set ${CACHE_ENV} to a writable folder (default ~/.cache/kvbench)"
+    try:
+        mode = root.stat().st_mode
+    except FileNotFoundError:
+        return root  # made when first needed
+    except OSError as exc:  # a file on the way (NotADirectoryError), a name too long
+        raise CacheDirError(
+            f"${CACHE_ENV}={root} cannot be a folder ({exc.strerror}): {fix}"
+        ) from None
+    if not stat.S_ISDIR(mode):
+        raise CacheDirError(f"${CACHE_ENV}={root} is {_file_kind(mode)}, not a folder: {fix}")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise CacheDirError(f"${CACHE_ENV}={root} is a folder kvbench cannot write: {fix}")
+    return root
 
 
 def _shipped(name: str) -> Path:
@@ -64,7 +85,18 @@ def data_dir() -> Path:
 
 def data_file(relative: str) -> Path:
     """The path of ``relative`` inside the data folder; FileNotFoundError if it is missing."""
-    path = data_dir() / relative
+    root = data_dir()
+    if root.exists() and not root.is_dir():
+        raise DataFileError(
+            f"${DATA_ENV}={root} is {_file_kind(root.stat().st_mode)}, not a folder: set it to "
+            "the folder that holds the benchmark data (see data/README.md), or unset it"
+        )
+    path = root / relative
+    if path.exists() and not path.is_file():
+        kind = _file_kind(path.stat().st_mode)
+        raise NotRegularFileError(
+            errno.EINVAL, f"not a regular file but {kind}: {_RESTORE}", str(path)
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"kvbench offline data file {path} is missing: copy the benchmark data into "
@@ -74,10 +106,98 @@ def data_file(relative: str) -> Path:
     return path
 
 
+class NotRegularFileError(OSError):
+    """A path where a regular file is expected names a FIFO, a device, a socket or a folder."""
+
+    def __str__(self) -> str:
+        return f"{self.filename} is {self.strerror}"
+
+
+class DataFileError(ValueError):
+    """An offline data file is empty, cut short or malformed; the message names the line."""
+
+
+def open_regular(path: Path | str, encoding: str = "utf-8") -> Any:
+    """``path`` opened for reading as text, refused (:class:`NotRegularFileError`) unless it is
+    a regular file. It is opened non-blocking and checked on the open descriptor, so a FIFO
+    or a device named like a record or data file never blocks the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(
+                errno.EINVAL,
+                f"not a regular file but {_file_kind(mode)}: replace or remove it",
+                str(path),
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, encoding=encoding)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"))
+    kinds += ((stat.S_ISSOCK, "a socket"),)
+    kinds += ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
 def read_jsonl(relative: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file in the data folder."""
-    with data_file(relative).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of a JSON-lines file in the data folder: one JSON object a line. An empty
+    file, a line cut short or a line that is not an object raises :class:`DataFileError`
+    naming the file and the line."""
+    path = data_file(relative)
+    rows = []
+    try:
+        with open_regular(path) as fh:
+            for number, line in enumerate(fh, start=1):
+                if line.strip():
+                    rows.append(_jsonl_row(path, number, line))
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path} is not UTF-8 text ({exc.reason}): {_RESTORE}") from None
+    if not rows:
+        raise DataFileError(f"{path} holds no records (an empty file): {_RESTORE}")
+    return rows
+
+
+def read_json(relative: str) -> Any:
+    """The JSON document of a file in the data folder; :class:`DataFileError` naming the file
+    and the line when it is empty, cut short or malformed."""
+    path = data_file(relative)
+    try:
+        with open_regular(path) as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise DataFileError(f"{path} is not UTF-8 text ({exc.reason}): {_RESTORE}") from None
+    if not text.strip():
+        raise DataFileError(f"{path} is empty: {_RESTORE}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(
+            f"{path} line {exc.lineno} is not valid JSON ({exc.msg}, column {exc.colno}; "
+            f"a file cut short?): {_RESTORE}"
+        ) from None
+
+
+_RESTORE = "restore it from the benchmark data (see data/README.md) or set $KVBENCH_DATA"
+
+
+def _jsonl_row(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataFileError(
+            f"{path} line {number} is not valid JSON ({exc.msg}, column {exc.colno}; a file "
+            f"cut short?): {_RESTORE}"
+        ) from None
+    if not isinstance(row, dict):
+        raise DataFileError(
+            f"{path} line {number} is a {type(row).__name__}, not a JSON object: {_RESTORE}"
+        )
+    return row
 
 
 # --- folders written whole: assembled under a staging name, then renamed into place ----------

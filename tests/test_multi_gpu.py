@@ -162,7 +162,7 @@ def test_peak_memory_of_a_model_on_several_gpus_sums_its_devices(monkeypatch):
         parameters=lambda: iter([SimpleNamespace(device=d) for d in (gpus[0], gpus[1], gpus[1])])
     )
     assert measure.PeakMemory.of_model(spread).devices == gpus
-    probe = measure.PeakMemory(gpus[0], [gpus[1], gpus[0]])
+    probe = measure.PeakMemory(gpus[0], also=[gpus[1], gpus[0]])
     assert probe.devices == gpus
     probe.reset()
     assert probe.read() == {
@@ -170,4 +170,4 @@ def test_peak_memory_of_a_model_on_several_gpus_sums_its_devices(monkeypatch):
         "memory_before_bytes": 140,
         "peak_memory_rise_bytes": 1160,
     }
-    assert measure.PeakMemory(torch.device("cpu"), gpus).devices == [torch.device("cpu")]
+    assert measure.PeakMemory(torch.device("cpu"), also=gpus).devices == [torch.device("cpu")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 
 import pytest
@@ -39,8 +40,18 @@ def test_hash_is_stable_and_ignores_bookkeeping(tmp_path):
 
 
 def record(folder, **values):
-    """A minimal finished record of the run in ``folder``."""
-    return {"schema_version": records.SCHEMA_VERSION, "run_id": folder.name, **values}
+    """A minimal finished record of the run in ``folder``: every section the schema needs."""
+    return {
+        "schema_version": records.SCHEMA_VERSION,
+        "run_id": folder.name,
+        "model": {"name": "m"},
+        "method": {"name": "streamingllm", "kinds": ["cache"], "params": {"ratio": 0.2}},
+        "task": {"name": "gsm8k"},
+        "score": {"metric": "exact_match,strict-match", "value": 0.5},
+        "measurements": {"requests": 1, "kv_ratio": 0.2, "prefill_s": {"n": 1, "mean": 0.1}},
+        "samples": [{"task": "gsm8k", "doc_id": 0, "metrics": {"exact_match": 0.5}}],
+        **values,
+    }
 
 
 def test_write_is_atomic_and_never_overwrites_by_accident(tmp_path):
@@ -78,7 +89,8 @@ def test_unfinished_folder_is_not_a_record(tmp_path):
         ('["not", "an", "object"]', "not a JSON object"),
         ('{"run_id": "RUN"}', "schema_version None"),
         ('{"schema_version": 99, "run_id": "RUN"}', "schema_version 99"),
-        ('{"schema_version": 1, "run_id": "another__run"}', "run_id"),
+        # the ids alone used to make a finished run, skipped for ever (the report disagreed)
+        ('{"schema_version": 1, "run_id": "RUN"}', "model: missing"),
     ],
 )
 def test_a_record_that_does_not_parse_or_lacks_its_ids_is_not_finished(
@@ -96,6 +108,115 @@ def test_a_record_that_does_not_parse_or_lacks_its_ids_is_not_finished(
     records.write_record(folder, record(folder, value=1), c, overwrite=False)
     assert records.is_finished(folder)
     assert records.read_record(folder)["value"] == 1
+
+
+def _set(data, dotted, value):
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    key = int(last) if isinstance(data, list) else last
+    if value is DELETE:
+        del data[key]
+    else:
+        data[key] = value
+
+
+DELETE = object()
+# (field, bad value, what the one-line reason names): each used to be reported, or skipped
+# as finished, as if it were fine
+SCHEMA_CASES = [
+    ("score.value", "0.95", "score.value"),
+    ("score.value", None, "score.value"),
+    ("score.value", 95, "outside the task's range"),
+    ("score.value", float("nan"), "score.value"),
+    ("score.value", float("inf"), "score.value"),
+    ("score.value", -0.1, "outside the task's range"),
+    ("score.value", True, "score.value"),
+    ("score.value", DELETE, "score.value: missing"),
+    ("score.metric", 3, "score.metric"),
+    ("score", "high", "score"),
+    ("run_id", 7, "run_id"),
+    ("schema_version", "1", "schema_version"),
+    ("model", DELETE, "model: missing"),
+    ("model.name", None, "model.name"),
+    ("model.num_layers", 0, "model.num_layers"),
+    ("model.num_layers", "4", "model.num_layers"),
+    ("method.name", ["x"], "method.name"),
+    ("method.params", "ratio=0.2", "method.params"),
+    ("method.kinds", "cache", "method.kinds"),
+    ("task.name", DELETE, "task.name: missing"),
+    ("task.limit", "5", "task.limit"),
+    ("task.limit", 0, "task.limit"),
+    ("measurements", "fast", "measurements"),
+    ("measurements", DELETE, "measurements: missing"),
+    ("measurements.kv_ratio", "0.2", "measurements.kv_ratio"),
+    ("measurements.kv_ratio", -0.5, "measurements.kv_ratio"),
+    ("measurements.requests", 1.5, "measurements.requests"),
+    ("measurements.prefill_s", "0.1", "measurements.prefill_s"),
+    ("measurements.prefill_s.mean", "0.1", "measurements.prefill_s"),
+    ("measurements.prefill_s.n", -1, "measurements.prefill_s"),
+    ("measurements.decode_tok_per_s", float("nan"), "measurements.decode_tok_per_s"),
+    ("samples", "oops", "samples"),
+    ("samples", DELETE, "samples: missing"),
+    ("samples.0", "row", "samples[0]"),
+    ("samples.0.doc_id", "0", "samples[0].doc_id"),
+    ("samples.0.task", None, "samples[0].task"),
+    ("samples.0.metrics", [1], "samples[0].metrics"),
+    ("samples.0.requests", [{"prefill_s": "slow"}], "samples[0].requests[0].prefill_s"),
+    ("config", "model=x", "config"),
+    ("provenance", [], "provenance"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "names"), SCHEMA_CASES, ids=[f"{c[0]}={c[1]!r}" for c in SCHEMA_CASES]
+)
+def test_a_record_that_fails_the_schema_is_not_finished_and_not_written(
+    tmp_path, caplog, field, value, names
+):
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    bad = record(folder)
+    _set(bad, field, value)
+    folder.mkdir(parents=True)
+    (folder / records.RECORD_FILE).write_text(json.dumps(bad))
+    with caplog.at_level(logging.WARNING, logger="kvbench"):
+        assert not records.is_finished(folder)
+    assert names in caplog.text and "\n" not in caplog.text.strip()
+    _, why = records.load_record(folder / records.RECORD_FILE)
+    assert names in why
+    with pytest.raises(records.RecordError, match=re.escape(names)):
+        records.write_record(folder, bad, c, overwrite=True)
+
+
+def test_a_record_copied_to_another_folder_is_not_that_folders_run(tmp_path):
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    records.write_record(folder, record(folder), c, overwrite=False)
+    copy = tmp_path / "copy_of_run"
+    records.shutil.copytree(folder, copy)
+    assert records.is_finished(folder) and not records.is_finished(copy, warn=False)
+    assert "is not its folder's name" in records.record_problem(copy)
+
+
+def test_a_declared_score_range_is_honoured(tmp_path):
+    c = cfg(tmp_path)
+    folder = records.run_dir(c)
+    ok = record(folder, score={"metric": "perplexity,none", "value": 12.5})
+    ok["task"]["score_range"] = [0, None]
+    records.write_record(folder, ok, c, overwrite=False)
+    assert records.is_finished(folder)
+
+
+def test_a_fifo_named_record_json_never_blocks(tmp_path):
+    """A FIFO named record.json used to hang the runner's check and the report."""
+    folder = tmp_path / "m__gsm8k__full__0123456789ab"
+    folder.mkdir()
+    os.mkfifo(folder / records.RECORD_FILE)
+    assert "not a regular file but a FIFO" in records.record_problem(folder)
+    assert records.load_record(folder / records.RECORD_FILE)[0] is None
+    with pytest.raises(OSError, match="FIFO"):
+        records.read_record(folder)
 
 
 def test_concurrent_writers_of_one_run_all_succeed(tmp_path):

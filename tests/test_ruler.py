@@ -341,9 +341,9 @@ def test_report_draws_the_heatmaps(tmp_path):
     from harness.report.build import main as report_main
 
     for method, outcome, kv in (("full", 1, 1.0), ("streamingllm", 0, 0.2)):
-        folder = tmp_path / f"run_{method}"
-        folder.mkdir()
         record = fake_record(method, {(1024, 0.5): [outcome] * 3}, kv)
+        folder = tmp_path / record["run_id"]  # a record's folder is named by its run id
+        folder.mkdir()
         record |= {
             "schema_version": records.SCHEMA_VERSION,
             "score": {"metric": "score,none", "value": float(outcome)},

@@ -230,8 +230,8 @@ def test_report_without_needles_has_no_heatmap_but_the_share_per_length(tmp_path
             "score": {"metric": "score,none", "value": 0.5},
             "measurements": {"kv_ratio": kv},
         }
-        (tmp_path / f"run_{method}").mkdir()
-        (tmp_path / f"run_{method}" / "record.json").write_text(json.dumps(record))
+        (tmp_path / record["run_id"]).mkdir()  # a record's folder is named by its run id
+        (tmp_path / record["run_id"] / "record.json").write_text(json.dumps(record))
     samples = pd.DataFrame(plots_ruler.sample_rows(record, "streamingllm"))
     table = plots_ruler.summary(samples).set_index("length")
     assert table.loc[1024, "passed"] == 0.0 and table.loc[2048, "passed"] == 0.5

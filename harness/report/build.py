@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness import record_schema
 from harness.records import find_records, read_record
 from harness.report import fidelity, html_page, plots_ruler
 from harness.report.consistency import code_warnings, pairing_warnings
@@ -143,13 +144,17 @@ def load_report(root: Path) -> Report:
     reported: unreadable JSON, another schema_version, missing keys, malformed fields."""
     rows, requests, skipped, inputs = [], [], [], {}
     paths = find_records(Path(root))
-    for path in paths:
+    kept: dict[str, list[Path]] = {}  # run id -> its record files, the one reported first
+    for path in sorted(paths, key=lambda p: (len(p.parts), p)):  # a copy deeper down loses
         try:
             record = read_record(path)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             skipped.append((path, f"unreadable: {exc}"))
             continue
-        reason = check(record)
+        reason = check(record) or record_schema.problem(record, path.parent.name)
+        if reason is None and record["run_id"] in kept:
+            kept[record["run_id"]].append(path)
+            continue
         if reason is None:
             try:
                 row = run_row(record, str(path))
@@ -164,14 +169,25 @@ def load_report(root: Path) -> Report:
         rows.append(row)
         requests.extend(runs_requests)
         inputs[str(path)] = summary
+        kept[record["run_id"]] = [path]
     base = [c for c in COLUMNS if c not in fidelity.FIDELITY_COLUMNS]
     table = fidelity.add_fidelity(pd.DataFrame(rows, columns=base), inputs)
     table = table[COLUMNS].sort_values(SORT_BY, na_position="last", kind="stable")
     table["label"] = label_runs(table)
-    warnings = code_warnings(table) + pairing_warnings(table)
+    warnings = code_warnings(table) + pairing_warnings(table) + _duplicate_warnings(kept)
     return Report(
         table.reset_index(drop=True), pd.DataFrame(requests), skipped, len(paths), warnings, inputs
     )
+
+
+def _duplicate_warnings(kept: dict[str, list[Path]]) -> list[str]:
+    """One warning per run id found in more than one folder: the first is reported."""
+    return [
+        f"run {run_id} is recorded {len(found)} times: reported {found[0]}, skipped the "
+        f"copies {', '.join(str(p) for p in found[1:])}"
+        for run_id, found in kept.items()
+        if len(found) > 1
+    ]
 
 
 def load_records(root: Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
@@ -317,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dir.is_dir():
         print(f"kvbench-report: {args.dir} is not a directory", file=sys.stderr)
         return 1
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(
+            f"kvbench-report: --out {args.out} is a file, not a folder: pass a folder for the "
+            "report's files",
+            file=sys.stderr,
+        )
+        return 1
     report = load_report(args.dir)
     for path, reason in report.skipped:
         print(f"kvbench-report: skipped {path}: {reason}", file=sys.stderr)
@@ -325,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     if report.runs.empty:
         print(_explain_empty(args.dir, report), file=sys.stderr)
         return 1
-    paths = write_report(
-        report.runs, args.out or args.dir / "report", report.requests, report.skipped, report.inputs
-    )
+    out = args.out or args.dir / "report"
+    try:
+        paths = write_report(report.runs, out, report.requests, report.skipped, report.inputs)
+    except OSError as exc:  # a full disk, a folder that cannot be written
+        print(f"kvbench-report: cannot write the report into {out}: {exc}", file=sys.stderr)
+        return 1
     print(summary_markdown(report.runs))
     print(f"\n{len(report.runs)} run(s), {len(report.skipped)} skipped")
     for kind, path in paths.items():

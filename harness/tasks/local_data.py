@@ -12,12 +12,18 @@ never depends on the current working directory. lm-eval loads this file by path 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import datasets
 
-from methods.storage import DATA_ENV, data_dir, data_file, read_jsonl  # noqa: F401 (re-exported)
+from methods.storage import (  # noqa: F401 (re-exported)
+    DATA_ENV,
+    DataFileError,
+    data_dir,
+    data_file,
+    read_json,
+    read_jsonl,
+)
 
 BBH_SUBTASKS: tuple[str, ...] = (
     "boolean_expressions",
@@ -85,8 +91,14 @@ def bbh(bbh_task: str, **_metadata: Any) -> datasets.DatasetDict:
     """
     if bbh_task not in BBH_SUBTASKS:
         raise ValueError(f"unknown BBH subtask {bbh_task!r}; valid: {', '.join(BBH_SUBTASKS)}")
-    with data_file(f"bbh/tasks/{bbh_task}.json").open(encoding="utf-8") as fh:
-        examples = json.load(fh)["examples"]
+    relative = f"bbh/tasks/{bbh_task}.json"
+    document = read_json(relative)
+    examples = document.get("examples") if isinstance(document, dict) else None
+    if not isinstance(examples, list) or not examples:
+        raise DataFileError(
+            f'{data_file(relative)} has no non-empty list of examples under "examples": '
+            "restore it from the benchmark data (see data/README.md) or set $KVBENCH_DATA"
+        )
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(examples)})
 
 

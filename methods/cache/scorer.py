@@ -51,6 +51,39 @@ class ScorerMethod(CacheMethod):
         """The sinks and the window are always kept (at least one token)."""
         return max(1, self.sinks + self.window)
 
+    def fewest_kept(self) -> int:
+        """The fewest tokens a ratio's budget may give a prompt: the sinks (a short prompt's
+        budget may be smaller than the recent window, which then shrinks)."""
+        return max(1, self.sinks)
+
+    def check_prompt_lengths(self, shortest: int, longest: int) -> None:
+        if self.budget is not None:
+            if self.budget >= longest:
+                raise MethodConfigError(
+                    f"method.budget={self.budget} keeps every token of these prompts (the "
+                    f"longest has {longest}): {self.name} would have no effect; pass a "
+                    f"budget below {longest}, or a method.ratio"
+                )
+            return
+        if round(self.ratio * longest) >= longest:
+            raise MethodConfigError(
+                f"method.ratio={self.ratio} keeps every token of the prompts (the longest "
+                f"has {longest} tokens; {self.ratio} x {longest} rounds to {longest}): "
+                f"{self.name} would have no effect; pass method.ratio below "
+                f"{(longest - 0.5) / longest:.4g}"
+            )
+        fewest = self.fewest_kept()
+        if round(self.ratio * shortest) < fewest:
+            raise MethodConfigError(
+                f"method.ratio={self.ratio} keeps {round(self.ratio * shortest)} tokens of "
+                f"a {shortest}-token prompt, below the {fewest} tokens "
+                f"{self.name} always keeps ({self._floor_fields()}): pass method.ratio >= "
+                f"{fewest / shortest:.3g}, or a method.budget of at least {fewest}"
+            )
+
+    def _floor_fields(self) -> str:
+        return f"method.sinks={self.sinks}"
+
     def kept_tokens(self, seq_len: int) -> int:
         """How many of ``seq_len`` prompt tokens each head keeps."""
         if self.budget is not None:

@@ -28,6 +28,13 @@ class StreamingLLM(ScorerMethod):
                 "method.sinks must be >= 1 for StreamingLLM (the paper keeps 4 sink tokens)"
             )
 
+    def fewest_kept(self) -> int:
+        """The sinks and the recent window: a budget below them cannot be StreamingLLM's."""
+        return self.min_kept_tokens()
+
+    def _floor_fields(self) -> str:
+        return f"method.sinks + method.window = {self.sinks} + {self.window}"
+
     def score(
         self,
         module: nn.Module,
