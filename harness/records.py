@@ -69,21 +69,29 @@ RECORD_FILE = "record.json"
 CONFIG_FILE = "config.yaml"
 # run.* fields that change where or whether a run is written, not what it computes
 BOOKKEEPING_FIELDS = ("results_dir", "overwrite", "report")
+# model fields added after records existed: hashed only when set away from their default, so
+# the runs made before them keep their ids (and resume)
+MODEL_DEFAULTS = {"sdpa_backend": "auto", "device_map": None}
 
 
 def config_hash(cfg: DictConfig | dict, data_hash: str | None = None) -> str:
     """Stable hash of the resolved config, bookkeeping fields excluded, and of the task's
     data (``data_hash``, when the task has offline data). ``model.dtype: auto`` is hashed as
     the dtype it resolves to (:func:`harness.dtypes.resolve_dtype`, a function of
-    ``model.device`` alone), so ``auto`` and that dtype name the same run."""
+    ``model.device`` alone), so ``auto`` and that dtype name the same run; the model fields
+    of :data:`MODEL_DEFAULTS` are hashed only when they differ from their default."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     data = {k: v for k, v in data.items() if k != "hydra"}
     run = {k: v for k, v in (data.get("run") or {}).items() if k not in BOOKKEEPING_FIELDS}
     data["run"] = run
     model = data.get("model")
-    if isinstance(model, dict) and "dtype" in model:
-        dtype = resolve_dtype(model["dtype"], model.get("device", "cpu"))
-        data["model"] = {**model, "dtype": dtype}
+    if isinstance(model, dict):
+        model = {
+            k: v for k, v in model.items() if k not in MODEL_DEFAULTS or v != MODEL_DEFAULTS[k]
+        }
+        if "dtype" in model:
+            model["dtype"] = resolve_dtype(model["dtype"], model.get("device", "cpu"))
+        data["model"] = model
     if data_hash is not None:
         data["data_hash"] = data_hash
     canonical = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))

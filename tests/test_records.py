@@ -340,3 +340,22 @@ def test_method_stats_over_requests_average_per_layer_and_keep_what_agrees():
     nested = [{"method_stats": {"snapkv": {"n": 1.0}}}, {"method_stats": {"snapkv": {"n": 3.0}}}]
     assert method_stats(nested) == {"snapkv": {"n": 2.0}}
     assert method_stats([]) is None
+
+
+def test_model_fields_at_their_default_keep_the_run_ids_made_before_them() -> None:
+    """``model.sdpa_backend: auto`` and ``model.device_map: null`` are not hashed: a run made
+    before those fields existed keeps its id (and resumes); set otherwise, they are."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from harness.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=tiny_llama_gqa"])
+    before = OmegaConf.to_container(cfg, resolve=True)
+    for field in records.MODEL_DEFAULTS:
+        before["model"].pop(field)
+    assert records.config_hash(cfg) == records.config_hash(before)
+    with open_dict(cfg):
+        cfg.model.sdpa_backend = "math"
+    assert records.config_hash(cfg) != records.config_hash(before)
