@@ -244,7 +244,7 @@ class PeakMemory:
         weights' bytes for the CPU's count)."""
         first = next(model.parameters()).device
         others = sorted({p.device for p in model.parameters()} - {first}, key=str)
-        return cls(first, module_bytes(model), others)
+        return cls(first, module_bytes(model) if first.type != "cuda" else 0, others)
 
     def reset(self) -> None:
         """Start a request: reset the allocator's peak and read the memory before it."""

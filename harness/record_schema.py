@@ -93,6 +93,7 @@ class Measurements(_Section):
     truncated_ratio: NonNegative | None = None
     prefill_tok_per_s: NonNegative | None = None
     decode_tok_per_s: NonNegative | None = None
+    peak_memory_kind: str | None = None  # what the peak counted (harness.measure.PeakMemory)
 
 
 class Request(_Section):

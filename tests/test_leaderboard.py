@@ -103,3 +103,14 @@ def test_runs_without_a_reference_are_left_out_by_name(tmp_path: Path) -> None:
     assert len(board.warnings) == 1 and "lone" in board.warnings[0]
     assert "no full-cache run of its setting" in board.warnings[0]
     assert "lone" not in set(board.rows["run"])
+
+
+def test_a_reference_alone_gives_a_leaderboard_without_pairs(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    dump(
+        root, scored(make_record("full", "full", {"ratio": 1.0}, 0.0, 1.0, ["o"] * 6), [0]), "full"
+    )
+    report = load_report(root)
+    paths = write_report(report.runs, tmp_path / "rep", report.requests, [], report.inputs)
+    assert "paired verdicts" not in paths["leaderboard_md"].read_text()
+    assert list(pd.read_csv(paths["leaderboard"])["run"]) == ["full"]

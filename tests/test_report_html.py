@@ -45,6 +45,7 @@ def report_dir(tmp_path: Path) -> Path:
             "score": {"metric": "score,none", "value": float(outcome)},
             "measurements": {"kv_ratio": kv},
             "model": {"name": MODEL},
+            "run_id": f"ruler_{method}",  # a record's run id is its folder's name
         }
         dump(root, record, f"ruler_{method}")
     return root

@@ -39,7 +39,7 @@ def generate_static(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: i
     device = next(model.parameters()).device
     ids = ids.to(device)
     clock = _FirstLogits(device)
-    probe = PeakMemory(device)
+    probe = PeakMemory.of_model(model)
     probe.reset()
     start = synchronized_clock(device)
     with torch.inference_mode():
@@ -54,9 +54,10 @@ def generate_static(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: i
             logits_processor=LogitsProcessorList([clock]),
         )
     end = synchronized_clock(device)
-    peak = probe.peak_bytes()
     tokens = out[0, ids.shape[1] :].tolist()
     layout = KVLayout.from_config(model.config, next(model.parameters()).dtype)
+    # the static cache holds room for prompt + new tokens from the start (the CPU's count)
+    peak = probe.peak_bytes(layout.full_bytes(ids.shape[1] + max_new_tokens))
     steps = max(len(tokens) - 1, 0)
     return {
         "prefill_s": clock.times[0] - start,

@@ -165,12 +165,14 @@ def write_leaderboard(board: Leaderboard, out_dir: Path) -> dict[str, Path]:
         "leaderboard_md": out_dir / "leaderboard.md",
     }
     board.rows.to_csv(paths["leaderboard"], index=False)
-    pairs = board.pairs.assign(p=board.pairs["p"].map(lambda p: f"{p:.3g}"))
+    pairs = board.pairs
+    if len(pairs):
+        pairs = pairs.assign(p=pairs["p"].map(lambda p: f"{p:.3g}"))
     parts = ["# kvbench leaderboard", RULE]
     for model, rows in board.rows.groupby("model", sort=True):
         shown = [c for c in rows.columns if c != "model" and rows[c].notna().any()]
         parts += [f"## {model}", markdown(rows, shown)]
-        mine = pairs[pairs["model"] == model].drop(columns="model")
+        mine = pairs[pairs["model"] == model].drop(columns="model") if len(pairs) else pairs
         if len(mine):
             parts += [f"### {model}: paired verdicts", markdown(mine)]
     if board.warnings:
