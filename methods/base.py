@@ -260,8 +260,7 @@ class CacheMethod(Method):
         return log.stats() if log is not None else None
 
     def requested_ratio(self) -> float | None:
-        """The fraction of the KV cache this method was asked to keep, or None when it was
-        asked for a token count (or nothing)."""
+        """The fraction of the KV cache it was asked to keep (None: a token count, or none)."""
         return None
 
     def asks_reduction(self) -> bool:
@@ -271,11 +270,9 @@ class CacheMethod(Method):
         return ratio is None or ratio < 1.0
 
     def check_prompt_lengths(self, shortest: int, longest: int) -> None:
-        """Refuse (:class:`MethodConfigError`) a configuration these prompt lengths (in
-        tokens, as they reach the model) cannot honour: one that keeps every token of the
-        longest (no effect: the run would be refused after it ran) or keeps fewer than it
-        promises of the shortest. Called before the weights load with the model's window as
-        both, and before the first request with the task's prompts. Default: anything goes."""
+        """Refuse (:class:`MethodConfigError`) what prompts of these lengths cannot honour:
+        keeping every token of the longest, or fewer than promised of the shortest (checked
+        with the model's window before loading, with the prompts before the first request)."""
 
     def min_kept_tokens(self) -> int:
         """The fewest tokens a compressed layer keeps, however small the ratio (tokens the
@@ -326,11 +323,9 @@ class ModelMethod(Method):
 @dataclass
 class Compose(Method):
     """Several methods at once, e.g. a prompt method and a cache method; itself a method.
-
     Entering it applies the model methods first (in list order), then prepares the prompt
     methods on the resulting model, then registers every cache method's hooks (acting in
-    list order per layer). Prompt methods shorten each request in list order.
-    """
+    list order per layer). Prompt methods shorten each request in list order."""
 
     methods: list[Method] = field(default_factory=list)
 
