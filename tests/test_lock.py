@@ -131,3 +131,13 @@ def test_the_lock_module_lists_differences_from_the_command_line():
         timeout=60,
     )
     assert out.returncode == 0 and "installed versions differ from" in out.stdout
+
+
+def test_strays_are_what_the_lock_does_not_pin_but_torchs_own_needs(tmp_path):
+    path = tmp_path / "lock.txt"
+    lines = [line for line in CPU.read_text().splitlines() if not line.startswith("pandas==")]
+    path.write_text("\n".join(lines) + "\n")
+    assert "pandas" in lock.strays(path)  # installed, no longer pinned: make setup removes it
+    if lock.installed_lock() is not None:  # `make setup`'s venv holds exactly its lock
+        assert lock.strays(lock.installed_lock()) == []
+    assert "kvbench" not in lock.strays(path) and "pip" not in lock.strays(path)
