@@ -63,7 +63,7 @@ lock:
 
 # Newer releases inside pyproject's ranges, never in the test suite: the cache-method and
 # adapter tests against transformers' lowest release (installed into .compat/ ahead of the
-# venv) and against a venv resolved afresh from pyproject without the lock (torch as locked).
+# venv) and against a venv resolved afresh from pyproject without the lock (torch included).
 # Each prints the versions it used that differ from the lock.
 COMPAT_LOW := $(shell sed -nE 's/.*"transformers>=([0-9.]+),.*/\1/p' pyproject.toml)
 COMPAT_TESTS := tests/test_cache_methods.py tests/test_generation.py tests/test_session.py tests/test_lm_adapter.py tests/test_fast_paths.py tests/test_spindlekv.py tests/test_codebook_kernels.py tests/test_sliding.py tests/test_dac.py tests/test_prompt_methods.py
