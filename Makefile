@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 # spinning threads made runs 10x slower here (set it yourself for `kvbench` outside make)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-# Installs come from a checked-in lock of exact versions (locks/README.md): the CPU one by
-# default, `make setup LOCK=locks/cuda.txt` for a CUDA build of torch. A venv that already has
+# Installs come from a checked-in lock of exact versions (README, "Locked installs"): the CPU one by
+# default, `make setup LOCK=requirements-cuda.txt` for a CUDA build of torch. A venv that already has
 # a torch keeps it (a GPU user's own build): every other pin of the lock still applies.
-LOCK ?= locks/cpu.txt
+LOCK ?= requirements.txt
 PIP_VERSION := 26.3
 UV_VERSION := 0.13.9
 
@@ -57,9 +57,9 @@ lock:
 	grep -E '^[A-Za-z0-9]' .compat/cpu.txt | grep -v '^torch==' > .compat/pins.txt
 	echo "torch==$(TORCH)" >> .compat/pins.txt
 	.compat/uv/bin/uv pip compile pyproject.toml $(LOCK_ARGS) -c .compat/pins.txt -o .compat/cuda.txt
-	(echo "# kvbench's CPU lock: made by \`make lock\` (uv $(UV_VERSION)), installed by \`make setup\`"; cat .compat/cpu.txt) > locks/cpu.txt
-	(echo "# kvbench's CUDA lock: made by \`make lock\` (uv $(UV_VERSION)), \`make setup LOCK=locks/cuda.txt\`"; cat .compat/cuda.txt) > locks/cuda.txt
-	@echo "locks/cpu.txt and locks/cuda.txt refreshed: run make test before committing them"
+	(echo "# kvbench's CPU lock: made by \`make lock\` (uv $(UV_VERSION)), installed by \`make setup\`"; cat .compat/cpu.txt) > requirements.txt
+	(echo "# kvbench's CUDA lock: made by \`make lock\` (uv $(UV_VERSION)), \`make setup LOCK=requirements-cuda.txt\`"; cat .compat/cuda.txt) > requirements-cuda.txt
+	@echo "requirements.txt and requirements-cuda.txt refreshed: run make test before committing them"
 
 # Newer releases inside pyproject's ranges, never in the test suite: the cache-method and
 # adapter tests against transformers' lowest release (installed into .compat/ ahead of the

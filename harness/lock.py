@@ -1,12 +1,12 @@
 """The lock a venv was installed from, and whether the installed packages still match it.
 
-`make setup` installs every dependency from a checked-in lock (``locks/cpu.txt`` or
-``locks/cuda.txt``) and copies the lock it used to ``<venv>/kvbench.lock``. A record's provenance
+`make setup` installs every dependency from a checked-in lock (``requirements.txt`` or
+``requirements-cuda.txt``) and copies the lock it used to ``<venv>/kvbench.lock``. A record's provenance
 names that lock by its SHA-256 and lists the installed packages whose versions differ from it
 (a GPU user's own torch, a package upgraded by hand), so two records measured with different
 libraries never look alike.
 
-    python -m harness.lock locks/cpu.txt    # the installed versions that differ from a lock
+    python -m harness.lock requirements.txt    # the installed versions that differ from a lock
     python -m harness.lock --strays LOCK    # installed distributions the lock does not pin
 """
 
@@ -24,6 +24,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCKS = (REPO_ROOT / "requirements.txt", REPO_ROOT / "requirements-cuda.txt")  # CPU, CUDA
 INSTALLED_LOCK = "kvbench.lock"  # in the venv (sys.prefix), written by `make setup`
 
 
@@ -116,7 +117,7 @@ def lock_provenance(prefix: str | Path = sys.prefix) -> dict[str, Any] | None:
     if path is None:
         return None
     digest = sha256(path)
-    named = [p for p in sorted((REPO_ROOT / "locks").glob("*.txt")) if sha256(p) == digest]
+    named = [p for p in LOCKS if p.is_file() and sha256(p) == digest]
     differ = differences(path)
     return {
         "sha256": digest,
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--strays"]:
         print("\n".join(strays(Path(args[1]))))
         return 0
-    path = Path(args[0] if args else REPO_ROOT / "locks" / "cpu.txt")
+    path = Path(args[0]) if args else LOCKS[0]
     differ = differences(path)
     print(f"{len(differ)} installed versions differ from {path} (sha256 {sha256(path)[:12]})")
     for name, (locked, have) in differ.items():

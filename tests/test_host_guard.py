@@ -14,21 +14,14 @@ from harness.session import apply
 from methods.base import PromptParts
 from tests.conftest import model_spec
 from tests.host_guard import OnDevice, count_syncs, guard
+from tests.test_cuda import CACHE_METHODS, OTHER_METHODS
 
 TRAIN = {"stage1_steps": 1, "batch_size": 1, "seq_len": 16, "progress": False}
+# every method with the GPU tests' settings, the model methods' training and calibration smaller
 METHODS = {
     "full": {},
-    "streamingllm": {"ratio": 0.25},
-    "h2o": {"ratio": 0.25},
-    "snapkv": {"ratio": 0.25, "window": 8},
-    "knorm": {"ratio": 0.25, "window": 8},
-    "pyramidkv": {"ratio": 0.25, "window": 8},
-    "spindlekv": {"ratio": 0.25, "window": 8},
-    "dac": {"rate": 0.5, "iterations": 2},
-    "selfinfo": {"rate": 0.5},
-    "random_deletion": {"rate": 0.5},
-    "llmlingua": {"rate": 0.5, "iterative_size": 64},
-    "kvlatent_k": {"train": False},
+    **CACHE_METHODS,
+    **OTHER_METHODS,
     "kvlatent_kv": {"training": TRAIN},
     "kvheads": {"calibration_tokens": 256, "calibration_seq_len": 64},
 }

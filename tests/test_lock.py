@@ -18,7 +18,7 @@ from harness import lock
 from harness.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
-CPU, CUDA = REPO / "locks" / "cpu.txt", REPO / "locks" / "cuda.txt"
+CPU, CUDA = REPO / "requirements.txt", REPO / "requirements-cuda.txt"
 CUDA_ONLY = re.compile(r"^(nvidia-|cuda-)")
 
 
@@ -58,8 +58,8 @@ def test_make_setup_installs_from_the_lock_and_nothing_unpinned():
     for line in installs:  # every other install names a file of pins or a pinned version
         assert re.search(r"-r |==|-e \.", line), line
     assert "cp $(LOCK) $(VENV)/kvbench.lock" in recipe
-    assert "LOCK ?= locks/cpu.txt" in text
-    assert "locks/cuda.txt" in (REPO / "bench" / "gpu" / "check_wheels.py").read_text()
+    assert "LOCK ?= requirements.txt" in text
+    assert "requirements-cuda.txt" in (REPO / "bench" / "gpu" / "check_wheels.py").read_text()
 
 
 def test_nodeps_packages_are_pinned():
@@ -90,7 +90,7 @@ def test_provenance_names_the_lock_and_what_differs(tmp_path):
     assert lock.lock_provenance(venv) is None  # not installed from a lock: said so
     shutil.copy(CPU, venv / lock.INSTALLED_LOCK)
     found = lock.lock_provenance(venv)
-    assert found["sha256"] == lock.sha256(CPU) and found["file"] == "locks/cpu.txt"
+    assert found["sha256"] == lock.sha256(CPU) and found["file"] == "requirements.txt"
     text = CPU.read_text()
     pinned = lock.pins(CPU)["transformers"]
     (venv / lock.INSTALLED_LOCK).write_text(

@@ -11,7 +11,7 @@
   64 MiB a call carries: the working tree is about 13 MiB).
 
 ``--pins download|build`` (bench/gpu/wheels.sh): wheels.txt's names with the versions that
-``locks/cuda.txt`` pins for the machine's Python.
+``requirements-cuda.txt`` pins for the machine's Python.
 
 Exits 1 and lists the problems, else prints the folder's size and contents.
 
@@ -105,7 +105,7 @@ def on_machine(folder: Path) -> list[str]:
     return lines
 
 
-def pinned(kind: str, lock: Path = HERE.parents[1] / "locks" / "cuda.txt") -> list[str]:
+def pinned(kind: str, lock: Path = HERE.parents[1] / "requirements-cuda.txt") -> list[str]:
     """wheels.txt's names of one kind (``download``: wheels on PyPI, ``build``: source only)
     as ``name==version``, the version the project's lock holds for the machine's Python."""
     sys.path.insert(0, str(HERE.parents[1]))

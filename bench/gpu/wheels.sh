@@ -17,7 +17,7 @@ PLATFORMS=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --ab
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 rm -rf "$DEST"
 mkdir -p "$DEST"
-# wheels.txt's names at the versions locks/cuda.txt pins ("# build": PyPI has source only)
+# wheels.txt's names at the versions requirements-cuda.txt pins ("# build": PyPI has source only)
 mapfile -t download < <("$PYTHON" bench/gpu/check_wheels.py --pins download)
 mapfile -t build < <("$PYTHON" bench/gpu/check_wheels.py --pins build)
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d "$DEST" "${download[@]}"
