@@ -114,3 +114,32 @@ def test_a_reference_alone_gives_a_leaderboard_without_pairs(tmp_path: Path) -> 
     paths = write_report(report.runs, tmp_path / "rep", report.requests, [], report.inputs)
     assert "paired verdicts" not in paths["leaderboard_md"].read_text()
     assert list(pd.read_csv(paths["leaderboard"])["run"]) == ["full"]
+
+
+def test_every_score_equal_says_no_difference_is_possible(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    for run_id, method, kv in [("full", "full", 1.0), ("snap", "snapkv", 0.2)]:
+        ratio = {"ratio": 1.0 if method == "full" else kv}
+        dump(root, scored(make_record(run_id, method, ratio, 0.0, kv, ["o"] * N), []), run_id)
+    report = load_report(root)
+    board = leaderboard(report.runs, report.inputs)
+    rows = board.rows.set_index("run")
+    assert rows.at["snapkv r=0.2", "gsm8k: vs full"] == "no differences possible: every score equal"
+    assert set(board.pairs["verdict"]) == {"no differences possible: every score equal"}
+    assert rows.at["snapkv r=0.2", "rank"] == rows.at["full", "rank"] == 1
+
+
+def test_a_measured_ratio_off_the_requested_one_is_marked(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    runs(root)
+    short = scored(make_record("spin", "spindlekv", {"ratio": 0.2}, 0.0, 0.121, ["o"] * N), [])
+    dump(root, short, "spin")
+    report = load_report(root)
+    board = leaderboard(report.runs, report.inputs)
+    rows = board.rows.set_index("run")
+    assert not rows.at["spindlekv r=0.2", "kv_ratio_reachable"]
+    assert rows.at["spindlekv r=0.2", "kv_ratio_shown"] == "0.121 (asked 0.2)"
+    assert rows.at["snapkv r=0.2", "kv_ratio_reachable"]
+    assert rows.at["pyramidkv r=0.2", "kv_ratio_shown"] == "0.205"
+    paths = write_report(report.runs, tmp_path / "rep", report.requests, [], report.inputs)
+    assert "kv_ratio_reachable" in set(pd.read_csv(paths["leaderboard"]))

@@ -33,12 +33,16 @@ from harness.report.fidelity import FidelityInputs, paired_keys
 from harness.report.tables import fmt_interval, markdown
 
 EQUAL_BYTES = 0.02  # measured KV ratios this close count as the same bytes stored
+REACHABLE = 0.01  # a measured KV ratio this close to the requested one reached it
+ALL_EQUAL = "no differences possible: every score equal"
 RULE = (
     "Verdict rule: paired differences (run − other) over the samples both runs scored (same "
     "document, same prompt), with a seeded percentile-bootstrap 95 % interval and two-sided "
     f"p-value; Holm's correction over all comparisons of one task setting (each run vs the full "
     f"cache, and every two runs within {EQUAL_BYTES} of each other's measured KV ratio) at a "
-    f"family-wise 5 %; no verdict below {stats.MIN_PAIRED} pairs. `rank`: 1 + the rows that beat "
+    f"family-wise 5 %; no verdict below {stats.MIN_PAIRED} pairs; where every run scored the "
+    f"same on every sample: '{ALL_EQUAL}'. A measured KV ratio more than {REACHABLE} from the "
+    "requested one is marked `(asked r)` and `kv_ratio_reachable` is false. `rank`: 1 + the rows that beat "
     "this one outside noise in some task setting and lose to it in none."
 )
 
@@ -95,6 +99,28 @@ def _comparisons(runs: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> list[
     return found
 
 
+def _all_equal(runs: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> bool:
+    """Whether every run of one task setting has the same score on every sample (all zero at
+    the floor, say): no comparison of them can show a difference."""
+    values = {v for path in runs["path"] for v in inputs[path].scores.values()}
+    return len(values) <= 1
+
+
+def _mark_reachable(row: dict[str, Any]) -> None:
+    """``kv_ratio_reachable``: the measured KV ratio within :data:`REACHABLE` of the requested
+    one; ``kv_ratio_shown`` says ``0.121 (asked 0.2)`` where it is not."""
+    asked = [a for a in row.pop("kv_ratio_requested") if a is not None and not pd.isna(a)]
+    if not asked:
+        row["kv_ratio_reachable"] = True
+        row["kv_ratio_shown"] = f"{row['kv_ratio']:.3g}"
+        return
+    wanted = sum(asked) / len(asked)
+    row["kv_ratio_reachable"] = bool(abs(row["kv_ratio"] - wanted) <= REACHABLE + 1e-9)
+    row["kv_ratio_shown"] = f"{row['kv_ratio']:.3g}" + (
+        "" if row["kv_ratio_reachable"] else f" (asked {wanted:.3g})"
+    )
+
+
 def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leaderboard:
     """The leaderboard of ``table`` (the report's runs) from ``inputs`` (per-sample scores)."""
     table = table[table["path"].isin(list(inputs))]
@@ -112,7 +138,10 @@ def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leade
         beats: dict[str, set[str]] = {}
         for setting, group in runs.groupby("setting", sort=True):
             versus_full = {}
+            flat = _all_equal(group, inputs)
             for c in _comparisons(group, inputs):
+                if flat:
+                    c["verdict"] = ALL_EQUAL
                 d = c["difference"]
                 pairs.append(
                     {
@@ -135,6 +164,7 @@ def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leade
                 row = cells.setdefault(run["label"], {"model": model, "run": run["label"]})
                 row["method"] = run["method"]
                 row.setdefault("kv_ratio", []).append(run["kv_ratio"])
+                row.setdefault("kv_ratio_requested", []).append(run.get("kv_ratio_requested"))
                 score = fmt_interval(run["score"], run["score_lo"], run["score_hi"], 3)
                 row[f"{setting}: score (95% CI)"] = score
                 row[f"{setting}: n"] = run["score_n"]
@@ -144,12 +174,13 @@ def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leade
                 )
         for label, row in cells.items():
             row["kv_ratio"] = sum(row["kv_ratio"]) / len(row["kv_ratio"])
+            _mark_reachable(row)
             lost_to = {w for w, losers in beats.items() if label in losers}
             row["rank"] = 1 + sum(1 for w in lost_to if w not in beats.get(label, set()))
             rows.append(row)
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        front = ["model", "rank", "run", "method", "kv_ratio"]
+        front = ["model", "rank", "run", "method", "kv_ratio", "kv_ratio_reachable"]
         frame = frame[front + [c for c in frame.columns if c not in front]]
         frame = frame.sort_values(["model", "rank", "kv_ratio"], ascending=[True, True, False])
     return Leaderboard(frame.reset_index(drop=True), pd.DataFrame(pairs), warnings)
