@@ -143,3 +143,56 @@ def test_a_measured_ratio_off_the_requested_one_is_marked(tmp_path: Path) -> Non
     assert rows.at["pyramidkv r=0.2", "kv_ratio_shown"] == "0.205"
     paths = write_report(report.runs, tmp_path / "rep", report.requests, [], report.inputs)
     assert "kv_ratio_reachable" in set(pd.read_csv(paths["leaderboard"]))
+
+
+def with_nll(record: dict[str, Any], nll: list[float]) -> dict[str, Any]:
+    """``record`` whose samples carry ``reference_nll`` ``nll``."""
+    for sample, value in zip(record["samples"], nll, strict=True):
+        sample["requests"][0]["reference_nll"] = value
+    return record
+
+
+def floor_runs(root: Path) -> Any:
+    """Scores all zero; the full cache, SnapKV and PyramidKV at 0.2 (same bytes) with NLLs
+    near the full cache's, StreamingLLM at 0.2 with every NLL 0.5 higher."""
+    base = [2.0 + 0.01 * (i % 7) for i in range(N)]
+    for run_id, method, kv, shift in [
+        ("full", "full", 1.0, [0.0] * N),
+        ("snap", "snapkv", 0.2, [0.01 * ((i % 3) - 1) for i in range(N)]),
+        ("pyr", "pyramidkv", 0.2, [0.01 * ((i % 5) - 2) for i in range(N)]),
+        ("stream", "streamingllm", 0.2, [0.5 + 0.01 * (i % 4) for i in range(N)]),
+    ]:
+        ratio = {"ratio": kv}
+        record = scored(make_record(run_id, method, ratio, 0.0, kv, ["o"] * N), [])
+        nll = [b + s for b, s in zip(base, shift, strict=True)]
+        dump(root, with_nll(record, nll), run_id)
+    return load_report(root)
+
+
+def test_nll_verdicts_rank_methods_where_every_score_is_zero(tmp_path: Path) -> None:
+    report = floor_runs(tmp_path / "results")
+    board = leaderboard(report.runs, report.inputs)
+    rows = board.rows.set_index("run")
+    stream, snap = "streamingllm r=0.2", "snapkv r=0.2"
+    assert rows.at[stream, "gsm8k: vs full"] == "no differences possible: every score equal"
+    assert rows.at[stream, "gsm8k: NLL vs full"] == "higher NLL (worse)"
+    assert rows.at[snap, "gsm8k: NLL vs full"] == "within noise"
+    assert rows.at[stream, "gsm8k: NLL n"] == N and rows.at["full", "gsm8k: NLL n"] == N
+    assert rows.at[stream, "gsm8k: NLL increase (95% CI)"].startswith("0.5")
+    assert rows.at[stream, "rank"] > rows.at[snap, "rank"] == rows.at["full", "rank"] == 1
+    nll = board.pairs[board.pairs["metric"] == "NLL increase"]
+    assert verdict(nll, snap, stream) == "lower NLL (better)"  # same bytes, other method
+
+
+def test_holm_is_applied_per_metric(tmp_path: Path) -> None:
+    """The NLL family holds only NLL comparisons: its p-values, Holm-corrected alone, give
+    its verdicts, whatever the score comparisons of the same setting are."""
+    report = floor_runs(tmp_path / "results")
+    pairs = leaderboard(report.runs, report.inputs).pairs
+    assert set(pairs["metric"]) == {"score", "NLL increase"}
+    for metric, family in pairs.groupby("metric"):
+        assert len(family) == 6  # 3 vs the full cache, 3 between methods at 0.2
+        if metric == "NLL increase":
+            rejected = holm(list(family["p"]))
+            worse = family["verdict"].str.contains("NLL \\(")
+            assert list(worse) == rejected

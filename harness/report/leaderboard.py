@@ -5,16 +5,22 @@
 * a row per run label (:mod:`harness.report.labels`: the method and the size it was asked
   for, e.g. ``snapkv r=0.2``); the full cache is the reference row;
 * per task setting (a full-cache reference run: same task, slice, lengths, window and data),
-  the score with its 95 % interval and n, the measured KV ratio, and the paired verdict
-  against the full cache;
+  the score with its 95 % interval and n, and the paired verdict against the full cache
+  (higher score is better); where every run of the setting recorded ``reference_nll`` per
+  sample, an ``NLL increase`` group too: the paired mean per-token NLL increase of the
+  reference answer vs the full cache with its interval, n and verdict (lower NLL is better);
+  where every run scored the same on every sample, the score verdicts say :data:`ALL_EQUAL`;
+* the measured KV ratio, ``kv_ratio_shown`` (``0.121 (asked 0.2)`` where it is more than
+  :data:`REACHABLE` off the requested one) and ``kv_ratio_reachable``;
 * paired verdicts between methods: every two rows of one task setting whose measured KV
   ratios are within :data:`EQUAL_BYTES` of each other (the same bytes stored), over the
-  samples both scored (same document, same prompt), with the interval of their difference;
-* the verdict rule: a paired percentile bootstrap, two-sided p-values (:func:`stats.paired_pvalue`),
-  Holm's correction over all the comparisons of one task setting (against the full cache and
-  between methods) at a family-wise 5 %, and at least ``stats.MIN_PAIRED`` pairs;
-* ``rank``: 1 + the number of rows that beat this one outside noise in some task setting and
-  lose to it in none. Differences inside noise never move a rank.
+  samples both scored (same document, same prompt), with the interval of their difference,
+  on the score and on the NLL;
+* the verdict rule (:data:`RULE`): a paired percentile bootstrap, two-sided p-values
+  (:func:`stats.paired_pvalue`), Holm's correction per (task setting, metric) over all its
+  comparisons at a family-wise 5 %, and at least ``stats.MIN_PAIRED`` pairs;
+* ``rank``: 1 + the number of rows that beat this one outside noise in some (task setting,
+  metric) and lose to it in none. Differences inside noise never move a rank.
 
 Runs without a full-cache reference of their setting are left out, each named in a warning.
 """
@@ -35,15 +41,18 @@ from harness.report.tables import fmt_interval, markdown
 EQUAL_BYTES = 0.02  # measured KV ratios this close count as the same bytes stored
 REACHABLE = 0.01  # a measured KV ratio this close to the requested one reached it
 ALL_EQUAL = "no differences possible: every score equal"
+SCORE, NLL = "score", "nll"  # the metrics compared: higher score is better, lower NLL is better
 RULE = (
     "Verdict rule: paired differences (run − other) over the samples both runs scored (same "
     "document, same prompt), with a seeded percentile-bootstrap 95 % interval and two-sided "
-    f"p-value; Holm's correction over all comparisons of one task setting (each run vs the full "
-    f"cache, and every two runs within {EQUAL_BYTES} of each other's measured KV ratio) at a "
-    f"family-wise 5 %; no verdict below {stats.MIN_PAIRED} pairs; where every run scored the "
+    "p-value; the same for the per-token NLL of the reference answer where every run of a task "
+    "setting recorded it (`NLL increase`: run − full cache; lower NLL is better, higher score is "
+    "better). Holm's correction per (task setting, metric) over all its comparisons (each run vs "
+    f"the full cache, and every two runs within {EQUAL_BYTES} of each other's measured KV ratio) "
+    "at a family-wise 5 %; no verdict below {stats.MIN_PAIRED} pairs; where every run scored the "
     f"same on every sample: '{ALL_EQUAL}'. A measured KV ratio more than {REACHABLE} from the "
     "requested one is marked `(asked r)` and `kv_ratio_reachable` is false. `rank`: 1 + the rows that beat "
-    "this one outside noise in some task setting and lose to it in none."
+    "this one outside noise in some (task setting, metric) and lose to it in none."
 )
 
 
@@ -66,17 +75,26 @@ def _settings(table: pd.DataFrame) -> pd.Series:
     return table.apply(name, axis=1)
 
 
-def _compare(a: FidelityInputs, b: FidelityInputs) -> tuple[stats.Interval, float]:
+def _values(run: FidelityInputs, metric: str) -> dict[Any, float]:
+    return run.scores if metric == SCORE else run.nll
+
+
+def _compare(a: FidelityInputs, b: FidelityInputs, metric: str) -> tuple[stats.Interval, float]:
     keys = paired_keys(a, b)
-    mine = {k: v for k, v in a.scores.items() if k in keys}
+    mine = {k: v for k, v in _values(a, metric).items() if k in keys}
+    theirs = _values(b, metric)
+    bounds = b.bounds if metric == SCORE else stats.UNBOUNDED
     return (
-        stats.paired_difference(mine, b.scores, b.bounds),
-        stats.paired_pvalue(mine, b.scores, b.bounds),
+        stats.paired_difference(mine, theirs, bounds),
+        stats.paired_pvalue(mine, theirs, bounds),
     )
 
 
-def _comparisons(runs: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> list[dict[str, Any]]:
-    """Every comparison of one task setting's runs, Holm-corrected together."""
+def _comparisons(
+    runs: pd.DataFrame, inputs: dict[str, FidelityInputs], metric: str
+) -> list[dict[str, Any]]:
+    """Every comparison of one task setting's runs on ``metric``, Holm-corrected together.
+    ``winner``: the run better outside noise (higher score, lower NLL), else None."""
     found = []
     full = runs[runs["verdict"] == "reference"]
     others = runs[runs["verdict"] != "reference"]
@@ -85,17 +103,23 @@ def _comparisons(runs: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> list[
         if abs(a["kv_ratio"] - b["kv_ratio"]) <= EQUAL_BYTES:
             pairs.append((a, b))
     for a, b in pairs:
-        difference, p = _compare(inputs[a["path"]], inputs[b["path"]])
+        difference, p = _compare(inputs[a["path"]], inputs[b["path"]], metric)
         found.append({"a": a["label"], "b": b["label"], "difference": difference, "p": p})
     for item, rejected in zip(found, stats.holm([c["p"] for c in found]), strict=True):
         d = item["difference"]
-        item["verdict"] = (
-            stats.verdict(d)
-            if not rejected or d.n < stats.MIN_PAIRED
-            else ("higher" if d.estimate > 0 else "lower")
-        )
+        item["winner"] = None
+        item["verdict"] = stats.verdict(d)
         if item["verdict"] in ("higher", "lower") and not rejected:
             item["verdict"] = "within noise (Holm)"
+        elif item["verdict"] in ("higher", "lower"):
+            higher_wins = metric == SCORE
+            item["winner"] = (
+                item["a"] if (item["verdict"] == "higher") == higher_wins else item["b"]
+            )
+            if metric == NLL:
+                item["verdict"] += (
+                    " NLL (worse)" if item["verdict"] == "higher" else " NLL (better)"
+                )
     return found
 
 
@@ -121,6 +145,85 @@ def _mark_reachable(row: dict[str, Any]) -> None:
     )
 
 
+def _metrics(group: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> list[str]:
+    """The score, and the NLL where every run of the setting recorded ``reference_nll``."""
+    has_nll = all(inputs[path].nll for path in group["path"])
+    return [SCORE, NLL] if has_nll else [SCORE]
+
+
+def _setting(
+    model: str,
+    setting: str,
+    group: pd.DataFrame,
+    inputs: dict[str, FidelityInputs],
+    cells: dict[str, dict[str, Any]],
+    beats: dict[str, set[str]],
+) -> list[dict[str, Any]]:
+    """Fill ``cells`` (a row per label) with one task setting's column groups, add its wins
+    outside noise to ``beats``, and return its paired comparisons (one Holm family per metric)."""
+    pairs, versus_full = [], {}
+    full = set(group.loc[group["verdict"] == "reference", "label"])
+    flat = _all_equal(group, inputs)
+    for metric in _metrics(group, inputs):
+        for c in _comparisons(group, inputs, metric):
+            if flat and metric == SCORE:
+                c["verdict"], c["winner"] = ALL_EQUAL, None
+            d = c["difference"]
+            pairs.append(
+                {
+                    "model": model,
+                    "setting": setting,
+                    "metric": "NLL increase" if metric == NLL else "score",
+                    "run": c["a"],
+                    "vs": c["b"],
+                    "n": d.n,
+                    "difference (95% CI)": fmt_interval(d.estimate, d.lo, d.hi, 3),
+                    "p": c["p"],
+                    "verdict": c["verdict"],
+                }
+            )
+            if c["b"] in full:
+                versus_full[(metric, c["a"])] = (c["verdict"], d)
+            if c["winner"]:
+                loser = c["b"] if c["winner"] == c["a"] else c["a"]
+                beats.setdefault(c["winner"], set()).add(loser)
+    for _, run in group.iterrows():
+        row = cells.setdefault(run["label"], {"model": model, "run": run["label"]})
+        row["method"] = run["method"]
+        row.setdefault("kv_ratio", []).append(run["kv_ratio"])
+        row.setdefault("kv_ratio_requested", []).append(run.get("kv_ratio_requested"))
+        row[f"{setting}: score (95% CI)"] = fmt_interval(
+            run["score"], run["score_lo"], run["score_hi"], 3
+        )
+        row[f"{setting}: n"] = run["score_n"]
+        reference = run["verdict"] == "reference"
+        found = versus_full.get((SCORE, run["label"]), ("",))[0]
+        row[f"{setting}: vs full"] = "reference" if reference else found
+        if NLL in _metrics(group, inputs):
+            found_nll = versus_full.get((NLL, run["label"]))
+            _nll_cells(row, setting, reference, found_nll, len(inputs[run["path"]].nll))
+    return pairs
+
+
+def _nll_cells(
+    row: dict[str, Any],
+    setting: str,
+    reference: bool,
+    found: tuple[str, Any] | None,
+    samples: int,
+) -> None:
+    """The NLL group of one row: the paired NLL increase vs the full cache, its n and verdict."""
+    if reference:
+        row[f"{setting}: NLL increase (95% CI)"] = "0 (reference)"
+        row[f"{setting}: NLL n"] = samples
+        row[f"{setting}: NLL vs full"] = "reference"
+        return
+    verdict, d = found or ("", stats.NONE)
+    row[f"{setting}: NLL increase (95% CI)"] = fmt_interval(d.estimate, d.lo, d.hi, 3)
+    row[f"{setting}: NLL n"] = d.n
+    row[f"{setting}: NLL vs full"] = verdict
+
+
 def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leaderboard:
     """The leaderboard of ``table`` (the report's runs) from ``inputs`` (per-sample scores)."""
     table = table[table["path"].isin(list(inputs))]
@@ -137,41 +240,7 @@ def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leade
         cells: dict[str, dict[str, Any]] = {}
         beats: dict[str, set[str]] = {}
         for setting, group in runs.groupby("setting", sort=True):
-            versus_full = {}
-            flat = _all_equal(group, inputs)
-            for c in _comparisons(group, inputs):
-                if flat:
-                    c["verdict"] = ALL_EQUAL
-                d = c["difference"]
-                pairs.append(
-                    {
-                        "model": model,
-                        "setting": setting,
-                        "run": c["a"],
-                        "vs": c["b"],
-                        "n": d.n,
-                        "difference (95% CI)": fmt_interval(d.estimate, d.lo, d.hi, 3),
-                        "p": c["p"],
-                        "verdict": c["verdict"],
-                    }
-                )
-                if c["b"] in set(group.loc[group["verdict"] == "reference", "label"]):
-                    versus_full[c["a"]] = c["verdict"]
-                if c["verdict"] in ("higher", "lower"):
-                    win, lose = (c["a"], c["b"]) if c["verdict"] == "higher" else (c["b"], c["a"])
-                    beats.setdefault(win, set()).add(lose)
-            for _, run in group.iterrows():
-                row = cells.setdefault(run["label"], {"model": model, "run": run["label"]})
-                row["method"] = run["method"]
-                row.setdefault("kv_ratio", []).append(run["kv_ratio"])
-                row.setdefault("kv_ratio_requested", []).append(run.get("kv_ratio_requested"))
-                score = fmt_interval(run["score"], run["score_lo"], run["score_hi"], 3)
-                row[f"{setting}: score (95% CI)"] = score
-                row[f"{setting}: n"] = run["score_n"]
-                reference = run["verdict"] == "reference"
-                row[f"{setting}: vs full"] = (
-                    "reference" if reference else versus_full.get(run["label"], "")
-                )
+            pairs += _setting(model, setting, group, inputs, cells, beats)
         for label, row in cells.items():
             row["kv_ratio"] = sum(row["kv_ratio"]) / len(row["kv_ratio"])
             _mark_reachable(row)
