@@ -196,3 +196,17 @@ def test_holm_is_applied_per_metric(tmp_path: Path) -> None:
             rejected = holm(list(family["p"]))
             worse = family["verdict"].str.contains("NLL \\(")
             assert list(worse) == rejected
+
+
+def test_runs_without_reference_nll_are_named_and_the_nll_group_left_out(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "results"
+    floor_runs(root)
+    h2o = scored(make_record("h2o", "h2o", {"ratio": 0.4}, 0.0, 0.4, ["o"] * N), [])
+    dump(root, h2o, "h2o")  # no reference_nll
+    report = load_report(root)
+    board = leaderboard(report.runs, report.inputs)
+    assert len(board.warnings) == 1 and "h2o r=0.4" in board.warnings[0]
+    assert "no reference_nll" in board.warnings[0]
+    assert "gsm8k: NLL vs full" not in board.rows

@@ -151,6 +151,20 @@ def _metrics(group: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> list[str
     return [SCORE, NLL] if has_nll else [SCORE]
 
 
+def _nll_missing(
+    model: str, setting: str, group: pd.DataFrame, inputs: dict[str, FidelityInputs]
+) -> list[str]:
+    """One warning naming the runs without ``reference_nll`` where others of the setting have
+    it: the setting then gets no NLL group rather than one over some of its runs."""
+    without = [r["label"] for _, r in group.iterrows() if not inputs[r["path"]].nll]
+    if not without or len(without) == len(group):
+        return []
+    return [
+        f"leaderboard: no NLL group for {setting} ({model}): no reference_nll recorded by "
+        + ", ".join(without)
+    ]
+
+
 def _setting(
     model: str,
     setting: str,
@@ -241,6 +255,7 @@ def leaderboard(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> Leade
         beats: dict[str, set[str]] = {}
         for setting, group in runs.groupby("setting", sort=True):
             pairs += _setting(model, setting, group, inputs, cells, beats)
+            warnings += _nll_missing(model, setting, group, inputs)
         for label, row in cells.items():
             row["kv_ratio"] = sum(row["kv_ratio"]) / len(row["kv_ratio"])
             _mark_reachable(row)
