@@ -22,6 +22,7 @@ from harness.report.plots import PLOTS, plot_score_vs_kv_ratio
 from harness.report.plots_context import plot_context
 from harness.report.plots_costs import peak_words, plot_memory
 from harness.report.plots_methods import plot_kv_per_layer
+from harness.report.plots_nll import NLL_PLOTS
 from harness.report.plots_ruler import plot_accuracy_vs_kv
 from harness.report.summary import details_markdown, summary_markdown
 
@@ -292,3 +293,33 @@ def test_a_runs_label_is_the_same_in_every_table_and_plot(report: Any, tmp_path:
     rows = load_report(root).runs.set_index("run_id")
     assert rows.at["w16", "label"] == "snapkv r=0.2 (window=16)"
     assert rows.at["f", "label"] == "full" and rows.at["f", "method_params"] == "ratio=1"
+
+
+def test_nll_plots_draw_cache_and_prompt_methods_with_intervals(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    runs = [
+        ("full", "full", {"ratio": 1.0}, 1.0, 0.0, 1.0),
+        ("snap", "snapkv", {"ratio": 0.2}, 0.2, 0.1, 1.0),
+        ("stream", "streamingllm", {"ratio": 0.2}, 0.2, 0.6, 1.0),
+        ("ll", "llmlingua", {"rate": 0.5}, 0.5, 0.3, 0.5),
+    ]
+    for run_id, method, params, kv, shift, kept in runs:
+        record = passes(make_record(run_id, method, params, 0.0, kv, ["o"] * N), 0)
+        record["measurements"]["prompt_ratio"] = kept
+        for i, sample in enumerate(record["samples"]):
+            sample["requests"][0]["reference_nll"] = 2.0 + shift + 0.02 * (i % 5)
+        dump(root, record, run_id)
+    group = load_report(root).runs
+    colors = method_colors(list(group["method"].unique()))
+    assert not NLL_PLOTS["nll_vs_kv_ratio"](group.assign(nll_increase=math.nan), colors)
+    for kind, plot in NLL_PLOTS.items():
+        fig = plot(group, colors)
+        assert fig is not None, kind
+        assert clipped(fig) == [] and undrawn_legend_entries(fig) == [], kind
+        assert "gsm8k" in fig.texts[0].get_text() and "NLL" in fig.texts[0].get_text().upper()
+        assert f"n = {N}" in fig.axes[0].get_title()
+        bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+        assert any(c.has_yerr for c in bars), kind
+    prompt = NLL_PLOTS["vs_prompt_kept"](group, colors)
+    names = prompt.axes[0].get_legend_handles_labels()[1]
+    assert any("llmlingua" in n for n in names) and not any("snapkv" in n for n in names)

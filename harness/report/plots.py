@@ -50,6 +50,7 @@ from harness.report.plot_common import (
 from harness.report.plots_context import CONTEXT_TITLES, has_context, plot_context
 from harness.report.plots_costs import COST_PLOTS, COST_TITLES, peak_words
 from harness.report.plots_methods import METHOD_PLOTS, METHOD_TITLES
+from harness.report.plots_nll import NLL_PLOTS, NLL_TITLES
 from harness.report.plots_ruler import RULER_PLOTS, RULER_TITLES
 
 log = logging.getLogger("kvbench")
@@ -227,6 +228,7 @@ PLOT_TITLES = {
     "paired_difference": "paired difference from the full cache",
     "fidelity_vs_kv_ratio": "output fidelity (token F1) vs KV cache kept",
     **COST_TITLES,
+    **NLL_TITLES,
     **CONTEXT_TITLES,
     **METHOD_TITLES,
     **RULER_TITLES,
@@ -256,7 +258,7 @@ def write_plots(
     for (model, task), group in table.groupby(["model", "task"], sort=True):
         group = group.reset_index(drop=True)
         where = f"{slug(model)}__{slug(task)}"
-        for kind, plot in PLOTS.items():
+        for kind, plot in {**PLOTS, **NLL_PLOTS}.items():  # NLL plots: None without NLL
             save(f"{kind}__{where}", partial(plot, group, colors))
         if requests is not None and not requests.empty:
             mine = requests[(requests["model"] == model) & (requests["task"] == task)]
