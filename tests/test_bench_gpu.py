@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.gpu import check_wheels, speed
+from bench.gpu import check_wheels, op_counts, speed
 from tests.conftest import REPO
 
 EVICTION = ("streamingllm", "h2o", "snapkv", "knorm", "pyramidkv")
@@ -57,6 +57,18 @@ def test_run_sh_dry_run_writes_the_logs_and_the_table(tmp_path):
     assert baseline["same tokens"].all()  # model.generate decodes what kvbench's full cache does
     text = (out / "gpu_speed.md").read_text()
     assert "DRY RUN" in text and "model.sdpa_backend=auto" in text
+    ops = pd.read_csv(out / "op_counts.csv")
+    assert list(ops["method"]) == list(op_counts.METHODS)
+    assert (ops["ops/step"] > 0).all() and (ops["unit"] == "aten ops").all()
+    assert ops.set_index("method").loc["full", "ops vs full"] == 1
+
+
+def test_op_counts_name_the_operators_a_method_adds_per_step():
+    steps = {"full": {"aten::mm": 10.0}, "h2o": {"aten::mm": 10.0, "aten::sum": 4.0}}
+    frame = op_counts.table(steps, "aten ops").set_index("method")
+    assert frame.loc["full", "ops/step"] == 10 and frame.loc["full", "top extra ops"] == ""
+    assert frame.loc["h2o", "ops vs full"] == 1.4
+    assert frame.loc["h2o", "top extra ops"] == "aten::sum +4"
 
 
 def test_a_run_is_projected_from_the_methods_smaller_contexts():

@@ -96,7 +96,9 @@ def launches(model, tokenizer, name: str, ids: torch.Tensor, tokens: int, ratio:
 
 def per_step(model, tokenizer, name: str, ids: torch.Tensor, steps: int, ratio: float):
     """Launches of one decode step: (request with 2 + steps tokens - with 2) / steps."""
-    generate(model, tokenizer, None if name == "full" else load("method", name, ratio=ratio), ids, 2)
+    generate(
+        model, tokenizer, None if name == "full" else load("method", name, ratio=ratio), ids, 2
+    )
     short = launches(model, tokenizer, name, ids, 2, ratio)
     long = launches(model, tokenizer, name, ids, 2 + steps, ratio)
     return {op: (long[op] - short[op]) / steps for op in long | short if long[op] != short[op]}
