@@ -75,14 +75,15 @@ timeout "$TESTS_S" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs "${tes
   2>&1 | tee "$OUT/tests.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "cuda tests FAILED or timed out (tests.log)"; failed=1; }
 
-# 4. the speed and memory table
+# 4. operator launches per decode step (op_counts.md + op_counts.csv; the speed table adds
+#    their ops/step and ops vs full columns)
+timeout "$OPS_S" "$PYTHON" bench/gpu/op_counts.py "${DRY_RUN[@]}" --out "$OUT" 2>&1 | tee "$OUT/ops.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "op counts FAILED or timed out (ops.log)"; failed=1; }
+
+# 5. the speed and memory table
 timeout "$SPEED_S" "$PYTHON" bench/gpu/speed.py "${DRY_RUN[@]}" --out "$OUT" \
   --budget-s "$((SPEED_S - 90))" 2>&1 | tee "$OUT/speed.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "speed table FAILED or timed out (speed.log)"; failed=1; }
-
-# 5. operator launches per decode step (op_counts.md + op_counts.csv)
-timeout "$OPS_S" "$PYTHON" bench/gpu/op_counts.py "${DRY_RUN[@]}" --out "$OUT" 2>&1 | tee "$OUT/ops.log"
-[[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "op counts FAILED or timed out (ops.log)"; failed=1; }
 
 echo "bench/gpu/run.sh: $((SECONDS - started)) s, outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$failed"
