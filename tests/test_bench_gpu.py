@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.gpu import check_wheels, speed
+from bench.gpu import check_wheels, op_counts, speed, speed_table
 from tests.conftest import REPO
 
 EVICTION = ("streamingllm", "h2o", "snapkv", "knorm", "pyramidkv")
@@ -57,6 +57,20 @@ def test_run_sh_dry_run_writes_the_logs_and_the_table(tmp_path):
     assert baseline["same tokens"].all()  # model.generate decodes what kvbench's full cache does
     text = (out / "gpu_speed.md").read_text()
     assert "DRY RUN" in text and "model.sdpa_backend=auto" in text
+    ops = pd.read_csv(out / "op_counts.csv")
+    assert list(ops["method"]) == list(op_counts.METHODS)
+    assert (ops["ops/step"] > 0).all() and (ops["unit"] == "aten ops").all()
+    assert ops.set_index("method").loc["full", "ops vs full"] == 1
+    assert (table[table["method"] == "full"]["ops vs full"] == 1).all()
+    assert table[table["method"] == "transformers"]["ops/step"].isna().all()  # not counted
+
+
+def test_op_counts_name_the_operators_a_method_adds_per_step():
+    steps = {"full": {"aten::mm": 10.0}, "h2o": {"aten::mm": 10.0, "aten::sum": 4.0}}
+    frame = op_counts.table(steps, "aten ops").set_index("method")
+    assert frame.loc["full", "ops/step"] == 10 and frame.loc["full", "top extra ops"] == ""
+    assert frame.loc["h2o", "ops vs full"] == 1.4
+    assert frame.loc["h2o", "top extra ops"] == "aten::sum +4"
 
 
 def test_a_run_is_projected_from_the_methods_smaller_contexts():
@@ -136,3 +150,13 @@ def test_the_wheel_check_finds_missing_needs_and_double_versions(tmp_path):
     assert any("needs gamma-not-anywhere>=1" in p for p in found)
     assert not any("torch" in p or "win32only" in p or "extra-only" in p for p in found)
     assert check_wheels.problems(tmp_path, limit_mb=0)[-1].startswith("the wheels take")
+
+
+def test_the_speed_table_takes_the_op_counts_per_method(tmp_path):
+    frame = pd.DataFrame({"method": ["full", "h2o", "transformers"], "context": [64] * 3})
+    assert list(speed_table.with_op_counts(frame, tmp_path / "none.csv")) == ["method", "context"]
+    steps = {"full": {"aten::mm": 10.0}, "h2o": {"aten::mm": 10.0, "aten::sum": 5.0}}
+    op_counts.table(steps, "aten ops").to_csv(tmp_path / "op_counts.csv", index=False)
+    merged = speed_table.with_op_counts(frame, tmp_path / "op_counts.csv").set_index("method")
+    assert merged.loc["h2o", "ops/step"] == 15 and merged.loc["h2o", "ops vs full"] == 1.5
+    assert pd.isna(merged.loc["transformers", "ops/step"])

@@ -7,9 +7,9 @@
 #
 # Writes under $OUT (default bench/gpu/out): install.log, env.txt, tests.log, speed.log and the
 # table, gpu_speed.md + gpu_speed.csv (rewritten after every row, so a run cut short keeps what
-# it measured). Each step has its own time limit (TESTS_S, SPEED_S seconds) so the whole stays
-# inside 8 minutes on one H200 (install and env ~30 s + 120 + 300); the exit status is 1 if a
-# step failed.
+# it measured), ops.log and op_counts.md + op_counts.csv (launches per decode step). Each step
+# has its own time limit (TESTS_S, SPEED_S, OPS_S seconds) so the whole stays inside 8 minutes
+# on one H200 (install and env ~30 s + 120 + 300 + 60); the exit status is 1 if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DRY_RUN=()
@@ -20,6 +20,7 @@ WHEELS=${KVBENCH_WHEELS:-.whl}
 SITE=${KVBENCH_SITE:-/tmp/kvbench-site}
 TESTS_S=${TESTS_S:-120}
 SPEED_S=${SPEED_S:-300}
+OPS_S=${OPS_S:-60}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 failed=0
@@ -74,7 +75,12 @@ timeout "$TESTS_S" "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs "${tes
   2>&1 | tee "$OUT/tests.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "cuda tests FAILED or timed out (tests.log)"; failed=1; }
 
-# 4. the speed and memory table
+# 4. operator launches per decode step (op_counts.md + op_counts.csv; the speed table adds
+#    their ops/step and ops vs full columns)
+timeout "$OPS_S" "$PYTHON" bench/gpu/op_counts.py "${DRY_RUN[@]}" --out "$OUT" 2>&1 | tee "$OUT/ops.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "op counts FAILED or timed out (ops.log)"; failed=1; }
+
+# 5. the speed and memory table
 timeout "$SPEED_S" "$PYTHON" bench/gpu/speed.py "${DRY_RUN[@]}" --out "$OUT" \
   --budget-s "$((SPEED_S - 90))" 2>&1 | tee "$OUT/speed.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "speed table FAILED or timed out (speed.log)"; failed=1; }

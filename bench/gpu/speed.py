@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import generate, load  # noqa: E402
 from bench.gpu import ceilings  # noqa: E402
 from bench.gpu.baseline import generate_static  # noqa: E402
-from bench.gpu.speed_table import MB, table, verdicts  # noqa: E402
+from bench.gpu.speed_table import MB, table, verdicts, with_op_counts  # noqa: E402
 from harness.models import ModelSpec  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
@@ -358,7 +358,7 @@ def main() -> None:
     ]
 
     def write(rows: list[dict]) -> str:
-        frame = table(rows, weights, model.config, ceiling)
+        frame = with_op_counts(table(rows, weights, model.config, ceiling), out / "op_counts.csv")
         took = f"- {len(rows)} rows in {time.perf_counter() - clock_start:.0f} s"
         lines = [*header, took, "", frame.to_markdown(index=False, floatfmt=".3g"), ""]
         markdown = "\n".join([*lines, "Named:", *verdicts(frame), ""])

@@ -4,6 +4,8 @@ and the lines that name what failed, was skipped, or is slower than the full cac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from bench.gpu import ceilings
@@ -50,6 +52,15 @@ def table(rows: list[dict], weights: int, config, ceiling: dict) -> pd.DataFrame
             }
         out.append(row)
     return pd.DataFrame(out)
+
+
+def with_op_counts(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The frame with ``ops/step`` and ``ops vs full`` per method from bench/gpu/op_counts.py's
+    csv at ``path`` (counted at one context; the columns are absent without that file)."""
+    if not path.is_file():
+        return frame
+    ops = pd.read_csv(path)[["method", "ops/step", "ops vs full"]]
+    return frame.merge(ops, on="method", how="left")
 
 
 def verdicts(frame: pd.DataFrame) -> list[str]:
