@@ -14,13 +14,13 @@ from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from methods.base import CacheMethod, Compose, MethodConfigError
 from methods.cache.attention import apply_rope, attention_probs
-from methods.cache.codebook import Codebook, Grown, greedy_cover
-from methods.cache.codebook_layer import CodebookLayer
 from methods.cache.h2o import H2O
 from methods.cache.knorm import KeyNorm
 from methods.cache.pyramidkv import PyramidKV, pyramid_budgets
 from methods.cache.snapkv import SnapKV
-from methods.cache.spindlekv import SpindleKV, round_robin, spindle_budgets
+from methods.cache.spindlekv.codebook import Codebook, Grown, greedy_cover
+from methods.cache.spindlekv.codebook_layer import CodebookLayer
+from methods.cache.spindlekv.spindlekv import SpindleKV, round_robin, spindle_budgets
 from methods.cache.streamingllm import StreamingLLM
 
 LLAMA = dict(

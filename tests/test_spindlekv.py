@@ -16,12 +16,11 @@ from harness.generation import greedy_generate
 from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from methods.base import MethodConfigError, attention_modules
-from methods.cache import codebook_attention
-from methods.cache.codebook import Codebook
-from methods.cache.codebook_layer import CodebookLayer
-from methods.cache.spindle_plan import keep_order, search_target
-from methods.cache.spindle_prefill import slots
-from methods.cache.spindlekv import SpindleKV
+from methods.cache.spindlekv import SpindleKV, codebook_attention
+from methods.cache.spindlekv.codebook import Codebook
+from methods.cache.spindlekv.codebook_layer import CodebookLayer
+from methods.cache.spindlekv.spindle_plan import keep_order, search_target
+from methods.cache.spindlekv.spindle_prefill import slots
 
 LOSSLESS = dict(key_threshold=1.0, value_threshold=1.0)  # every token its own entry
 _ALLOWED: dict[int, torch.Tensor] = {}

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from methods.base import MethodConfigError, attention_modules, cache_of
-from methods.cache import codebook_attention, codebook_kernels, codebook_triton
 from methods.cache.attention import layer_rope, pool
 from methods.cache.budget import compressed_layers, refuse_eager, require_ragged_ok
-from methods.cache.codebook import SCOPES
-from methods.cache.codebook_layer import CodebookLayer, RopeTable, model_rope
 from methods.cache.snapkv import SnapKV
-from methods.cache.spindle_plan import keep_order, spindle_budgets
-from methods.cache.spindle_prefill import Pending, plan
+from methods.cache.spindlekv import codebook_attention, codebook_kernels, codebook_triton
+from methods.cache.spindlekv.codebook import SCOPES
+from methods.cache.spindlekv.codebook_layer import CodebookLayer, RopeTable, model_rope
+from methods.cache.spindlekv.spindle_plan import keep_order, spindle_budgets
+from methods.cache.spindlekv.spindle_prefill import Pending, plan
 
 __all__ = ["SpindleKV", "model_rope", "round_robin", "spindle_budgets"]
 
@@ -84,13 +84,13 @@ class SpindleKV(SnapKV):
 
     Decode attention (``decode_attention``): ``fused`` (default) reads the codebooks in one
     pass per KV head and matches new tokens against their own group's entries, in the C++
-    kernels of ``methods.cache.codebook_kernels`` on a CPU (float32), and attends by the
-    Triton kernels of ``methods.cache.codebook_triton`` on a GPU (``triton`` asks for those
+    kernels of ``methods.cache.spindlekv.codebook_kernels`` on a CPU (float32), and attends by the
+    Triton kernels of ``methods.cache.spindlekv.codebook_triton`` on a GPU (``triton`` asks for those
     anywhere: on a CPU under ``TRITON_INTERPRET=1``, as the tests run them). Where the
     kernel cannot run (no Triton, a dtype or head dim it does not take) the PyTorch operations
     run instead, with one warning naming why, recorded in the stats
     (``decode_kernel_fallback``; ``decode_kernel`` says what ran); ``codebook`` does the same with PyTorch operations (see
-    ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry);
+    ``methods.cache.spindlekv.codebook_attention``: gathered, rotated keys; values summed per entry);
     ``materialize`` decodes every token each step (the plain reading). ``ratio: 1.0`` (with
     no ``budget``) is the full cache, untouched. Sliding-window layers keep their own window
     and are not counted, unless ``compress_sliding``: then each sliding layer is coded alone

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from methods.cache.attention import undo_rope
-from methods.cache.codebook import Codebook
-from methods.cache.codebook_layer import CodebookLayer, RopeTable
-from methods.cache.spindle_plan import search_target, spindle_budgets
+from methods.cache.spindlekv.codebook import Codebook
+from methods.cache.spindlekv.codebook_layer import CodebookLayer, RopeTable
+from methods.cache.spindlekv.spindle_plan import search_target, spindle_budgets
 
 
 @dataclass
