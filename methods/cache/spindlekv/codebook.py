@@ -191,7 +191,7 @@ class Codebook:
         return None if self._magnitudes is None else self._magnitudes.data
 
     @classmethod
-    def build(
+    def from_vectors(
         cls,
         vectors: torch.Tensor,
         kept: torch.Tensor,

@@ -191,7 +191,7 @@ class CodebookLayer(DynamicLayer):
         if self._heads is not None:
             raise RuntimeError(
                 "SpindleKV's head-repeat cache keeps a token set per query head, which only "
-                "its own attention implementation reads: decode inside `method.apply(model)`"
+                "its own attention implementation reads: decode inside `method.hooks(model)`"
             )
         keys, values, _ = self.materialized()
         return keys, values

@@ -167,7 +167,7 @@ class SpindleKV(SnapKV):
         return self.budget is None and self.ratio == 1.0
 
     @contextmanager
-    def apply(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, model: nn.Module) -> Iterator[None]:
         """Hooks (scoring after prefill, binding each layer's codebook before its attention)
         and, unless ``ratio`` is 1, the codebook attention as the model's attention
         implementation; all undone on exit."""
@@ -175,7 +175,7 @@ class SpindleKV(SnapKV):
         base = model.config._attn_implementation
         modules = attention_modules(model)
         handles = []
-        with super().apply(model):
+        with super().hooks(model):
             self._model = model
             try:
                 if not self.untouched:
@@ -242,7 +242,7 @@ class SpindleKV(SnapKV):
         scores[..., prefix:] = torch.inf  # kept anyway: rank only the evictable tokens
         return round_robin(scores)
 
-    def compress(
+    def reduce_kv(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -333,7 +333,7 @@ class SpindleKV(SnapKV):
             out["tokens_kept"] = kept
         return out
 
-    def compress_decode(
+    def reduce_kv_decode(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -366,7 +366,7 @@ class SpindleKV(SnapKV):
         and its table, shared by the layers with the same RoPE."""
         if module.layer_idx not in self._rope:
             if self._model is None:
-                raise MethodConfigError("SpindleKV compresses only inside `method.apply(model)`")
+                raise MethodConfigError("SpindleKV compresses only inside `method.hooks(model)`")
             key, rope = model_rope(self._model, module)
             ref_cos, ref_sin = rope(positions, cos)
             same = torch.allclose(ref_cos, cos, atol=1e-4) and torch.allclose(
