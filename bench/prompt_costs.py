@@ -14,7 +14,7 @@ exactly n compressor tokens) every row is timed in the same process, the best of
 - ``kvbench before``: the scoring pass as it was before this script (sdpa plus hooks that
   recompute each layer's full (n, n) attention in query chunks of 256, masked and
   soft-maxed as a whole; full logits and log-softmax for the self-information);
-- ``kvbench now``: :meth:`methods.prompt.compressor.Compressor.score` (blockwise column
+- ``kvbench now``: :meth:`methods.prompt.compressor.Compressor.token_scores` (blockwise column
   sums that skip the causal upper triangle, the LM head applied in chunks).
 
 The DAC rows run a whole compression (``rate``, the authors' schedule, T steps) with the
@@ -52,7 +52,7 @@ class BeforeCompressor(Compressor):
     """The scoring pass as it was (commit d3e9686): for the before/after comparison."""
 
     @torch.no_grad()
-    def score(self, ids: list[int] | torch.Tensor, attention: bool) -> TokenScores:
+    def token_scores(self, ids: list[int] | torch.Tensor, attention: bool) -> TokenScores:
         input_ids = torch.as_tensor(ids, device=self.device).reshape(1, -1)
         self.forward_passes += 1
         received = torch.zeros(input_ids.shape[1], dtype=torch.float32)
@@ -119,8 +119,8 @@ def measure(model, eager, tokenizer, n: int, args) -> list[dict]:
     candidates = {"plain forward": lambda: model(input_ids=x, use_cache=False)}
     if eager is not None:
         candidates["eager + output_attentions"] = lambda: eager_pass(eager, x)
-    candidates["kvbench before"] = lambda: before.score(ids, True)
-    candidates["kvbench now"] = lambda: now.score(ids, True)
+    candidates["kvbench before"] = lambda: before.token_scores(ids, True)
+    candidates["kvbench now"] = lambda: now.token_scores(ids, True)
     seconds = interleaved(candidates, args.repeats)
     plain = seconds["plain forward"]
     out = [
@@ -141,7 +141,7 @@ def measure(model, eager, tokenizer, n: int, args) -> list[dict]:
     if args.profile:
         for name, scorer in (("before", before), ("now", now)):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                scorer.score(ids, True)
+                scorer.token_scores(ids, True)
             print(f"\n### profile, one pass, {name}, n={n}\n")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     return out

@@ -116,7 +116,7 @@ class Session:
         if not self.compresses_prompts or not prompt.text.strip():
             return prompt.text, 0.0, {}
         start = synchronized_clock(self.device)
-        parts = self.method.compress_prompt(prompt)
+        parts = self.method.shorten(prompt)
         seconds = synchronized_clock(self.device) - start
         stats = self.method.prompt_stats() or {}
         before = len(self.encode(prompt.compressible, add_special_tokens=False))

@@ -2,14 +2,14 @@
 
 | kind   | acts on                                  | what it implements                          |
 |--------|------------------------------------------|---------------------------------------------|
-| prompt | the request text before tokenising        | ``prepare(model, tokenizer)``, ``compress(prompt)`` |
-| cache  | the KV cache while a request is processed | ``apply(model)``: hooks, a context manager   |
-| model  | the attention weights and shapes, once    | ``apply(model, tokenizer)``: the new model  |
+| prompt | the request text before tokenising        | ``prepare(model, tokenizer)``, ``shorten_text(prompt)`` |
+| cache  | the KV cache while a request is processed | ``reduce_kv(...)`` per layer, in ``hooks(model)`` |
+| model  | the attention weights and shapes, once    | ``transform(model, tokenizer)``: the new model |
 
 Every method, of any kind, and every :class:`Compose` of methods is used the same way::
 
     with method.applied(model, tokenizer) as model:   # model methods may return a new model
-        text = method.compress_prompt(parts).text      # prompt methods (others: unchanged)
+        text = method.shorten(parts).text              # prompt methods (others: unchanged)
         model(...)                                     # cache methods act through their hooks
 
 :meth:`Method.enter` is the one mechanism underneath (``harness.session.apply`` builds its
@@ -116,13 +116,13 @@ class Method:
         with ExitStack() as stack:
             yield self.enter(stack, model, tokenizer)
 
-    def compress_prompt(self, prompt: PromptParts) -> PromptParts:
+    def shorten(self, prompt: PromptParts) -> PromptParts:
         """The prompt to send: prompt methods shorten ``prompt.compressible``; other methods
         return it unchanged. Call inside :meth:`applied`."""
         return prompt
 
     def prompt_stats(self) -> dict[str, float] | None:
-        """What the last :meth:`compress_prompt` asked for and did (see
+        """What the last :meth:`shorten` asked for and did (see
         :meth:`PromptMethod.last_stats`); None when no prompt method ran."""
         return None
 
@@ -157,9 +157,9 @@ class PromptMethod(Method):
         self.prepare(model, tokenizer)
         return model
 
-    def compress_prompt(self, prompt: PromptParts) -> PromptParts:
+    def shorten(self, prompt: PromptParts) -> PromptParts:
         with cache_methods_bypassed():
-            text = self.compress(prompt)
+            text = self.shorten_text(prompt)
         if not text.endswith(prompt.protected):
             raise RuntimeError(
                 f"prompt method {self.name!r} changed the protected end of the prompt"
@@ -169,12 +169,12 @@ class PromptMethod(Method):
     def prompt_stats(self) -> dict[str, float] | None:
         return self.last_stats()
 
-    def compress(self, prompt: PromptParts) -> str:
+    def shorten_text(self, prompt: PromptParts) -> str:
         """Return the prompt to send to the model (``prompt.protected`` kept verbatim)."""
         raise NotImplementedError
 
     def last_stats(self) -> dict[str, float] | None:
-        """What the last :meth:`compress` call asked for and did, for the records:
+        """What the last :meth:`shorten_text` call asked for and did, for the records:
         ``requested_rate`` and ``achieved_rate`` (fractions of the compressible tokens
         removed, in the method's own tokens), ``compressor_tokens``, ``compressor_passes``,
         ``compress_s``. None when the method reports nothing."""
@@ -184,10 +184,10 @@ class PromptMethod(Method):
 @dataclass
 class CacheMethod(Method):
     """Shrinks the KV cache while a request runs, through forward hooks on the attention
-    modules that are registered in :meth:`apply` and always removed on exit.
+    modules that are registered in :meth:`hooks` and always removed on exit.
 
-    Subclasses implement :meth:`compress` (called once per layer after the prefill of a
-    request) and, if they keep a budget while decoding, :meth:`compress_decode`.
+    Subclasses implement :meth:`reduce_kv` (called once per layer after the prefill of a
+    request) and, if they keep a budget while decoding, :meth:`reduce_kv_decode`.
     They replace the cache layer's ``keys``/``values`` with smaller tensors (never a
     mask): the stored bytes are what the measurements see.
 
@@ -202,11 +202,11 @@ class CacheMethod(Method):
     compress_sliding: bool = False
 
     def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
-        stack.enter_context(self.apply(model))
+        stack.enter_context(self.hooks(model))
         return model
 
     @contextmanager
-    def apply(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, model: nn.Module) -> Iterator[None]:
         handles = []
         modules = attention_modules(model)
         self._log = LayerLog(len(modules))
@@ -235,13 +235,13 @@ class CacheMethod(Method):
             return output
         if layer.get_seq_length() == q_len and q_len > 1:
             before = layer.keys.shape[-2]
-            keys, values = self.compress(module, hidden_states, layer.keys, layer.values, kwargs)
+            keys, values = self.reduce_kv(module, hidden_states, layer.keys, layer.values, kwargs)
             self._log.record(module.layer_idx, before, keys.shape[-2])
         else:
-            keys, values = self.compress_decode(
+            keys, values = self.reduce_kv_decode(
                 module, hidden_states, layer.keys, layer.values, kwargs
             )
-        # `compress` may have installed its own cache layer (a compressed form): re-fetch it
+        # `reduce_kv` may have installed its own cache layer (a compressed form): re-fetch it
         if cache.layers[module.layer_idx] is layer and is_sliding(layer):
             cache.layers[module.layer_idx] = EvictedSlidingWindowLayer.from_layer(layer)
         layer = cache.layers[module.layer_idx]
@@ -280,7 +280,7 @@ class CacheMethod(Method):
         leaves alone, this sets the lowest KV ratio reachable."""
         return 1
 
-    def compress(
+    def reduce_kv(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -294,7 +294,7 @@ class CacheMethod(Method):
         the returned tensors are then set as that new layer's ``keys``/``values``."""
         return keys, values
 
-    def compress_decode(
+    def reduce_kv_decode(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -313,9 +313,9 @@ class ModelMethod(Method):
     kind: ClassVar[str] = "model"
 
     def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
-        return self.apply(model, tokenizer)
+        return self.transform(model, tokenizer)
 
-    def apply(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+    def transform(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         """Change ``model`` (in place where possible) and return the model to run."""
         raise NotImplementedError
 
@@ -371,10 +371,10 @@ class Compose(Method):
                     model = method.enter(stack, model, tokenizer)
         return model
 
-    def compress_prompt(self, prompt: PromptParts) -> PromptParts:
+    def shorten(self, prompt: PromptParts) -> PromptParts:
         self._stats = []
         for method in self.flatten():
-            prompt = method.compress_prompt(prompt)
+            prompt = method.shorten(prompt)
             stats = method.prompt_stats()
             if stats is not None:
                 self._stats.append(stats)

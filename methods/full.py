@@ -35,5 +35,5 @@ class FullCache(CacheMethod):
         return {"ratio": self.ratio}
 
     @contextmanager
-    def apply(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, model: nn.Module) -> Iterator[None]:
         yield  # no hooks: the model runs untouched

@@ -14,13 +14,13 @@ from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from methods.base import CacheMethod, Compose, MethodConfigError
 from methods.cache.attention import apply_rope, attention_probs
-from methods.cache.codebook import Codebook, Grown, greedy_cover
-from methods.cache.codebook_layer import CodebookLayer
 from methods.cache.h2o import H2O
 from methods.cache.knorm import KeyNorm
 from methods.cache.pyramidkv import PyramidKV, pyramid_budgets
 from methods.cache.snapkv import SnapKV
-from methods.cache.spindlekv import SpindleKV, round_robin, spindle_budgets
+from methods.cache.spindlekv.codebook import Codebook, Grown, greedy_cover
+from methods.cache.spindlekv.codebook_layer import CodebookLayer
+from methods.cache.spindlekv.spindlekv import SpindleKV, round_robin, spindle_budgets
 from methods.cache.streamingllm import StreamingLLM
 
 LLAMA = dict(
@@ -109,7 +109,7 @@ class Probe(CacheMethod):
     def compresses_layer(self, module, layer):
         return True
 
-    def compress(self, module, hidden_states, keys, values, kwargs):
+    def reduce_kv(self, module, hidden_states, keys, values, kwargs):
         cos, sin = kwargs["position_embeddings"]
         batch, seq, _ = hidden_states.shape
         k = module.k_proj(hidden_states).view(batch, seq, -1, module.head_dim).transpose(1, 2)
@@ -125,7 +125,7 @@ class Probe(CacheMethod):
 def test_attention_helper_equals_eager_probabilities(kind):
     model, probe = load(kind, "eager"), Probe()
     probe.probs = {}
-    with torch.inference_mode(), probe.apply(model):
+    with torch.inference_mode(), probe.hooks(model):
         out = model(
             input_ids=prompt(40),
             past_key_values=DynamicCache(config=model.config),
@@ -291,7 +291,7 @@ def test_codebook_is_the_papers_greedy_and_members_stay_within_theta(scope, magn
     assert centres.tolist() == expected_centres and torch.equal(ref, expected_ref)
     kept = torch.arange(30).expand(1, 2, 30)  # every token of both heads, once each
     weights = torch.ones_like(kept)
-    book = Codebook.build(vectors, kept, weights, 0.98, scope, magnitude, 16, torch.float32)
+    book = Codebook.from_vectors(vectors, kept, weights, 0.98, scope, magnitude, 16, torch.float32)
     assert book.entries.shape[0] < 60 and book.refs.shape == (1, 2, 30)
     near = vectors[:, :, :2] * 1.5 + 1e-3  # near-duplicates of existing tokens: reuse entries
     far = torch.randn(1, 2, 1, 8, generator=torch.Generator().manual_seed(5))

@@ -8,11 +8,10 @@ import pytest
 import torch
 from test_cache_methods import ARCHS, load, prompt, run
 
-from methods.cache import codebook_attention, codebook_kernels
 from methods.cache.attention import apply_rope
-from methods.cache.codebook import Codebook
-from methods.cache.codebook_layer import CodebookLayer, RopeTable
-from methods.cache.spindlekv import SpindleKV
+from methods.cache.spindlekv import SpindleKV, codebook_attention, codebook_kernels
+from methods.cache.spindlekv.codebook import Codebook
+from methods.cache.spindlekv.codebook_layer import CodebookLayer, RopeTable
 
 
 def rotate_half_rope(dim: int):

@@ -19,11 +19,10 @@ from test_cache_methods import load, prompt, run
 from test_codebook_kernels import codebook_layer, rotate_half_rope
 from test_spindlekv import sharp_gqa
 
-from methods.cache import codebook_attention, codebook_triton
 from methods.cache.attention import apply_rope
-from methods.cache.codebook import Codebook
-from methods.cache.codebook_layer import CodebookLayer, RopeTable
-from methods.cache.spindlekv import SpindleKV
+from methods.cache.spindlekv import SpindleKV, codebook_attention, codebook_triton
+from methods.cache.spindlekv.codebook import Codebook
+from methods.cache.spindlekv.codebook_layer import CodebookLayer, RopeTable
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra holds it)")
 INTERPRETED = (

@@ -23,7 +23,7 @@ from harness.measure import KVLayout, stored_kv_bytes
 from harness.models import ModelSpec, byte_tokenizer
 from harness.session import apply
 from methods.base import Compose, PromptParts
-from methods.cache.grown import Grown
+from methods.cache.spindlekv.grown import Grown
 from tests.conftest import model_spec
 
 DEVICE = os.environ.get("KVBENCH_CUDA_TESTS_ON", "cuda")

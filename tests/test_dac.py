@@ -136,7 +136,7 @@ def test_optimised_scores_equal_eager_attention_and_logits(models, arch):
     eager = models[arch, "eager"][0]
     ids = tokenizer(TEXT[:300], add_special_tokens=False)["input_ids"]
     scorer = Compressor(model, tokenizer, attention=True, query_chunk=37, head_chunk=64)
-    scores = scorer.score(ids, attention=True)
+    scores = scorer.token_scores(ids, attention=True)
     with torch.no_grad():
         out = eager(torch.tensor([ids]), output_attentions=True)
     expected = sum(a[0].sum(dim=(0, 1)) for a in out.attentions)
@@ -152,7 +152,7 @@ def test_prompt_methods_run_on_a_sliding_window_model(models, name):
     """A prompt ~30 times the window: every method completes at the requested rate."""
     method = build(name, rate=0.5, **({"iterative_size": 100} if name == "llmlingua" else {}))
     method.prepare(*models["gemma", "sdpa"])
-    out = method.compress(PromptParts(TEXT, QUESTION))
+    out = method.shorten_text(PromptParts(TEXT, QUESTION))
     stats = method.last_stats()
     assert out.endswith(QUESTION) and stats["compressor_tokens"] > 20 * WINDOW
     assert abs(stats["achieved_rate"] - 0.5) <= 0.02 and stats["compressor_chunks"] == 1
@@ -168,7 +168,7 @@ def test_llmlingua_prefix_cache_keeps_every_token_on_a_sliding_window_model(mode
     kept, tau = [0], target / len(ids)
     for begin in range(1, len(ids), 70):
         segment = list(range(begin, min(begin + 70, len(ids))))
-        info = method.scorer.score([ids[i] for i in kept + segment], False).self_info
+        info = method.scorer.token_scores([ids[i] for i in kept + segment], False).self_info
         quota = max(0, min(round(tau * (segment[-1] + 1)) - len(kept), len(segment)))
         kept += [segment[j] for j in info[len(kept) :].topk(quota).indices.sort().values]
     assert method.iterative_compress(ids, target) == kept and len(kept) == target
@@ -177,14 +177,14 @@ def test_llmlingua_prefix_cache_keeps_every_token_on_a_sliding_window_model(mode
 def test_no_chunking_while_the_input_fits_and_chunks_at_line_ends_when_not(models):
     whole = DAC(rate=0.5, iterations=1)
     whole.prepare(*models["llama", "sdpa"])
-    whole.compress(PromptParts(TEXT, QUESTION))
+    whole.shorten_text(PromptParts(TEXT, QUESTION))
     stats = whole.last_stats()
     assert stats["compressor_chunks"] == 1 and stats["compressor_window"] == 8192
     assert stats["compressor_tokens"] > 400  # the old default would have cut at 1024 anyway
     text = "".join(SHOT.format(i=i, j=i) for i in range(6))  # ~900 tokens
     chunked = DAC(rate=0.5, iterations=1, chunk_size=300)
     chunked.prepare(*models["llama", "sdpa"])
-    chunked.compress(PromptParts(text, QUESTION))
+    chunked.shorten_text(PromptParts(text, QUESTION))
     assert chunked.last_stats()["compressor_chunks"] == 4
     assert chunked.last_stats()["compressor_window"] == 300
     ids, kept = chunked.select_text(text)

@@ -263,7 +263,7 @@ def test_eviction_runs_on_the_device_of_its_inputs(tiny_gqa, method):
         "position_embeddings": (cos, torch.empty_like(cos)),
         "position_ids": torch.arange(seq, device="meta")[None],
     }
-    kept_keys, kept_values = method.compress(attn, hidden, keys, values, kwargs)
+    kept_keys, kept_values = method.reduce_kv(attn, hidden, keys, values, kwargs)
     assert kept_keys.device.type == kept_values.device.type == "meta"
     assert kept_keys.shape[-2] < seq
 

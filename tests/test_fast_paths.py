@@ -140,10 +140,10 @@ class PlainH2O(H2O):
     """H2O as it was: the model's own attention, the scores recomputed from the layer's
     projections (prefill and every decoding step), top-k and a gather of the whole cache."""
 
-    def apply(self, model):
-        return CacheMethod.apply(self, model)
+    def hooks(self, model):
+        return CacheMethod.hooks(self, model)
 
-    def compress_decode(self, module, hidden_states, keys, values, kwargs):
+    def reduce_kv_decode(self, module, hidden_states, keys, values, kwargs):
         layer = module.layer_idx
         if layer not in self._scores:
             return keys, values

@@ -31,7 +31,7 @@ def ids_for(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def merged(model, tokenizer, **fields):
-    return KVHeads(**{**CALIB, **fields}).apply(copy.deepcopy(model), tokenizer)
+    return KVHeads(**{**CALIB, **fields}).transform(copy.deepcopy(model), tokenizer)
 
 
 @pytest.mark.parametrize(("fixture", "heads"), [("tiny_mha", 4), ("tiny_gqa", 2)])

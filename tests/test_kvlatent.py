@@ -50,7 +50,7 @@ def ids_for(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 
 
 def cut(model, **fields):
-    return KVLatent(train=False, **fields).apply(copy.deepcopy(model), None)
+    return KVLatent(train=False, **fields).transform(copy.deepcopy(model), None)
 
 
 @pytest.mark.parametrize("rope", ["standard", "frequency_aware", "frequency_matched"])
@@ -187,7 +187,7 @@ def test_training_lowers_the_distillation_loss(tiny_gqa, tmp_path, monkeypatch):
     untrained = cut(model, variant="kv", dim=4, rope="frequency_aware")
     before = training.layer_distillation_loss(untrained, model, probe)
     method = KVLatent(variant="kv", dim=4, training={**FAST, "stage1_steps": 20})
-    trained = method.apply(copy.deepcopy(model), tokenizer)
+    trained = method.transform(copy.deepcopy(model), tokenizer)
     after = training.layer_distillation_loss(trained, model, probe)
     assert sum(after) < 0.85 * sum(before) and all(
         a < b for a, b in zip(after, before, strict=True)
@@ -280,7 +280,7 @@ def test_checkpoint_is_reused_and_a_corrupt_one_is_retrained(tiny_gqa, tmp_path,
     model, tokenizer = tiny_gqa
     method = KVLatent(variant="k", dim=8, rope="standard", training=FAST)
     ids = ids_for(24)
-    first = method.apply(copy.deepcopy(model), tokenizer)(ids).logits
+    first = method.transform(copy.deepcopy(model), tokenizer)(ids).logits
     calls = []
     real_recover = training.recover
 
@@ -289,18 +289,18 @@ def test_checkpoint_is_reused_and_a_corrupt_one_is_retrained(tiny_gqa, tmp_path,
         return real_recover(*args, **kwargs)
 
     monkeypatch.setattr(training, "recover", counting)
-    torch.testing.assert_close(method.apply(copy.deepcopy(model), tokenizer)(ids).logits, first)
+    torch.testing.assert_close(method.transform(copy.deepcopy(model), tokenizer)(ids).logits, first)
     assert calls == []
     (folder,) = (tmp_path / "kvlatent").iterdir()
     weights = folder / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")  # corrupt
-    torch.testing.assert_close(method.apply(copy.deepcopy(model), tokenizer)(ids).logits, first)
+    torch.testing.assert_close(method.transform(copy.deepcopy(model), tokenizer)(ids).logits, first)
     assert calls == [1]
     (folder / ckpt.MARKER).unlink()  # a partial write: no completeness marker
-    method.apply(copy.deepcopy(model), tokenizer)
+    method.transform(copy.deepcopy(model), tokenizer)
     assert calls == [1, 1] and (folder / ckpt.MARKER).is_file()
     other = KVLatent(variant="k", dim=8, rope="standard", training={**FAST, "seed": 1})
-    other.apply(copy.deepcopy(model), tokenizer)
+    other.transform(copy.deepcopy(model), tokenizer)
     assert len(list((tmp_path / "kvlatent").iterdir())) == 2  # another key, another folder
 
 
@@ -426,7 +426,7 @@ def test_stage2_losses_and_teacher_text_train(tiny_gqa, tmp_path, monkeypatch, t
     monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
     model, tokenizer = tiny_gqa
     method = KVLatent(variant="v", dim=8, training={**FAST, **training})
-    method.apply(copy.deepcopy(model), tokenizer)
+    method.transform(copy.deepcopy(model), tokenizer)
     (folder,) = (tmp_path / "kvlatent").iterdir()
     rows = [json.loads(line) for line in (folder / ckpt.LOG).read_text().splitlines()]
     stage = "stage2" if training["stage1_steps"] == 0 else "stage1"
@@ -438,7 +438,7 @@ def test_describe_says_what_the_cut_was(tiny_gqa):
     model, _ = tiny_gqa
     method = KVLatent(train=False, variant="k", dim=8, rope="standard")
     assert method.describe() == {}  # nothing applied yet
-    method.apply(copy.deepcopy(model), None)
+    method.transform(copy.deepcopy(model), None)
     assert method.describe() == {
         "head_dim": 16,
         "d_qk": 8,

@@ -43,7 +43,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_the_installed_package_finds_its_configs_and_data(installed, tmp_path):
     site, env = installed
     probe = (
-        "import harness, methods.storage as s, methods.cache.codebook_kernels as k; "
+        "import harness, methods.storage as s, methods.cache.spindlekv.codebook_kernels as k; "
         "print(harness.__file__); print(s.conf_dir()); print(s.data_file('gsm8k/test.jsonl')); "
         "print(k.SOURCE)"
     )

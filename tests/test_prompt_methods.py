@@ -89,12 +89,12 @@ def test_rate_zero_and_blank_prompts_are_returned_unchanged(tiny, name):
     method = fast(name, rate=0.0)
     method.prepare(*tiny)
     parts = PromptParts(TEXT, QUESTION)
-    assert method.compress(parts) == parts.text
+    assert method.shorten_text(parts) == parts.text
     assert method.last_stats()["compressor_passes"] == 0
     method = fast(name, rate=0.5)
     method.prepare(*tiny)
     for blank in (PromptParts("", ""), PromptParts(" \n\t ", QUESTION), PromptParts("", "x")):
-        assert method.compress(blank) == blank.text
+        assert method.shorten_text(blank) == blank.text
         assert method.last_stats()["achieved_rate"] == 0.0
 
 
@@ -106,7 +106,7 @@ def test_output_is_an_ordered_subsequence_at_the_requested_rate(tiny, name, rate
     ids, kept = method.select_text(TEXT)
     assert kept[0] == 0 and kept == sorted(set(kept)) and kept[-1] < len(ids)
     assert abs((1 - len(kept) / len(ids)) - rate) <= 0.02
-    out = method.compress(PromptParts(TEXT, QUESTION))
+    out = method.shorten_text(PromptParts(TEXT, QUESTION))
     assert out == method.scorer.decode([ids[i] for i in kept]) + QUESTION
     stats = method.last_stats()
     assert stats["requested_rate"] == rate and abs(stats["achieved_rate"] - rate) <= 0.02
@@ -134,7 +134,7 @@ def test_only_the_demonstrations_or_context_are_compressed(tiny, rendered, name,
         assert shots == (3 if task == "bbh" else 5)
     method = fast(name, rate=0.5, **({"iterations": 1} if name == "dac" else {}))
     method.prepare(*tiny)
-    out = method.compress(parts)
+    out = method.shorten_text(parts)
     assert out.endswith(parts.protected) and out[-len(parts.protected) :] == parts.protected
     assert len(out) - len(parts.protected) < 0.6 * len(parts.compressible)
 
@@ -143,7 +143,7 @@ def test_dac_rescoring_counts_passes_and_changes_the_selection(tiny):
     one, three = DAC(rate=0.5, iterations=1), DAC(rate=0.5, iterations=3)
     for method in (one, three):
         method.prepare(*tiny)
-        method.compress(PromptParts(TEXT, QUESTION))
+        method.shorten_text(PromptParts(TEXT, QUESTION))
     assert one.last_stats()["compressor_passes"] == 1
     assert three.last_stats()["compressor_passes"] == 3
     _, kept_one = one.select_text(TEXT)
@@ -158,7 +158,7 @@ def test_selfinfo_keeps_the_most_surprising_tokens(tiny):
     method = build("selfinfo", rate=0.5)
     method.prepare(*tiny)
     ids, kept = method.select_text(TEXT)
-    info = method.scorer.score(ids, attention=False).self_info
+    info = method.scorer.token_scores(ids, attention=False).self_info
     dropped = sorted(set(range(1, len(ids))) - set(kept))
     assert info[kept[1:]].min() >= info[dropped].max()
 
@@ -174,7 +174,7 @@ def test_llmlingua_token_level_conditions_on_the_compressed_prefix(tiny):
     kept, tau = [0], target / len(ids)
     for begin in range(1, len(ids), 70):
         segment = list(range(begin, min(begin + 70, len(ids))))
-        info = method.scorer.score([ids[i] for i in kept + segment], False).self_info
+        info = method.scorer.token_scores([ids[i] for i in kept + segment], False).self_info
         quota = max(0, min(round(tau * (segment[-1] + 1)) - len(kept), len(segment)))
         kept += [segment[j] for j in info[len(kept) :].topk(quota).indices.sort().values]
     assert got == kept and len(got) == target
@@ -243,9 +243,9 @@ def test_a_compressor_without_attention_fails_in_prepare_and_compress_needs_prep
         DAC(rate=0.5).prepare(gpt2, tiny[1])
     selfinfo = build("selfinfo")  # self-information needs no attention: works on GPT-2
     selfinfo.prepare(gpt2, tiny[1])
-    assert selfinfo.compress(PromptParts(TEXT, QUESTION)).endswith(QUESTION)
+    assert selfinfo.shorten_text(PromptParts(TEXT, QUESTION)).endswith(QUESTION)
     with pytest.raises(RuntimeError, match=r"call prepare"):
-        DAC().compress(PromptParts(TEXT, QUESTION))
+        DAC().shorten_text(PromptParts(TEXT, QUESTION))
 
 
 def test_the_adapter_records_requested_and_achieved_rates(tiny, rendered):

@@ -35,7 +35,7 @@ def prompt() -> torch.Tensor:
 def held(model, method, steps: int = 0) -> tuple[list[int], object]:
     """Tokens each layer holds after prefill (steps=0) or after ``steps`` decoding steps."""
     cache = new_cache(model)
-    with method.apply(model):
+    with method.hooks(model):
         with torch.inference_mode():
             model(input_ids=prompt(), past_key_values=cache, use_cache=True)
             for step in range(steps):
@@ -73,7 +73,7 @@ def test_an_evicted_sliding_layer_masks_exactly_what_it_holds(tiny_gemma3):
     # class: the generated tokens and logits must be those of the untouched model
     ids = prompt()
     plain = greedy_generate(tiny_gemma3, ids, max_new_tokens=12)
-    with StreamingLLM(ratio=1.0, compress_sliding=True).apply(tiny_gemma3):
+    with StreamingLLM(ratio=1.0, compress_sliding=True).hooks(tiny_gemma3):
         swapped = greedy_generate(tiny_gemma3, ids, max_new_tokens=12)
     assert swapped.tokens == plain.tokens
     torch.testing.assert_close(swapped.last_logits, plain.last_logits, rtol=1e-4, atol=1e-4)

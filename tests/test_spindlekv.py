@@ -16,12 +16,11 @@ from harness.generation import greedy_generate
 from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
 from methods.base import MethodConfigError, attention_modules
-from methods.cache import codebook_attention
-from methods.cache.codebook import Codebook
-from methods.cache.codebook_layer import CodebookLayer
-from methods.cache.spindle_plan import keep_order, search_target
-from methods.cache.spindle_prefill import slots
-from methods.cache.spindlekv import SpindleKV
+from methods.cache.spindlekv import SpindleKV, codebook_attention
+from methods.cache.spindlekv.codebook import Codebook
+from methods.cache.spindlekv.codebook_layer import CodebookLayer
+from methods.cache.spindlekv.spindle_plan import keep_order, search_target
+from methods.cache.spindlekv.spindle_prefill import slots
 
 LOSSLESS = dict(key_threshold=1.0, value_threshold=1.0)  # every token its own entry
 _ALLOWED: dict[int, torch.Tensor] = {}
@@ -139,7 +138,7 @@ def test_codebook_over_copies_is_the_papers_greedy_on_the_repeated_heads():
     kept, heads = slots(chosen.unsqueeze(0), kv_heads=1, seq_len=40)  # 3 copies of a KV head
     weights = heads.sum(dim=2)
     assert kept.shape[-1] == len(torch.unique(chosen)) and int(weights.sum()) == 75
-    book = Codebook.build(vectors, kept, weights, 0.98, "head", True, 8, torch.float32)
+    book = Codebook.from_vectors(vectors, kept, weights, 0.98, "head", True, 8, torch.float32)
     # the paper's loop over the repeated heads' tokens (identical copies side by side)
     multiset = chosen.flatten().sort().values
     centres, naive_ref = naive_codebook(vectors[0, 0, multiset], 0.98)
@@ -279,7 +278,9 @@ def test_appending_several_vectors_at_once_is_appending_them_in_order(scope):
     far = 3 * torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(9))
     new = torch.cat([vectors[:, :, 16:], far, far * 1.01 + 1e-3], dim=2)
     books = [
-        Codebook.build(vectors[:, :, :16], kept, weights, 0.98, scope, True, 8, torch.float32)
+        Codebook.from_vectors(
+            vectors[:, :, :16], kept, weights, 0.98, scope, True, 8, torch.float32
+        )
         for _ in range(2)
     ]
     before = books[0].entries.shape[0]

@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from methods.cache import codebook_triton_kernels as kernels
+from methods.cache.spindlekv import codebook_triton_kernels as kernels
 
 STORED, INT, FLAGS, FLOAT = "*bf16", "*i32", "*u8", "*fp32"
 SLOTS = dict(

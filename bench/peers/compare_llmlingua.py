@@ -121,7 +121,7 @@ def compress_all(method, prompts: list, rate: float) -> tuple[list[dict], list[d
     recording(method, "control_context_budget", record)
     for index, parts in enumerate(prompts):
         record.clear()
-        text = method.compress(parts)
+        text = method.shorten_text(parts)
         ids, kept = record["select_text"]
         pieces = split(parts.compressible, method.separator)
         ours.append(
@@ -169,7 +169,7 @@ def main() -> None:
 
     # both sides must run the same compressor: the mean NLL of one demonstration, each side
     first = method.scorer.encode(requests[0]["demonstrations"][0])
-    drift = abs(method.scorer.score(first, attention=False).self_info[1:].mean().item()
+    drift = abs(method.scorer.token_scores(first, attention=False).self_info[1:].mean().item()
                 - peer["probe_nll"])  # fmt: skip
     if drift > 1e-3:
         sys.exit(f"the package's compressor differs from ours: mean NLL off by {drift:.3g}")

@@ -101,8 +101,8 @@ class H2O(ScorerMethod):
             )
 
     @contextmanager
-    def apply(self, model: nn.Module) -> Iterator[None]:
-        with super().apply(model):
+    def hooks(self, model: nn.Module) -> Iterator[None]:
+        with super().hooks(model):
             if self.budget is None and self.ratio == 1.0:  # never evicts: the model's attention
                 yield
                 return
@@ -218,7 +218,7 @@ class H2O(ScorerMethod):
         self._scores[layer], self._positions[layer] = scores, positions
         return keys, values
 
-    def compress(
+    def reduce_kv(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -235,7 +235,7 @@ class H2O(ScorerMethod):
         positions = torch.arange(keys.shape[-2], device=keys.device).expand_as(scores)
         return self._keep(layer, scores, positions, keys, values)
 
-    def compress_decode(
+    def reduce_kv_decode(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,

@@ -63,9 +63,9 @@ class PyramidKV(SnapKV):
         refuse_eager(self.name, attn_implementation)
 
     @contextmanager
-    def apply(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, model: nn.Module) -> Iterator[None]:
         self.validate_for(model.config)
-        with super().apply(model):
+        with super().hooks(model):
             yield
 
     def layer_budget(self, module: nn.Module, seq_len: int) -> int:

@@ -111,7 +111,7 @@ class ScorerMethod(CacheMethod):
         (with ``ratio``, a short prompt's budget may be smaller than the window)."""
         return min(self.window, max(0, n_kept - self.sinks))
 
-    def compress(
+    def reduce_kv(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,

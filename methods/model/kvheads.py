@@ -131,10 +131,10 @@ class KVHeads(ModelMethod):
 
     def describe(self) -> dict[str, Any]:
         """The KV heads per layer before and after merging, and whether the merged weights
-        were trained ({} before :meth:`apply`)."""
+        were trained ({} before :meth:`transform`)."""
         return dict(getattr(self, "_applied", {}))
 
-    def apply(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+    def transform(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         self.validate_for(model.config)
         self._applied = {
             "num_kv_heads_before": HeadShape.of(model).num_kv_heads,

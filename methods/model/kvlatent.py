@@ -147,10 +147,10 @@ class KVLatent(ModelMethod):
 
     def describe(self) -> dict[str, Any]:
         """The applied cut: ``head_dim``, ``d_qk``, ``d_vo``, the RoPE used and whether the
-        weights were trained after the surgery ({} before :meth:`apply`)."""
+        weights were trained after the surgery ({} before :meth:`transform`)."""
         return dict(getattr(self, "_applied", {}))
 
-    def apply(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+    def transform(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         """Cut the heads of ``model`` (in place) and, with ``train``, recover or load it."""
         self.validate_for(model.config)
         head_dim = HeadShape.of(model).head_dim

@@ -127,7 +127,7 @@ class Compressor:
         return [p.rstrip(" ").endswith(("\n", ".", "?", "!")) for p in pieces]
 
     @torch.no_grad()
-    def score(self, ids: list[int] | torch.Tensor, attention: bool) -> TokenScores:
+    def token_scores(self, ids: list[int] | torch.Tensor, attention: bool) -> TokenScores:
         """One forward pass over ids (n,): self-information and, if asked, attention."""
         if self.model is None:
             raise MethodConfigError("this prompt method has no compressor model to score with")

@@ -128,14 +128,14 @@ class DAC(TokenDropMethod):
         for target in self.step_sizes(n):
             if target >= len(kept):
                 continue
-            score = self.score(tokens[kept].tolist())
+            score = self.importance(tokens[kept].tolist())
             best = score[1:].topk(target - 1).indices.sort().values.cpu() + 1
             kept = kept[torch.cat([kept.new_zeros(1), best])]
             yield kept.tolist()
 
-    def score(self, ids: list[int]) -> torch.Tensor:
+    def importance(self, ids: list[int]) -> torch.Tensor:
         """Fused scores of ids (m,): (m,) float32, entry 0 unused (token 0 is always kept)."""
-        scores = self.scorer.score(ids, attention=self.alpha > 0)
+        scores = self.scorer.token_scores(ids, attention=self.alpha > 0)
         fused = (1.0 - self.alpha) * minmax(scores.self_info[1:])
         if scores.attention is not None:
             fused = fused + self.alpha * minmax(scores.attention[1:])

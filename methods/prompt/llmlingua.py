@@ -100,7 +100,7 @@ class LLMLingua(TokenDropMethod):
         """Indices of the demonstrations kept, in order (all of them if there is one)."""
         if self.context_budget is None or len(demos) < 2:
             return list(range(len(demos)))
-        ppl = [self.scorer.score(d, attention=False).self_info[1:].mean().item() if len(d) > 1
+        ppl = [self.scorer.token_scores(d, attention=False).self_info[1:].mean().item() if len(d) > 1
                else 0.0 for d in demos]  # fmt: skip
         budget, chosen = target + self.context_budget, []
         for i in sorted(range(len(demos)), key=lambda i: -ppl[i]):

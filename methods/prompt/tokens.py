@@ -91,10 +91,10 @@ class TokenDropMethod(PromptMethod):
     @property
     def scorer(self) -> Compressor:
         if self._compressor is None:
-            raise RuntimeError(f"{self.name}: call prepare(model, tokenizer) before compress()")
+            raise RuntimeError(f"{self.name}: call prepare(model, tokenizer) before shorten_text()")
         return self._compressor
 
-    def compress(self, prompt: PromptParts) -> str:
+    def shorten_text(self, prompt: PromptParts) -> str:
         start = time.perf_counter()
         scorer = self.scorer
         passes = scorer.forward_passes

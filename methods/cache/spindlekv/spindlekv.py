@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from methods.base import MethodConfigError, attention_modules, cache_of
-from methods.cache import codebook_attention, codebook_kernels, codebook_triton
 from methods.cache.attention import layer_rope, pool
 from methods.cache.budget import compressed_layers, refuse_eager, require_ragged_ok
-from methods.cache.codebook import SCOPES
-from methods.cache.codebook_layer import CodebookLayer, RopeTable, model_rope
 from methods.cache.snapkv import SnapKV
-from methods.cache.spindle_plan import keep_order, spindle_budgets
-from methods.cache.spindle_prefill import Pending, plan
+from methods.cache.spindlekv import codebook_attention, codebook_kernels, codebook_triton
+from methods.cache.spindlekv.codebook import SCOPES
+from methods.cache.spindlekv.codebook_layer import CodebookLayer, RopeTable, model_rope
+from methods.cache.spindlekv.spindle_plan import keep_order, spindle_budgets
+from methods.cache.spindlekv.spindle_prefill import Pending, plan
 
 __all__ = ["SpindleKV", "model_rope", "round_robin", "spindle_budgets"]
 
@@ -84,13 +84,13 @@ class SpindleKV(SnapKV):
 
     Decode attention (``decode_attention``): ``fused`` (default) reads the codebooks in one
     pass per KV head and matches new tokens against their own group's entries, in the C++
-    kernels of ``methods.cache.codebook_kernels`` on a CPU (float32), and attends by the
-    Triton kernels of ``methods.cache.codebook_triton`` on a GPU (``triton`` asks for those
+    kernels of ``methods.cache.spindlekv.codebook_kernels`` on a CPU (float32), and attends by the
+    Triton kernels of ``methods.cache.spindlekv.codebook_triton`` on a GPU (``triton`` asks for those
     anywhere: on a CPU under ``TRITON_INTERPRET=1``, as the tests run them). Where the
     kernel cannot run (no Triton, a dtype or head dim it does not take) the PyTorch operations
     run instead, with one warning naming why, recorded in the stats
     (``decode_kernel_fallback``; ``decode_kernel`` says what ran); ``codebook`` does the same with PyTorch operations (see
-    ``methods.cache.codebook_attention``: gathered, rotated keys; values summed per entry);
+    ``methods.cache.spindlekv.codebook_attention``: gathered, rotated keys; values summed per entry);
     ``materialize`` decodes every token each step (the plain reading). ``ratio: 1.0`` (with
     no ``budget``) is the full cache, untouched. Sliding-window layers keep their own window
     and are not counted, unless ``compress_sliding``: then each sliding layer is coded alone
@@ -167,7 +167,7 @@ class SpindleKV(SnapKV):
         return self.budget is None and self.ratio == 1.0
 
     @contextmanager
-    def apply(self, model: nn.Module) -> Iterator[None]:
+    def hooks(self, model: nn.Module) -> Iterator[None]:
         """Hooks (scoring after prefill, binding each layer's codebook before its attention)
         and, unless ``ratio`` is 1, the codebook attention as the model's attention
         implementation; all undone on exit."""
@@ -175,7 +175,7 @@ class SpindleKV(SnapKV):
         base = model.config._attn_implementation
         modules = attention_modules(model)
         handles = []
-        with super().apply(model):
+        with super().hooks(model):
             self._model = model
             try:
                 if not self.untouched:
@@ -242,7 +242,7 @@ class SpindleKV(SnapKV):
         scores[..., prefix:] = torch.inf  # kept anyway: rank only the evictable tokens
         return round_robin(scores)
 
-    def compress(
+    def reduce_kv(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -333,7 +333,7 @@ class SpindleKV(SnapKV):
             out["tokens_kept"] = kept
         return out
 
-    def compress_decode(
+    def reduce_kv_decode(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -366,7 +366,7 @@ class SpindleKV(SnapKV):
         and its table, shared by the layers with the same RoPE."""
         if module.layer_idx not in self._rope:
             if self._model is None:
-                raise MethodConfigError("SpindleKV compresses only inside `method.apply(model)`")
+                raise MethodConfigError("SpindleKV compresses only inside `method.hooks(model)`")
             key, rope = model_rope(self._model, module)
             ref_cos, ref_sin = rope(positions, cos)
             same = torch.allclose(ref_cos, cos, atol=1e-4) and torch.allclose(

@@ -3,7 +3,7 @@
 A :class:`CodebookLayer` stores, per KV head, a key codebook over pre-RoPE keys, a value
 codebook, each kept token's true position and (under SpindleKV's head repeat) which query
 heads keep it. Decoded keys are never kept: attention reads the codebooks directly
-(``methods.cache.codebook_attention``).
+(``methods.cache.spindlekv.codebook_attention``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from methods.base import MethodConfigError
-from methods.cache import codebook_kernels, codebook_triton
 from methods.cache.attention import apply_rope, undo_rope
-from methods.cache.codebook import Codebook
-from methods.cache.grown import Grown
 from methods.cache.layers import query_length_of
+from methods.cache.spindlekv import codebook_kernels, codebook_triton
+from methods.cache.spindlekv.codebook import Codebook
+from methods.cache.spindlekv.grown import Grown
 
 Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -191,7 +191,7 @@ class CodebookLayer(DynamicLayer):
         if self._heads is not None:
             raise RuntimeError(
                 "SpindleKV's head-repeat cache keeps a token set per query head, which only "
-                "its own attention implementation reads: decode inside `method.apply(model)`"
+                "its own attention implementation reads: decode inside `method.hooks(model)`"
             )
         keys, values, _ = self.materialized()
         return keys, values

@@ -15,8 +15,8 @@ Decoding one token (:func:`attend_codebook`), no decoded token is kept:
 - values (:func:`weighted_entries`): the softmax weights times the value magnitudes are
   summed into their entries' rows and multiplied by them in one fused kernel.
 That is ``decode_attention: codebook``; ``fused`` (the default) does the same in one C++
-pass per KV head on a CPU (:func:`attend_fused`, ``methods.cache.codebook_kernels``) and by
-Triton kernels on a GPU (``methods.cache.codebook_triton``; the layer's ``kernel`` is then
+pass per KV head on a CPU (:func:`attend_fused`, ``methods.cache.spindlekv.codebook_kernels``) and by
+Triton kernels on a GPU (``methods.cache.spindlekv.codebook_triton``; the layer's ``kernel`` is then
 ``triton``, as SpindleKV resolved it when applied). The plain
 reading (:func:`attend_materialized`: decode every token, re-apply RoPE with the model's
 rotary, sdpa) is kept as ``decode_attention: materialize`` and is what the tests compare
@@ -36,8 +36,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from methods.cache import codebook_kernels, codebook_triton
-from methods.cache.codebook_layer import CodebookLayer
+from methods.cache.spindlekv import codebook_kernels, codebook_triton
+from methods.cache.spindlekv.codebook_layer import CodebookLayer
 
 PREFIX = "kvbench_codebook_over_"
 _BOUND: weakref.WeakKeyDictionary[nn.Module, CodebookLayer] = weakref.WeakKeyDictionary()
@@ -140,8 +140,8 @@ def attend_fused(
     kernel: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`attend_codebook` by a fused kernel, (B, 1, H_q, Dv): the C++ one
-    (:func:`methods.cache.codebook_kernels.attend`) or ``kernel``, which takes the same
-    arguments (:func:`methods.cache.codebook_triton.attend`)."""
+    (:func:`methods.cache.spindlekv.codebook_kernels.attend`) or ``kernel``, which takes the same
+    arguments (:func:`methods.cache.spindlekv.codebook_triton.attend`)."""
     batch, q_heads, _, dim = query.shape
     key_book, value_book = layer.key_book, layer.value_book
     kv_heads = layer.positions.shape[1]

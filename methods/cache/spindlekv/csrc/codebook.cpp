@@ -1,4 +1,4 @@
-// SpindleKV's decoding step over its codebook cache, fused (methods/cache/codebook_kernels.py).
+// SpindleKV's decoding step over its codebook cache, fused (methods/cache/spindlekv/codebook_kernels.py).
 //
 // attend: one query token attends over the codebook slots of each KV head and the newest
 // tokens (not yet in the codebooks), reading each slot's entry and RoPE row once and

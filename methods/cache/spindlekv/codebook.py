@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from methods.cache import codebook_kernels
-from methods.cache.grown import Grown
+from methods.cache.spindlekv import codebook_kernels
+from methods.cache.spindlekv.grown import Grown
 
 SCOPES = ("head", "layer")
 _TINY = 1e-12
@@ -191,7 +191,7 @@ class Codebook:
         return None if self._magnitudes is None else self._magnitudes.data
 
     @classmethod
-    def build(
+    def from_vectors(
         cls,
         vectors: torch.Tensor,
         kept: torch.Tensor,
@@ -316,8 +316,8 @@ class Codebook:
         kernel: Callable[..., tuple[torch.Tensor, torch.Tensor, int]] | None = None,
     ) -> None:
         """:meth:`append` of one decoding step (B, H_kv, 1, D), scope ``head``, by the fused
-        kernel (:func:`methods.cache.codebook_kernels.append`, or ``kernel``, which takes the
-        same arguments: :func:`methods.cache.codebook_triton.append`); keys come post-RoPE
+        kernel (:func:`methods.cache.spindlekv.codebook_kernels.append`, or ``kernel``, which takes the
+        same arguments: :func:`methods.cache.spindlekv.codebook_triton.append`); keys come post-RoPE
         with the RoPE ``table`` and their ``positions`` (B, 1), and go back to pre-RoPE there."""
         batch, kv_heads, _, dim = vectors.shape
         count = batch * kv_heads

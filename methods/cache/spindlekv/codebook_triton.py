@@ -2,10 +2,10 @@
 (:func:`attend`) and the new key's and value's codebook match (:func:`append`), run by
 ``decode_attention: fused`` on CUDA and by ``triton`` anywhere Triton runs.
 
-On a GPU the PyTorch-operations path (``methods.cache.codebook_attention.attend_codebook``)
+On a GPU the PyTorch-operations path (``methods.cache.spindlekv.codebook_attention.attend_codebook``)
 writes a gathered, rotated (U, D) key buffer, the logits and the weights per layer and step,
-and the fused C++ kernels (``methods.cache.codebook_kernels``) are CPU-only. The kernels of
-``methods.cache.codebook_triton_kernels`` read each slot's ref, position, magnitudes and
+and the fused C++ kernels (``methods.cache.spindlekv.codebook_kernels``) are CPU-only. The kernels of
+``methods.cache.spindlekv.codebook_triton_kernels`` read each slot's ref, position, magnitudes and
 query-head flags once, gather its key entry, RoPE row and value entry (shared rows that
 mostly stay in cache) and write nothing per slot: the bytes read per step are about the
 compressed cache's own, not the full cache's. The slots are split across programs (flash
@@ -73,7 +73,7 @@ def resolve(
 
 def kernels() -> ModuleType:
     """The jitted kernels (imported on first use, after :func:`unsupported` said yes)."""
-    return importlib.import_module("methods.cache.codebook_triton_kernels")
+    return importlib.import_module("methods.cache.spindlekv.codebook_triton_kernels")
 
 
 def _pow2(n: int) -> int:
@@ -116,7 +116,7 @@ def attend(
     splits: int | None = None,
     block: int | None = None,
 ) -> torch.Tensor:
-    """:func:`methods.cache.codebook_kernels.attend` (same arguments and result: one query
+    """:func:`methods.cache.spindlekv.codebook_kernels.attend` (same arguments and result: one query
     token (B, H_kv, G, D), already scaled, over the slots and the newest tokens; (B, H_kv,
     G, Dv) float32) by the Triton kernels. ``splits``: how many programs share a KV head's
     slots (by default enough to fill the GPU); ``block``: slots per loop step (a power of 2,
@@ -169,7 +169,7 @@ def append(
     theta: float,
     magnitudes: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """:func:`methods.cache.codebook_kernels.append` (same arguments and result: one new
+    """:func:`methods.cache.spindlekv.codebook_kernels.append` (same arguments and result: one new
     vector per group (N, D) joins its group's most similar entry or opens one, written into
     the reserved room of ``entries``/``owner``) by the Triton kernels; ``entries`` may be of
     any dtype the kernels take. Reading back how many entries were made is one host sync."""

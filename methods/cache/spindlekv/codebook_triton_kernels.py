@@ -1,4 +1,4 @@
-"""The Triton kernels of SpindleKV's codebook decode attention (``methods.cache.codebook_triton``
+"""The Triton kernels of SpindleKV's codebook decode attention (``methods.cache.spindlekv.codebook_triton``
 launches them and says when they can run). Imported only once Triton is known to be
 importable: the ``@triton.jit`` decorator reads ``TRITON_INTERPRET`` when this module loads.
 

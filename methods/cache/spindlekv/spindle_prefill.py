@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from methods.cache.attention import undo_rope
-from methods.cache.codebook import Codebook
-from methods.cache.codebook_layer import CodebookLayer, RopeTable
-from methods.cache.spindle_plan import search_target, spindle_budgets
+from methods.cache.spindlekv.codebook import Codebook
+from methods.cache.spindlekv.codebook_layer import CodebookLayer, RopeTable
+from methods.cache.spindlekv.spindle_plan import search_target, spindle_budgets
 
 
 @dataclass
@@ -49,7 +49,8 @@ def plan(method: Any, pending: list[Pending]) -> tuple[list[CodebookLayer], dict
         window = method.window + method.sinks
         budgets = spindle_budgets(target, seq_len, window, len(pending), method.beta)
         layers = [
-            build(method, p, n, found[p.layer_idx]) for p, n in zip(pending, budgets, strict=True)
+            coded_layer(method, p, n, found[p.layer_idx])
+            for p, n in zip(pending, budgets, strict=True)
         ]
         stored = sum(layer.stored_nbytes() for layer in layers)
         fits, chosen_fits = stored <= budget, bool(chosen) and chosen["stored"] <= budget
@@ -68,7 +69,7 @@ def plan(method: Any, pending: list[Pending]) -> tuple[list[CodebookLayer], dict
     return chosen["layers"], describe(method, pending, chosen, full, budget, seen)
 
 
-def build(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> CodebookLayer:
+def coded_layer(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> CodebookLayer:
     """Layer ``p`` keeping the first ``n_kept`` of each keep order (per query head under head
     repeat, else per KV head), coded; ``found`` carries earlier builds' similarities."""
     kept, heads = slots(p.order[..., :n_kept], p.keys.shape[1], p.keys.shape[-2])
@@ -77,11 +78,11 @@ def build(method: Any, p: Pending, n_kept: int, found: tuple[list, list]) -> Cod
     pre_keys = undo_rope(p.keys.float(), cos, sin)
     positions = p.positions.unsqueeze(1).expand(-1, kept.shape[1], -1).gather(2, kept)
     scope, block, magnitude = method.codebook_scope, method.similarity_block, method.magnitude
-    key_book = Codebook.build(
+    key_book = Codebook.from_vectors(
         pre_keys, kept, weights, method.key_threshold, scope, magnitude, block, p.keys.dtype,
         found[0],
     )  # fmt: skip
-    value_book = Codebook.build(
+    value_book = Codebook.from_vectors(
         p.values, kept, weights, method.value_threshold, scope, magnitude, block,
         p.values.dtype, found[1],
     )  # fmt: skip
