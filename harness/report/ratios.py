@@ -41,11 +41,11 @@ def normalise_params(params: dict[str, Any] | None) -> dict[str, Any]:
 def prompt_kept(params: dict[str, Any] | None) -> float:
     """The fraction of the compressible prompt kept that a prompt method was configured with
     (the first prompt method's ``ratio``, depth first, old ``rate`` converted); NaN if none."""
-    stack = [normalise_params(params)]
+    stack = [params or {}]
     while stack:
         current = stack.pop(0)
         if is_prompt_params(current):
-            return _number(current.get("ratio"))
+            return _number(normalise_params(current).get("ratio"))
         stack.extend(v for v in current.values() if isinstance(v, dict))
     return math.nan
 

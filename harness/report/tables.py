@@ -150,8 +150,9 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
     prov = record.get("provenance") or {}
     method = record["method"]
     params = method.get("params") if isinstance(method.get("params"), dict) else {}
-    params = ratios.normalise_params(params)
     ratio, budget = method_ratio(method["name"], ratios.kv_params(params))
+    prompt_kept = ratios.prompt_kept(params)
+    params = ratios.normalise_params(params)  # old records' prompt ``rate`` as ``ratio``
     describe = method.get("describe") if isinstance(method.get("describe"), dict) else {}
     samples = record.get("samples") or []
     docs = {(s.get("task"), s.get("doc_id")) for s in samples if isinstance(s, dict)}
@@ -171,7 +172,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "method_params": format_params(params),
         "ratio": ratio,
         "budget": budget,
-        "prompt_kept": ratios.prompt_kept(params),
+        "prompt_kept": prompt_kept,
         "d_qk": num(described(describe, "d_qk")),
         "d_vo": num(described(describe, "d_vo")),
         "trained": described(describe, "trained"),

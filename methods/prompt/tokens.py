@@ -143,7 +143,7 @@ class TokenDropMethod(PromptMethod):
 
     def _record(self, total: int, kept: int, passes: int, start: float) -> None:
         self._stats = {
-            "requested_rate": 1.0 - float(self.ratio),  # fraction removed
+            "requested_rate": round(1.0 - float(self.ratio), 12),  # fraction removed
             "achieved_rate": 1.0 - kept / total if total else 0.0,
             "compressor_tokens": float(total),
             "compressor_passes": float(passes),
