@@ -265,7 +265,10 @@ def test_kvbench_run_on_the_gpu_records_dtype_device_and_memory(tmp_path, monkey
 def test_compose_of_prompt_and_cache_methods_on_the_gpu(gpu_model, caches):
     model, tokenizer = gpu_model
     method = Compose(
-        methods=[build("method", "random_deletion", ratio=0.7), build("method", "snapkv", ratio=0.5)]
+        methods=[
+            build("method", "random_deletion", ratio=0.7),
+            build("method", "snapkv", ratio=0.5),
+        ]
     )
     with apply(method, model, tokenizer) as session:
         out = session.generate(PromptParts(CONTEXT, QUESTION), max_new_tokens=3)
