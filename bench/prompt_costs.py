@@ -109,7 +109,7 @@ def text_ids(tokenizer, n: int) -> list[int]:
 
 @torch.no_grad()
 def measure(model, eager, tokenizer, n: int, args) -> list[dict]:
-    method = load("method", "dac", rate=args.rate)
+    method = load("method", "dac", ratio=round(1 - args.rate, 12))  # --rate: share removed
     method.prepare(model, tokenizer)
     now = method.scorer
     before = BeforeCompressor(model, tokenizer, attention=True)

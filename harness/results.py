@@ -135,7 +135,7 @@ def no_effect(kinds: set[str], measurements: dict[str, Any], asks_kv: bool) -> s
         return (
             f"the prompt method asked to remove up to {rates['max']:.2f} of the prompt but "
             "removed nothing: it had no effect. Check that task.protect_from matches the "
-            "prompts (without a match the whole prompt is protected) and the method's rate"
+            "prompts (without a match the whole prompt is protected) and the method's ratio"
         )
     return None
 

@@ -119,7 +119,7 @@ def test_no_past_key_values_future_warning(tiny_gqa):
         greedy_generate(model, ids, max_new_tokens=3)
         score_continuation(model, [5, 6, 7], [8, 9])
         score_continuation(model, [5, 6, 7], [8, 9], stepwise=True)
-        with apply(build("method", "llmlingua", rate=0.5), model, tokenizer) as session:
+        with apply(build("method", "llmlingua", ratio=0.5), model, tokenizer) as session:
             session.generate("Some context to shorten. " * 8 + "Question: ok?", max_new_tokens=2)
     messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert not [m for m in messages if "past_key_values" in m], messages

@@ -39,10 +39,10 @@ CACHE_METHODS = {
     "spindlekv": {"ratio": 0.25, "window": 8},
 }
 OTHER_METHODS = {
-    "dac": {"rate": 0.5, "iterations": 2},
-    "selfinfo": {"rate": 0.5},
-    "random_deletion": {"rate": 0.5},
-    "llmlingua": {"rate": 0.5, "iterative_size": 64},
+    "dac": {"ratio": 0.5, "iterations": 2},
+    "selfinfo": {"ratio": 0.5},
+    "random_deletion": {"ratio": 0.5},
+    "llmlingua": {"ratio": 0.5, "iterative_size": 64},
     "kvlatent_k": {"train": False},
     "kvlatent_kv": {"training": TRAIN},
     "kvheads": {"calibration_tokens": 512, "calibration_seq_len": 128},
@@ -133,7 +133,7 @@ def test_prompt_and_model_methods_run_on_the_gpu(name, tmp_path, monkeypatch, ca
 
 def test_a_named_compressor_loads_on_the_benchmarked_models_device(gpu_model):
     model, tokenizer = gpu_model
-    method = build("method", "selfinfo", rate=0.5, compressor="tiny_llama_mha")
+    method = build("method", "selfinfo", ratio=0.5, compressor="tiny_llama_mha")
     with apply(method, model, tokenizer) as session:
         session.generate(PromptParts(CONTEXT, QUESTION), max_new_tokens=2)
     assert method.scorer.device.type == DEVICE
@@ -265,7 +265,10 @@ def test_kvbench_run_on_the_gpu_records_dtype_device_and_memory(tmp_path, monkey
 def test_compose_of_prompt_and_cache_methods_on_the_gpu(gpu_model, caches):
     model, tokenizer = gpu_model
     method = Compose(
-        methods=[build("method", "random_deletion", rate=0.3), build("method", "snapkv", ratio=0.5)]
+        methods=[
+            build("method", "random_deletion", ratio=0.7),
+            build("method", "snapkv", ratio=0.5),
+        ]
     )
     with apply(method, model, tokenizer) as session:
         out = session.generate(PromptParts(CONTEXT, QUESTION), max_new_tokens=3)

@@ -77,12 +77,12 @@ def test_step_sizes_follow_the_authors_code_or_the_exact_rate():
     rate keeps round(11 * 0.70711) = 8, then round(5.5) = 6. n = 460, T = 4 (the default,
     460 // 100): r' = 0.15910; 1 + int(459 * 0.84090) = 386, 1 + int(385 * 0.84090) = 324,
     1 + int(323 * 0.84090) = 272, 1 + int(271 * 0.84090) = 228."""
-    assert DAC(rate=0.5, iterations=2).step_sizes(11) == [8, 5]
-    assert DAC(rate=0.5, iterations=2, schedule="exact_rate").step_sizes(11) == [8, 6]
-    assert DAC(rate=0.5).step_sizes(460) == [386, 324, 272, 228]
-    assert DAC(rate=0.5, schedule="exact_rate").step_sizes(460) == [387, 325, 274, 230]
-    assert DAC(rate=0.5, iterations=1).step_sizes(1313) == [657]  # half-way: 1 + int(656)
-    assert DAC(rate=0.5).steps(99) == 1 and DAC(rate=0.5).steps(5000) == 15
+    assert DAC(ratio=0.5, iterations=2).step_sizes(11) == [8, 5]
+    assert DAC(ratio=0.5, iterations=2, schedule="exact_rate").step_sizes(11) == [8, 6]
+    assert DAC(ratio=0.5).step_sizes(460) == [386, 324, 272, 228]
+    assert DAC(ratio=0.5, schedule="exact_rate").step_sizes(460) == [387, 325, 274, 230]
+    assert DAC(ratio=0.5, iterations=1).step_sizes(1313) == [657]  # half-way: 1 + int(656)
+    assert DAC(ratio=0.5).steps(99) == 1 and DAC(ratio=0.5).steps(5000) == 15
 
 
 def authors_loop(model, ids: list[int], rate: float, steps: int, alpha: float) -> list[list[int]]:
@@ -118,7 +118,7 @@ def test_dynamic_selections_match_the_authors_loop_step_for_step(models, arch, a
     """Our optimised pass (sdpa + recomputed column sums, chunked LM head) on the same weights
     as the plain eager reference: the same positions kept at every step, on a prompt ~30
     times the Gemma model's sliding window."""
-    method = DAC(rate=0.5, alpha=alpha)
+    method = DAC(ratio=0.5, alpha=alpha)
     method.prepare(*models[arch, "sdpa"])
     method.scorer.head_chunk = 100  # several head chunks
     ids = method.scorer.encode(TEXT)
@@ -150,7 +150,7 @@ def test_optimised_scores_equal_eager_attention_and_logits(models, arch):
 @pytest.mark.parametrize("name", ["dac", "selfinfo", "llmlingua"])
 def test_prompt_methods_run_on_a_sliding_window_model(models, name):
     """A prompt ~30 times the window: every method completes at the requested rate."""
-    method = build(name, rate=0.5, **({"iterative_size": 100} if name == "llmlingua" else {}))
+    method = build(name, ratio=0.5, **({"iterative_size": 100} if name == "llmlingua" else {}))
     method.prepare(*models["gemma", "sdpa"])
     out = method.shorten_text(PromptParts(TEXT, QUESTION))
     stats = method.last_stats()
@@ -161,7 +161,7 @@ def test_prompt_methods_run_on_a_sliding_window_model(models, name):
 def test_llmlingua_prefix_cache_keeps_every_token_on_a_sliding_window_model(models):
     """The KV-cached segment loop (several segments, each past the window) equals a plain
     re-computation of each segment after the kept prefix."""
-    method = LLMLingua(rate=0.6, iterative_size=70, context_budget=None)
+    method = LLMLingua(ratio=0.4, iterative_size=70, context_budget=None)
     method.prepare(*models["gemma", "sdpa"])
     ids = method.scorer.encode(TEXT)
     target = method.kept_count(len(ids))
@@ -175,14 +175,14 @@ def test_llmlingua_prefix_cache_keeps_every_token_on_a_sliding_window_model(mode
 
 
 def test_no_chunking_while_the_input_fits_and_chunks_at_line_ends_when_not(models):
-    whole = DAC(rate=0.5, iterations=1)
+    whole = DAC(ratio=0.5, iterations=1)
     whole.prepare(*models["llama", "sdpa"])
     whole.shorten_text(PromptParts(TEXT, QUESTION))
     stats = whole.last_stats()
     assert stats["compressor_chunks"] == 1 and stats["compressor_window"] == 8192
     assert stats["compressor_tokens"] > 400  # the old default would have cut at 1024 anyway
     text = "".join(SHOT.format(i=i, j=i) for i in range(6))  # ~900 tokens
-    chunked = DAC(rate=0.5, iterations=1, chunk_size=300)
+    chunked = DAC(ratio=0.5, iterations=1, chunk_size=300)
     chunked.prepare(*models["llama", "sdpa"])
     chunked.shorten_text(PromptParts(text, QUESTION))
     assert chunked.last_stats()["compressor_chunks"] == 4

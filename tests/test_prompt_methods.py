@@ -86,12 +86,12 @@ def rendered() -> dict[str, tuple[str, str]]:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_rate_zero_and_blank_prompts_are_returned_unchanged(tiny, name):
-    method = fast(name, rate=0.0)
+    method = fast(name, ratio=1.0)
     method.prepare(*tiny)
     parts = PromptParts(TEXT, QUESTION)
     assert method.shorten_text(parts) == parts.text
     assert method.last_stats()["compressor_passes"] == 0
-    method = fast(name, rate=0.5)
+    method = fast(name, ratio=0.5)
     method.prepare(*tiny)
     for blank in (PromptParts("", ""), PromptParts(" \n\t ", QUESTION), PromptParts("", "x")):
         assert method.shorten_text(blank) == blank.text
@@ -101,7 +101,9 @@ def test_rate_zero_and_blank_prompts_are_returned_unchanged(tiny, name):
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("rate", [0.3, 0.5])
 def test_output_is_an_ordered_subsequence_at_the_requested_rate(tiny, name, rate):
-    method = fast(name, rate=rate, chunk_size=200)  # chunked: ~460 tokens in 3 chunks
+    method = fast(
+        name, ratio=round(1 - rate, 12), chunk_size=200
+    )  # chunked: ~460 tokens in 3 chunks
     method.prepare(*tiny)
     ids, kept = method.select_text(TEXT)
     assert kept[0] == 0 and kept == sorted(set(kept)) and kept[-1] < len(ids)
@@ -132,7 +134,7 @@ def test_only_the_demonstrations_or_context_are_compressed(tiny, rendered, name,
         assert parts.protected == question
         shots = parts.compressible.count("Q: " if task == "bbh" else "Question:")
         assert shots == (3 if task == "bbh" else 5)
-    method = fast(name, rate=0.5, **({"iterations": 1} if name == "dac" else {}))
+    method = fast(name, ratio=0.5, **({"iterations": 1} if name == "dac" else {}))
     method.prepare(*tiny)
     out = method.shorten_text(parts)
     assert out.endswith(parts.protected) and out[-len(parts.protected) :] == parts.protected
@@ -140,7 +142,7 @@ def test_only_the_demonstrations_or_context_are_compressed(tiny, rendered, name,
 
 
 def test_dac_rescoring_counts_passes_and_changes_the_selection(tiny):
-    one, three = DAC(rate=0.5, iterations=1), DAC(rate=0.5, iterations=3)
+    one, three = DAC(ratio=0.5, iterations=1), DAC(ratio=0.5, iterations=3)
     for method in (one, three):
         method.prepare(*tiny)
         method.shorten_text(PromptParts(TEXT, QUESTION))
@@ -150,12 +152,12 @@ def test_dac_rescoring_counts_passes_and_changes_the_selection(tiny):
     _, kept_three = three.select_text(TEXT)
     assert len(kept_three) == three.step_sizes(len(three.scorer.encode(TEXT)))[-1]
     assert kept_one != kept_three
-    auto = DAC(rate=0.5)  # T = min(max(1, n // 100), 15)
+    auto = DAC(ratio=0.5)  # T = min(max(1, n // 100), 15)
     assert (auto.steps(99), auto.steps(460), auto.steps(5000)) == (1, 4, 15)
 
 
 def test_selfinfo_keeps_the_most_surprising_tokens(tiny):
-    method = build("selfinfo", rate=0.5)
+    method = build("selfinfo", ratio=0.5)
     method.prepare(*tiny)
     ids, kept = method.select_text(TEXT)
     info = method.scorer.token_scores(ids, attention=False).self_info
@@ -166,7 +168,7 @@ def test_selfinfo_keeps_the_most_surprising_tokens(tiny):
 def test_llmlingua_token_level_conditions_on_the_compressed_prefix(tiny):
     """The KV-cached segment loop equals a plain re-computation: each segment scored after
     the tokens kept so far, keeping its most surprising tokens."""
-    method = LLMLingua(rate=0.6, iterative_size=70, context_budget=None)
+    method = LLMLingua(ratio=0.4, iterative_size=70, context_budget=None)
     method.prepare(*tiny)
     ids = method.scorer.encode(TEXT)
     target = method.kept_count(len(ids))
@@ -181,27 +183,27 @@ def test_llmlingua_token_level_conditions_on_the_compressed_prefix(tiny):
 
 
 def test_llmlingua_budget_controller_drops_whole_low_perplexity_demonstrations(tiny):
-    method = LLMLingua(rate=0.8, context_budget=0)
+    method = LLMLingua(ratio=0.2, context_budget=0)
     method.prepare(*tiny)
     demos = [method.scorer.encode(SHOT.format(i=i, j=i)) for i in range(5)]
     chosen = method.control_context_budget(demos, target=len(demos[0]) + 5)
     assert chosen == sorted(chosen) and len(chosen) == 2  # the one that crosses is kept
-    one_segment = LLMLingua(rate=0.5, iterative_size=10_000, context_budget=None)
-    selfinfo = build("selfinfo", rate=0.5)
+    one_segment = LLMLingua(ratio=0.5, iterative_size=10_000, context_budget=None)
+    selfinfo = build("selfinfo", ratio=0.5)
     for m in (one_segment, selfinfo):
         m.prepare(*tiny)
     assert one_segment.select_text(TEXT) == selfinfo.select_text(TEXT)
 
 
 def test_random_deletion_is_seeded_by_text_and_seed(tiny):
-    a, b = RandomDeletion(rate=0.5), RandomDeletion(rate=0.5, seed=1)
+    a, b = RandomDeletion(ratio=0.5), RandomDeletion(ratio=0.5, seed=1)
     for m in (a, b):
         m.prepare(None, tiny[1])  # no model needed
     assert a.select_text(TEXT) == a.select_text(TEXT) != b.select_text(TEXT)
 
 
 def test_a_named_compressor_is_loaded_once_and_used(tiny):
-    first, second = DAC(rate=0.5, compressor="tiny_llama_mha"), DAC(compressor="tiny_llama_mha")
+    first, second = DAC(ratio=0.5, compressor="tiny_llama_mha"), DAC(compressor="tiny_llama_mha")
     first.prepare(*tiny)
     second.prepare(*tiny)
     assert first.scorer.model is second.scorer.model is not tiny[0]
@@ -219,14 +221,14 @@ def test_chunks_end_after_a_newline_or_full_stop():
 @pytest.mark.parametrize(
     "name, overrides, match",
     [
-        ("dac", {"rate": 1.0}, r"method\.rate=1\.0 is outside \[0, 1\)"),
-        ("dac", {"rate": -0.1}, r"method\.rate=-0\.1"),
+        ("dac", {"ratio": 0.0}, r"method\.ratio=0\.0 is outside \(0, 1\]"),
+        ("dac", {"ratio": -0.1}, r"method\.ratio=-0\.1"),
         ("dac", {"iterations": 0}, r"method\.iterations=0: T must be >= 1"),
         ("dac", {"alpha": 1.5}, r"method\.alpha=1\.5 is outside \[0, 1\]"),
         ("dac", {"chunk_size": 4}, r"method\.chunk_size=4 is too small"),
         ("dac", {"schedule": "linear"}, r"method\.schedule='linear' is unknown"),
         ("selfinfo", {"compressor": "gpt5"}, r"method\.compressor='gpt5'.*tiny_llama_gqa"),
-        ("random_deletion", {"rate": 2}, r"method\.rate=2"),
+        ("random_deletion", {"ratio": 2}, r"method\.ratio=2"),
         ("llmlingua", {"iterative_size": 1}, r"method\.iterative_size=1"),
         ("llmlingua", {"context_budget": -5}, r"method\.context_budget=-5"),
     ],
@@ -240,7 +242,7 @@ def test_bad_configs_fail_before_anything_loads(name, overrides, match):
 def test_a_compressor_without_attention_fails_in_prepare_and_compress_needs_prepare(tiny):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=260)).eval()
     with pytest.raises(MethodConfigError, match=r"self_attn"):
-        DAC(rate=0.5).prepare(gpt2, tiny[1])
+        DAC(ratio=0.5).prepare(gpt2, tiny[1])
     selfinfo = build("selfinfo")  # self-information needs no attention: works on GPT-2
     selfinfo.prepare(gpt2, tiny[1])
     assert selfinfo.shorten_text(PromptParts(TEXT, QUESTION)).endswith(QUESTION)
@@ -252,7 +254,7 @@ def test_the_adapter_records_requested_and_achieved_rates(tiny, rendered):
     from tests.test_tasks import spec
 
     model, tokenizer = tiny
-    method = build("random_deletion", rate=0.3)
+    method = build("random_deletion", ratio=0.7)
     composed = Compose(methods=[method, build("streamingllm")])
     assert [m.kind for m in composed.flatten()] == ["prompt", "cache"]
     split = spec("gsm8k").split_prompt
@@ -276,7 +278,7 @@ def test_a_prompt_too_long_for_the_window_is_truncated_before_it_is_compressed(t
     from tests.test_tasks import spec
 
     model, tokenizer = tiny
-    method = build("random_deletion", rate=0.5)
+    method = build("random_deletion", ratio=0.5)
     with apply(method, model, tokenizer, max_length=304) as session:
         lm = KVBenchLM(
             session, split_prompt=spec("gsm8k").split_prompt, truncation="middle", max_gen_toks=4

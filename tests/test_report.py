@@ -208,7 +208,7 @@ def test_load_records_rows_values_and_skipped(results: Path) -> None:
     assert row.at["s04", "ratio"] == pytest.approx(0.4)
     assert row.at["full_run", "ratio"] == 1.0
     assert (
-        row.at["combo", "method_params"] == "llmlingua.rate=0.5, snapkv.ratio=0.3, snapkv.window=8"
+        row.at["combo", "method_params"] == "llmlingua.ratio=0.5, snapkv.ratio=0.3, snapkv.window=8"
     )
     assert row.at["combo", "ratio"] == pytest.approx(0.3)
     assert row.at["s02", "n_samples"] == 2 and row.at["s02", "limit"] == 5
@@ -281,7 +281,7 @@ def test_summary_markdown(results: Path) -> None:
     assert text.splitlines()[0].startswith(f"{MODEL} · {TASK} · exact match")
     assert text.splitlines()[2].startswith("| run")
     assert "streamingllm r=0.2" in text and "0.5 [n/a]" in text  # no interval: said so
-    assert "llmlingua+snapkv rate=0.5 r=0.3" in text
+    assert "llmlingua+snapkv kept=0.5 r=0.3" in text
     assert "exact_match" not in text  # lm-eval's key is not shown
     # fits a terminal: the long composed label pushes the last column out, named
     assert max(len(line) for line in text.splitlines()) <= 100

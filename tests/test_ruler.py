@@ -363,7 +363,7 @@ def test_report_draws_the_heatmaps(tmp_path):
     ("method", "kind"),
     [
         (["method=streamingllm", "method.ratio=0.3"], "cache"),
-        (["method=random_deletion", "method.rate=0.5"], "prompt"),
+        (["method=random_deletion", "method.ratio=0.5"], "prompt"),
         (["method=kvheads", "method.num_kv_heads=1", "method.calibration_tokens=512"], "model"),
     ],
 )

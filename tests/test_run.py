@@ -189,7 +189,7 @@ def test_a_prompt_method_that_removes_nothing_fails(tmp_path):
 
     results = tmp_path / "results"
     never = "task.protect_from=NEVER-IN-A-PROMPT"  # no match: the whole prompt is protected
-    cfg = composed(results, *TINY, "method=random_deletion", "method.rate=0.5", never)
+    cfg = composed(results, *TINY, "method=random_deletion", "method.ratio=0.5", never)
     with pytest.raises(NoEffectError, match="removed nothing.*task.protect_from"):
         execute(cfg)
     assert records.find_records(results) == []

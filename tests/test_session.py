@@ -117,8 +117,8 @@ def test_a_prompt_method_sharing_the_model_composes_with_a_cache_method(tiny_gqa
     prompt = PromptParts("Some context that may be shortened, sentence by sentence. " * 6, "Q?")
     texts, ratios = [], []
     for method in (
-        build("method", "dac", rate=0.3),
-        Compose(methods=[build("method", "dac", rate=0.3), build("method", "snapkv", ratio=0.5)]),
+        build("method", "dac", ratio=0.7),
+        Compose(methods=[build("method", "dac", ratio=0.7), build("method", "snapkv", ratio=0.5)]),
     ):
         with apply(method, model, tokenizer) as session:
             out = session.generate(prompt, max_new_tokens=2)

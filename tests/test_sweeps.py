@@ -126,7 +126,7 @@ def test_prompt_sweep_compares_dac_with_the_baselines_on_gsm8k_and_one_bbh_subta
     jobs = sweep_jobs("prompt_gsm8k_bbh")
     flat = {item for job in jobs for item in job}
     assert {"method=dac", "method=selfinfo", "method=llmlingua", "method=random_deletion"} <= flat
-    assert {"method.rate=0.3", "method.rate=0.5", "task=bbh_date_understanding"} <= flat
+    assert {"method.ratio=0.7", "method.ratio=0.5", "task=bbh_date_understanding"} <= flat
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         named = compose(config_name="config", overrides=["task=bbh_date_understanding"])
         plain = compose(

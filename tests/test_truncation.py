@@ -39,7 +39,7 @@ def test_generate_counts_the_window_cut_of_text_and_of_ids(tiny_gqa):
 
 def test_window_and_prompt_method_are_told_apart(tiny_gqa):
     model, tokenizer = tiny_gqa
-    method = build("method", "random_deletion", rate=0.5)
+    method = build("method", "random_deletion", ratio=0.5)
     prompt = PromptParts("x" * 200, "Q: why?")
     with apply(method, model, tokenizer, max_length=110) as session:
         m = session.generate(prompt, max_new_tokens=10).measurement
@@ -62,7 +62,7 @@ def test_scoring_counts_the_window_cut_and_the_prompt_methods(tiny_gqa):
     assert (m.prompt_tokens_original, m.prompt_tokens, m.truncated_tokens) == (150, 96, 54)
     assert m.kv_full_bytes_prefill == session.kv_layout.full_bytes(96)
 
-    method = build("method", "random_deletion", rate=0.5)
+    method = build("method", "random_deletion", ratio=0.5)
     with apply(method, model, tokenizer, max_length=1000) as session:
         session.loglikelihood("y" * 200, " z")
         [m] = session.measurements

@@ -154,7 +154,7 @@ def main() -> None:
 
     ours, requests = [], []
     for rate in args.rates:
-        method = load("method", "llmlingua", rate=rate)
+        method = load("method", "llmlingua", ratio=round(1 - rate, 12))  # rate: share removed
         with method.applied(model, tokenizer):
             ours_rate, requests_rate = compress_all(method, prompts, rate)
         ours += ours_rate

@@ -73,7 +73,7 @@ COLUMNS = [
     "method_params",
     "ratio",
     "budget",
-    "rate",
+    "prompt_kept",
     "d_qk",
     "d_vo",
     "trained",
@@ -121,7 +121,7 @@ COLUMNS = [
     "path",
 ]
 LEADERBOARD_CSV = "leaderboard.csv"
-SORT_BY = ["model", "task", "method", "ratio", "rate", "d_qk", "d_vo"]
+SORT_BY = ["model", "task", "method", "ratio", "prompt_kept", "d_qk", "d_vo"]
 HIDDEN_IN_MARKDOWN = ("path", "params_json", "describe_json", "stats_json", "task_settings")
 
 

@@ -2,7 +2,7 @@
 in words.
 
 A run's label is its method with the parameter that sets its size (``"snapkv r=0.2"``,
-``"h2o budget=256"``, ``"dac rate=0.5"``, ``"kvlatent_kv d_qk=32 d_vo=32 trained"``; the full
+``"h2o budget=256"``, ``"dac kept=0.5"``, ``"kvlatent_kv d_qk=32 d_vo=32 trained"``; the full
 cache is ``"full"``), so it does not change from one report to the next. Where two runs of
 one model and task would share a label, it grows, in this order, by the method parameters
 that tell them apart (``"snapkv r=0.2 (window=16)"``), then by the task settings that do
@@ -85,12 +85,13 @@ def _is_set(value: Any) -> bool:
 
 def run_label(row: Any) -> str:
     """The stable part of a run's label, from a row of the runs table (see the module): the
-    method, then its budget or ratio (cache methods), rate (prompt methods) and head dims
+    method, then its budget or ratio (cache methods: ``r=``, the fraction kept), the kept share
+    of the prompt (prompt methods: ``kept=``) and head dims
     (KV-Latent), each where set; a composed method shows each of its members'."""
     method = str(row.method)
     parts = [method]
-    if _is_set(getattr(row, "rate", math.nan)):
-        parts.append(f"rate={row.rate:g}")
+    if _is_set(getattr(row, "prompt_kept", math.nan)):
+        parts.append(f"kept={row.prompt_kept:g}")
     d_qk, d_vo = getattr(row, "d_qk", math.nan), getattr(row, "d_vo", math.nan)
     if _is_set(d_qk) or _is_set(d_vo):
         parts.append(f"d_qk={d_qk:g} d_vo={d_vo:g}{trained_suffix(row)}")

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.records import SCHEMA_VERSION
+from harness.report import ratios
 from harness.report.labels import flat_params, format_params, metric_name
 from harness.report.stats import score_interval
 
@@ -25,7 +26,7 @@ PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "token_perplexity", "ppl"
 KV_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MB = 2**20
 # parameters that set a method's size: always in the summary's method_params
-HEADLINE_PARAMS = ("ratio", "budget", "rate", "dim", "num_kv_heads", "variant")
+HEADLINE_PARAMS = ("ratio", "budget", "dim", "num_kv_heads", "variant")
 # config fields of a run's task that say what it ran on (a label names those that differ)
 IGNORED_TASK_FIELDS = ("_target_", "name", "local_tasks", "hub_tasks", "sample_fields", "source")
 PEAK_MEMORY_WORDS = {
@@ -100,14 +101,6 @@ def requested_ratio(measurements: dict[str, Any], configured: float) -> float:
     return configured
 
 
-def prompt_rate(params: dict[str, Any] | None) -> float:
-    """The ``rate`` (fraction of the prompt removed) a prompt method was configured with."""
-    for p in param_dicts(params):
-        if not math.isnan(num(p.get("rate"))):
-            return float(p["rate"])
-    return math.nan
-
-
 def described(describe: dict[str, Any] | None, key: str) -> Any:
     """``key`` of what the record says the method was (``method.describe``: its own dict, or
     a composed method's per-member dicts), None when absent."""
@@ -157,7 +150,9 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
     prov = record.get("provenance") or {}
     method = record["method"]
     params = method.get("params") if isinstance(method.get("params"), dict) else {}
-    ratio, budget = method_ratio(method["name"], params)
+    ratio, budget = method_ratio(method["name"], ratios.kv_params(params))
+    prompt_kept = ratios.prompt_kept(params)
+    params = ratios.normalise_params(params)  # old records' prompt ``rate`` as ``ratio``
     describe = method.get("describe") if isinstance(method.get("describe"), dict) else {}
     samples = record.get("samples") or []
     docs = {(s.get("task"), s.get("doc_id")) for s in samples if isinstance(s, dict)}
@@ -177,7 +172,7 @@ def run_row(record: dict[str, Any], path: str) -> dict[str, Any]:
         "method_params": format_params(params),
         "ratio": ratio,
         "budget": budget,
-        "rate": prompt_rate(params),
+        "prompt_kept": prompt_kept,
         "d_qk": num(described(describe, "d_qk")),
         "d_vo": num(described(describe, "d_vo")),
         "trained": described(describe, "trained"),

@@ -53,7 +53,7 @@ SCHEDULES = ("authors", "exact_rate")
 class DAC(TokenDropMethod):
     """Iterative token deletion by fused attention received and self-information.
 
-    Attributes (besides ``rate``, ``compressor``, ``chunk_size``):
+    Attributes (besides ``ratio``, ``compressor``, ``chunk_size``):
         alpha: weight of attention against self-information, in [0, 1] (the paper: 0.8).
         iterations: T, compression steps (re-scoring after each); None: the authors'
             ``min(max(1, n // 100), 15)`` for an input (or chunk) of n tokens.
@@ -103,10 +103,8 @@ class DAC(TokenDropMethod):
         """Tokens kept after each of the T steps, for an input of n tokens."""
         steps = self.steps(n)
         if self.schedule == "exact_rate":
-            return [
-                max(1, round(n * (1.0 - self.rate) ** (t / steps))) for t in range(1, 1 + steps)
-            ]
-        per_step = 1 - (1 - self.rate) ** (1.0 / steps)  # the authors' `real_ratio`
+            return [max(1, round(n * self.ratio ** (t / steps))) for t in range(1, 1 + steps)]
+        per_step = 1 - self.ratio ** (1.0 / steps)  # the authors' `real_ratio`
         sizes, m = [], n
         for _ in range(steps):
             if m > 1:  # their direct_compress_attn: k = max(1, int(total * (1 - ratio)))
@@ -121,7 +119,7 @@ class DAC(TokenDropMethod):
     def iterate(self, ids: list[int]) -> Iterator[list[int]]:
         """The kept indices into ids (n,) after each step that removes tokens, in order."""
         n = len(ids)
-        if self.rate == 0 or n < 2:
+        if self.ratio == 1 or n < 2:
             return
         # bookkeeping of kept indices on the CPU; the compressor scores on its own device
         kept, tokens = torch.arange(n, device="cpu"), torch.as_tensor(ids, device="cpu")

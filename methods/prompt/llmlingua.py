@@ -14,7 +14,7 @@ requests and the same token accounting as DAC and the baselines.
    a LongBench context). Each is scored by its perplexity alone (mean self-information,
    one compressor pass each); demonstrations are taken from the highest perplexity down
    until ``target + context_budget`` tokens are spent (the one that crosses is taken), and
-   kept in their original order. ``target = round(n * (1 - rate))`` of the n tokens.
+   kept in their original order. ``target = round(n * ratio)`` of the n tokens.
 2. **Iterative token-level compression** (``iterative_compress_prompt``): the kept
    demonstrations are walked in segments of ``iterative_size`` tokens; each segment is
    scored conditioned on the already *compressed* prefix (held in a KV cache, the previous
@@ -54,7 +54,7 @@ from methods.prompt.tokens import TokenDropMethod
 class LLMLingua(TokenDropMethod):
     """Coarse (demonstrations) then fine (iterative tokens) deletion by perplexity.
 
-    Attributes (besides ``rate``, ``compressor``):
+    Attributes (besides ``ratio``, ``compressor``):
         iterative_size: tokens per segment of the token-level pass (the package: 200).
         context_budget: extra tokens the budget controller may keep over the target before
             the token-level pass (the package: "+100"); null skips the demonstration level.

@@ -18,7 +18,7 @@ from methods.prompt.tokens import TokenDropMethod
 
 @dataclass
 class RandomDeletion(TokenDropMethod):
-    """Keeps a random ``1 - rate`` share of the compressible tokens (fields: ``rate``,
+    """Keeps a random ``ratio`` share of the compressible tokens (fields: ``ratio``,
     ``compressor`` (whose tokenizer counts the tokens), ``chunk_size``, ``seed``)."""
 
     name: str = "random_deletion"

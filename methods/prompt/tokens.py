@@ -12,9 +12,9 @@ a line or a sentence (newline, ".", "?", "!") in its second half where there is 
 compressed chunk by chunk at the same rate; :meth:`last_stats` records the chunk count and
 the limit (``compressor_chunks``, ``compressor_window``).
 
-``rate`` is the fraction of the compressible tokens removed, in [0, 1): 0 is a no-op (the
+``ratio`` is the fraction of the compressible tokens kept, in (0, 1]: 1 is a no-op (the
 prompt is returned unchanged, nothing is tokenised), and so is a compressible part that
-is empty or only whitespace. Each chunk keeps about ``n * (1 - rate)`` of its n tokens
+is empty or only whitespace. Each chunk keeps about ``n * ratio`` of its n tokens
 (:meth:`TokenDropMethod.kept_count`, or DAC's own schedule).
 :meth:`last_stats` tells the LM adapter what the last request asked for and got.
 """
@@ -22,6 +22,7 @@ is empty or only whitespace. Each chunk keeps about ``n * (1 - rate)`` of its n 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -37,17 +38,19 @@ MODEL_CONF = conf_dir() / "model"
 
 @dataclass
 class TokenDropMethod(PromptMethod):
-    """Keeps a ``1 - rate`` share of the compressible tokens; subclasses choose which.
+    """Keeps a ``ratio`` share of the compressible tokens; subclasses choose which.
 
     Attributes:
-        rate: fraction of the compressible tokens removed, in [0, 1) (0: unchanged).
+        ratio: fraction of the compressible tokens kept, in (0, 1] (1: unchanged); None: 0.5.
+        rate: deprecated alias, the fraction removed (``ratio = 1 - rate``); warns.
         compressor: None (the benchmarked model, shared: no second load) or the name of a
             model config in ``conf/model/`` (e.g. ``smollm2_135m``), loaded once.
         chunk_size: the most compressor tokens scored in one pass; longer inputs are cut into
             chunks. None: the compressor's window (inputs that fit are never chunked).
     """
 
-    rate: float = 0.5
+    ratio: float | None = None
+    rate: float | None = None
     compressor: str | None = None
     chunk_size: int | None = None
 
@@ -55,11 +58,13 @@ class TokenDropMethod(PromptMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (0.0 <= float(self.rate) < 1.0):
+        self.ratio = ratio_from_rate(self.ratio, self.rate)
+        self.rate = None
+        if not (0.0 < float(self.ratio) <= 1.0):
             raise MethodConfigError(
-                f"method.rate={self.rate!r} is outside [0, 1): it is the fraction of the "
-                "compressible prompt tokens removed (0 leaves the prompt unchanged); pass "
-                "e.g. method.rate=0.5"
+                f"method.ratio={self.ratio!r} is outside (0, 1]: it is the fraction of the "
+                "compressible prompt tokens kept (1 leaves the prompt unchanged); pass "
+                "e.g. method.ratio=0.5"
             )
         if self.chunk_size is not None and self.chunk_size < 16:
             raise MethodConfigError(
@@ -99,7 +104,7 @@ class TokenDropMethod(PromptMethod):
         scorer = self.scorer
         passes = scorer.forward_passes
         self._chunks = 0
-        if self.rate == 0 or not prompt.compressible.strip():
+        if self.ratio == 1 or not prompt.compressible.strip():
             self._record(0, 0, 0, start)
             return prompt.text
         ids, kept = self.select_text(prompt.compressible)
@@ -134,11 +139,11 @@ class TokenDropMethod(PromptMethod):
         raise NotImplementedError
 
     def kept_count(self, n: int) -> int:
-        return max(1, round(n * (1.0 - self.rate)))
+        return max(1, round(n * self.ratio))
 
     def _record(self, total: int, kept: int, passes: int, start: float) -> None:
         self._stats = {
-            "requested_rate": float(self.rate),
+            "requested_rate": round(1.0 - float(self.ratio), 12),  # fraction removed
             "achieved_rate": 1.0 - kept / total if total else 0.0,
             "compressor_tokens": float(total),
             "compressor_passes": float(passes),
@@ -162,3 +167,22 @@ def load_compressor(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
     cfg = OmegaConf.merge(OmegaConf.load(MODEL_CONF / f"{name}.yaml"), {"device": device})
     spec = instantiate(cfg, _convert_="all")
     return spec.load()
+
+
+def ratio_from_rate(ratio: float | None, rate: float | None) -> float:
+    """The fraction kept from ``ratio`` or the deprecated ``rate`` (fraction removed): ``rate``
+    alone warns and converts (rounded to 12 digits, so 1 - 0.7 reads 0.3); both fail."""
+    if rate is None:
+        return 0.5 if ratio is None else float(ratio)
+    if ratio is not None:
+        raise MethodConfigError(
+            f"method.ratio={ratio!r} and method.rate={rate!r} are both set: pass only "
+            "method.ratio (the fraction kept; method.rate, the fraction removed, is deprecated)"
+        )
+    warnings.warn(
+        f"method.rate={rate!r} is deprecated: pass method.ratio={round(1.0 - float(rate), 12)!r} "
+        "(the fraction of the compressible prompt tokens kept)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return round(1.0 - float(rate), 12)
