@@ -1,4 +1,4 @@
-"""DAC's cost against the compressor's own forward pass (issue #16 item 4).
+"""DAC's cost against the compressor's own forward pass.
 
     OMP_WAIT_POLICY=PASSIVE flock /tmp/kvbench-timing.lock \\
         python bench/prompt_costs.py --tokens 1000 1500 [--profile]
@@ -11,7 +11,7 @@ exactly n compressor tokens) every row is timed in the same process, the best of
   forward, sdpa, logits for every position, no cache): the unit of every ratio;
 - ``eager + output_attentions``: the authors' scoring pass (eager attention, every layer's
   and head's (n, n) map returned, cross-entropy losses);
-- ``kvbench before``: the scoring pass as it was before this script (sdpa plus hooks that
+- ``kvbench before``: the reference scoring pass (sdpa plus hooks that
   recompute each layer's full (n, n) attention in query chunks of 256, masked and
   soft-maxed as a whole; full logits and log-softmax for the self-information);
 - ``kvbench now``: :meth:`methods.prompt.compressor.Compressor.token_scores` (blockwise column
@@ -19,7 +19,7 @@ exactly n compressor tokens) every row is timed in the same process, the best of
 
 The DAC rows run a whole compression (``rate``, the authors' schedule, T steps) with the
 ``before`` and ``now`` scoring passes and report ``compression / (T x plain forward)``, the
-issue's target (at most 2.0), and whether both kept the same positions.
+target (at most 2.0), and whether both kept the same positions.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ from harness.provenance import device_description  # noqa: E402
 from methods.base import cache_of  # noqa: E402
 from methods.cache.attention import accumulated_attention  # noqa: E402
 from methods.prompt.compressor import Compressor, TokenScores  # noqa: E402
+from methods.storage import data_dir  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+DATA = data_dir() / "gsm8k" / "train.jsonl"
 
 
 class BeforeCompressor(Compressor):
-    """The scoring pass as it was (commit d3e9686): for the before/after comparison."""
+    """The reference scoring pass (each layer's full (n, n) attention), compared with the
+    blockwise :meth:`Compressor.score`."""
 
     @torch.no_grad()
     def token_scores(self, ids: list[int] | torch.Tensor, attention: bool) -> TokenScores:

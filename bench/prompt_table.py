@@ -1,4 +1,4 @@
-"""The prompt-method table (issue #5): score, fidelity to the uncompressed run, requested and
+"""The prompt-method table: score, fidelity to the uncompressed run, requested and
 achieved rate, compression time, from the records a prompt-method sweep wrote.
 
     python bench/prompt_table.py RESULTS_DIR

@@ -9,8 +9,6 @@ from typing import Any
 
 from methods.base import PromptParts
 
-TRUNCATIONS = ("left", "middle")
-
 
 @dataclass
 class PromptFit:

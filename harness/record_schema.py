@@ -22,7 +22,6 @@ Values are checked strictly: ``"0.95"`` is not a number, ``true`` is not a count
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 from pydantic import (
@@ -35,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+from harness.record_values import is_number
+
 SCHEMA_VERSION = 1
 DEFAULT_SCORE_RANGE = (0.0, 1.0)
 
@@ -45,13 +46,9 @@ Count = Annotated[int, Field(ge=0)]
 REQUEST_TEXT_FIELDS = ("request_type", "method_stats")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _measurement(value: Any) -> Any:
     """A run-level measurement: a finite number, null, or a per-field summary."""
-    if value is None or _is_number(value):
+    if value is None or is_number(value):
         return value
     if isinstance(value, dict):
         Summary.model_validate(value)
@@ -60,7 +57,7 @@ def _measurement(value: Any) -> Any:
 
 
 def _request_value(value: Any) -> Any:
-    if value is None or _is_number(value):
+    if value is None or is_number(value):
         return value
     raise ValueError(f"must be a finite number or null, got {value!r}")
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from harness.measure import summarize
+from harness.record_values import is_number
 
 MEASURED_FIELDS = (
     "prompt_tokens_original",
@@ -105,7 +106,7 @@ def _merge(values: list[Any]) -> Any:
     if all(isinstance(v, dict) for v in values):
         keys = dict.fromkeys(k for v in values for k in v)
         return {k: _merge([v[k] for v in values if k in v]) for k in keys}
-    if all(_is_number(v) for v in values):
+    if all(is_number(v, finite=False) for v in values):
         return sum(values) / len(values)
     if all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1:
         columns = zip(*values, strict=True)
@@ -113,15 +114,11 @@ def _merge(values: list[Any]) -> Any:
     return values[-1]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def no_effect(kinds: set[str], measurements: dict[str, Any], asks_kv: bool) -> str | None:
     """Why a run whose methods asked for a reduction but measured none must not be recorded
     (a silent no-op, like transformers 5.24's renamed cache argument), or None."""
     kv, prompt = measurements.get("kv_ratio"), measurements.get("prompt_ratio")
-    if asks_kv and _is_number(kv) and abs(kv - 1.0) <= 0.001:
+    if asks_kv and is_number(kv, finite=False) and abs(kv - 1.0) <= 0.001:
         return (
             f"the cache method asked to keep {measurements.get('kv_ratio_requested')} of the "
             f"KV cache but stored {kv:.4f} of it: it had no effect. Check that its hooks see "
@@ -131,7 +128,12 @@ def no_effect(kinds: set[str], measurements: dict[str, Any], asks_kv: bool) -> s
             "method.compress_sliding=true) and that its budget is below the prompt length"
         )
     rates = measurements.get("prompt_rate_requested") or {}
-    if "prompt" in kinds and rates.get("max", 0) > 0 and _is_number(prompt) and prompt >= 0.999:
+    if (
+        "prompt" in kinds
+        and rates.get("max", 0) > 0
+        and is_number(prompt, finite=False)
+        and prompt >= 0.999
+    ):
         return (
             f"the prompt method asked to remove up to {rates['max']:.2f} of the prompt but "
             "removed nothing: it had no effect. Check that task.protect_from matches the "

@@ -41,7 +41,8 @@ from harness.measure import (
     floor_bytes,
     synchronized_clock,
 )
-from harness.prompt_fit import TRUNCATIONS, PromptFit, keep_protected, truncate
+from harness.prompt_fit import PromptFit, keep_protected, truncate
+from harness.taskconfig import TRUNCATIONS
 from methods.base import Method, PromptParts
 
 

@@ -167,7 +167,7 @@ def check_generate_options(stop: Any, truncation: Any, tag: Any, **functions: An
     bad = [s for s in stop if s is not None and not isinstance(s, str)]
     if bad:
         raise TypeError(f"stop={list(stop)!r:.80}: {bad[0]!r} is not a string")
-    from harness.prompt_fit import TRUNCATIONS
+    from harness.taskconfig import TRUNCATIONS
 
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation={truncation!r} is not one of {', '.join(TRUNCATIONS)}")

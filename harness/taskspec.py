@@ -27,7 +27,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness.session import TRUNCATIONS
+from harness.taskconfig import TRUNCATIONS, TaskConfigError
 from harness.tasks import TASKS_DIR, local_data
 from harness.taskspec_ruler import RulerSpec
 from methods.base import PromptParts
@@ -38,10 +38,6 @@ if TYPE_CHECKING:
 SOURCES = ("local", "hub")
 # The most few-shot examples a task has: BBH ships 3 CoT examples per subtask, LongBench none.
 MAX_FEWSHOT = {"bbh": 3, "longbench_qasper": 0, "longbench_multi_news": 0}
-
-
-class TaskConfigError(ValueError):
-    """A task's configuration is invalid; the message names the field and the fix."""
 
 
 @dataclass

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
+from harness.taskconfig import TaskConfigError
 from harness.tasks import local_data, ruler
 
 
 def _fail(message: str) -> NoReturn:
-    from harness.taskspec import TaskConfigError  # taskspec imports this module
-
     raise TaskConfigError(message)
 
 

@@ -1,5 +1,5 @@
-"""DAC the authors' way (issue #14), prompt methods on sliding-window models, and DAC's
-optimised scoring pass against the plain one (issue #16).
+"""DAC the authors' way, prompt methods on sliding-window models, and DAC's
+optimised scoring pass against the plain one.
 
 The reference here is an independent re-statement of the authors' ``dynamic_attn_ppl`` loop
 (QQQ-yi/DAC ``compressor.py``): eager attention with ``output_attentions`` for every layer

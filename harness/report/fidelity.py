@@ -41,6 +41,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.record_values import get, is_number
 from harness.records import BOOKKEEPING_FIELDS
 from harness.report import stats
 
@@ -97,7 +98,7 @@ def sample_values(samples: list[dict[str, Any]] | None, name: str) -> dict[Sampl
         values = [
             float(r[name])
             for r in s.get("requests") or []
-            if isinstance(r, dict) and _is_number(r.get(name))
+            if isinstance(r, dict) and is_number(r.get(name))
         ]
         if values:
             out[key] = sum(values) / len(values)
@@ -147,15 +148,15 @@ def reference_key(record: dict[str, Any]) -> str:
     config = record.get("config")
     if not isinstance(config, dict):
         config = {
-            "model": {"name": _get(record, "model", "name")},
-            "task": {"name": _get(record, "task", "name"), "limit": _get(record, "task", "limit")},
+            "model": {"name": get(record, "model", "name")},
+            "task": {"name": get(record, "task", "name"), "limit": get(record, "task", "limit")},
         }
     data = {k: v for k, v in config.items() if k not in ("method", "hydra")}
     if isinstance(data.get("run"), dict):
         data["run"] = {k: v for k, v in data["run"].items() if k not in BOOKKEEPING_FIELDS}
     if isinstance(data.get("model"), dict):
         data["model"] = {k: v for k, v in data["model"].items() if k not in IGNORED_MODEL_FIELDS}
-    data["data_hash"] = _get(record, "task", "data_hash")
+    data["data_hash"] = get(record, "task", "data_hash")
     return json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
 
 
@@ -193,18 +194,18 @@ class FidelityInputs:
 def summarize(record: dict[str, Any]) -> FidelityInputs:
     """What :func:`compare` needs of ``record``."""
     samples = record.get("samples")
-    score = _get(record, "score", "value")
+    score = get(record, "score", "value")
     scores = stats.sample_scores(record)
     return FidelityInputs(
         key=reference_key(record),
         is_full=is_full_cache(record),
-        finished_at=str(_get(record, "provenance", "finished_at") or ""),
-        score=float(score) if _is_number(score) else math.nan,
+        finished_at=str(get(record, "provenance", "finished_at") or ""),
+        score=float(score) if is_number(score) else math.nan,
         outputs=sample_outputs(samples),
         nll=sample_values(samples, NLL_FIELD),
         scores=scores,
         hashes=prompt_hashes(samples),
-        bounds=stats.metric_range(_get(record, "score", "metric"), list(scores.values())),
+        bounds=stats.metric_range(get(record, "score", "metric"), list(scores.values())),
     )
 
 
@@ -274,15 +275,3 @@ def add_fidelity(table: pd.DataFrame, inputs: dict[str, FidelityInputs]) -> pd.D
             for column in SELF_BLANK:
                 table.at[idx, column] = math.nan
     return table
-
-
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from harness.record_values import is_number
+
 LEVEL = 0.95
 ITERATIONS = 4000
 SEED = 20261130
@@ -252,7 +254,7 @@ def sample_scores(record: dict[str, Any]) -> dict[tuple[str, int], float]:
             continue
         value = (s.get("metrics") or {}).get(metric)
         key = (str(s.get("task")), int(s["doc_id"]))
-        if key not in out and _is_number(value):
+        if key not in out and is_number(value):
             out[key] = float(value)
     return out
 
@@ -263,7 +265,7 @@ def score_interval(record: dict[str, Any]) -> Interval:
     score (a corpus-level metric's score gets no interval: lo/hi NaN, ``source`` empty);
     :data:`NONE` without a score."""
     score = (record.get("score") or {}).get("value")
-    if not _is_number(score):
+    if not is_number(score):
         return NONE
     metric = (record.get("score") or {}).get("metric")
     values = list(sample_scores(record).values())
@@ -289,7 +291,3 @@ def verdict(difference: Interval) -> str:
     if difference.excludes_zero:
         return "higher" if difference.estimate > 0 else "lower"
     return "within noise"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.record_values import get
 from harness.records import SCHEMA_VERSION
 from harness.report import ratios
 from harness.report.labels import flat_params, format_params, metric_name
@@ -34,15 +35,6 @@ PEAK_MEMORY_WORDS = {
     "weights_plus_kv_allocated": "weights + KV cache allocated",
     "rss_peak": "process resident-set peak (RSS: does not show the KV cache)",
 }
-
-
-def get(data: Any, *keys: str) -> Any:
-    """``data[k1][k2]...``, None as soon as a level is missing or not a dict."""
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
 
 
 def num(value: Any) -> float:

@@ -22,7 +22,7 @@ Optimiser: AdamW, linear warm-up over ``warmup_steps`` then cosine decay to zero
 whatever the loss's scale, so a learning rate only means something next to the size of
 the weights: Stage I's rate is, by default, ``lr_scale`` times the RMS of the model's
 attention weights (SmolLM2-135M 0.194 -> 2.9e-3; Gemma-3-270M 0.036 -> 5.4e-4); ``lr``
-sets it outright. With the fixed 3e-3 used before, Adam's first step changed the outputs of
+sets it outright. With a fixed 3e-3, Adam's first step changed the outputs of
 Gemma-3's ``v_proj``/``o_proj`` by 0.7x their own size (median over layers; up to 2.1x),
 SmolLM2's by 0.07-0.11x, and Gemma-3's Stage I loss rose from 3,676 to 23,233 after one step;
 at its relative rate Gemma-3's first step moves them by 0.13x. The warm-up shrinks Adam's
