@@ -5,9 +5,11 @@ tests run on every figure (:func:`layout_problems`)."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from harness.report.labels import (
     differing,
@@ -144,3 +146,95 @@ def n_text(group: pd.DataFrame, column: str = "score_n") -> str:
         return "n unknown"
     lo, hi = int(values.min()), int(values.max())
     return f"n = {lo} samples per run" if lo == hi else f"n = {lo}-{hi} samples per run"
+
+
+def _outside_legend(ax: Any, title: str) -> None:
+    """The legend to the right of the axes, never over the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+
+
+def plot_vs_kv_ratio(
+    group: pd.DataFrame,
+    colors: dict[str, Any],
+    column: str,
+    ylabel: str,
+    what: str,
+    bounded: bool = True,
+) -> Figure:
+    """``column`` against the measured KV ratio with its 95 % interval (``<column>_lo`` /
+    ``_hi`` where the table has them), one line (sorted by ratio) per method, the Pareto
+    front of all runs dotted, the full-cache value dashed; n in the subtitle. A fraction is
+    drawn on [0, 1] with room for the markers at its ends."""
+    model, task = group["model"].iloc[0], group["task"].iloc[0]
+    fig = Figure(figsize=(8.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    plotted = group.dropna(subset=["kv_ratio", column])
+    lo, hi = f"{column}_lo", f"{column}_hi"
+    lines = series(plotted)
+    for rank, (name, rows) in enumerate(lines):
+        rows = rows.sort_values("kv_ratio")
+        method = rows["method"].iloc[0]
+        full = method == FULL_METHOD
+        yerr = errors(rows[column], rows[lo], rows[hi]) if lo in rows else None
+        # series measured at the same ratio are drawn side by side (at most ±DODGE apart)
+        # so that their intervals stay apart
+        ax.errorbar(
+            rows["kv_ratio"] + dodge(rank, len(lines)),
+            rows[column],
+            yerr=yerr,
+            marker="*" if full else "o",
+            markersize=14 if full else 7,
+            linestyle="-" if len(rows) > 1 else "none",
+            color=colors[method],
+            capsize=3,
+            label=name,
+        )
+    front = pareto_front(plotted, "kv_ratio", column) if len(plotted) > 1 else plotted
+    if len(front) > 1:
+        ax.step(
+            front["kv_ratio"],
+            front[column],
+            where="post",
+            color="black",
+            linestyle=":",
+            linewidth=1,
+            label="Pareto front",
+        )
+    full_values = group.loc[group["method"] == FULL_METHOD, column].dropna()
+    if len(full_values) and len(plotted) > 1:
+        ax.axhline(
+            full_values.iloc[-1], color="gray", linestyle="--", linewidth=1, label="full cache"
+        )
+    if plotted.empty:
+        no_data(ax, f"{what} with a measured KV ratio")
+    labels = run_labels(group)
+    missing = [
+        lab for lab, idx in zip(labels, group.index, strict=True) if idx not in plotted.index
+    ]
+    notes = [
+        f"bars: 95 % interval (Wilson for pass/fail, bootstrap otherwise); {n_text(group)}; "
+        f"methods at one ratio drawn up to ±{DODGE:g} apart"
+    ]
+    if missing and not plotted.empty:
+        notes.append(f"not shown (no {what} or KV ratio): {', '.join(missing)}")
+    ax.set_xlim(0, 1.05)
+    if bounded:
+        set_fraction_axis(ax)
+    ax.set_xlabel("KV cache kept (measured fraction of the full cache's bytes after prefill)")
+    ax.set_ylabel(ylabel)
+    fig.suptitle(f"{model} · {task}: {what} vs KV cache kept")
+    ax.set_title(wrapped("\n".join(notes), 95), fontsize=8, color="dimgray")
+    ax.grid(True, alpha=0.3)
+    _outside_legend(ax, "method")
+    return fig
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The runs no other run beats on both axes (less KV kept and a higher ``y``), by ``x``."""
+    front, best = [], -math.inf
+    for _, row in points.sort_values([x, y], ascending=[True, False]).iterrows():
+        if row[y] > best:
+            front.append(row)
+            best = row[y]
+    return pd.DataFrame(front)

@@ -9,7 +9,14 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.report.plot_common import FULL_METHOD, errors, n_text, series, wrapped
+from harness.report.plot_common import (
+    FULL_METHOD,
+    errors,
+    n_text,
+    plot_vs_kv_ratio,
+    series,
+    wrapped,
+)
 
 NLL_WORDS = "NLL increase per token of the reference answer vs the full cache (lower is better)"
 
@@ -21,7 +28,6 @@ def has_nll(group: pd.DataFrame) -> bool:
 
 def plot_nll_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure | None:
     """The NLL increase against the measured KV ratio, one line per method; None without NLL."""
-    from harness.report.plots import plot_vs_kv_ratio  # plots registers this module's plots
 
     if not has_nll(group):
         return None
@@ -31,11 +37,11 @@ def plot_nll_vs_kv_ratio(group: pd.DataFrame, colors: dict[str, Any]) -> Figure 
 
 
 def _prompt_runs(group: pd.DataFrame) -> pd.DataFrame:
-    """Runs of prompt methods (a requested ``rate``) and the full cache, with the measured
+    """Runs of prompt methods (a requested ``prompt_kept``) and the full cache, with the measured
     fraction of the prompt kept (``prompt_ratio``)."""
-    if "prompt_ratio" not in group or "rate" not in group:
+    if "prompt_ratio" not in group or "prompt_kept" not in group:
         return group.iloc[0:0]
-    prompt = group["rate"].notna() | (group["method"] == FULL_METHOD)
+    prompt = group["prompt_kept"].notna() | (group["method"] == FULL_METHOD)
     return group[prompt & group["prompt_ratio"].notna()]
 
 
