@@ -4,7 +4,7 @@ the true sequence length.
 
 Batch size is 1: every request gets its own cache, so per-request measurements (KV bytes,
 peak memory, prefill and decode time) are exact and methods may give each request a
-different budget. Methods are applied around these functions by :func:`harness.session.apply`.
+different budget. Methods are applied around these functions by :func:`harness.session.open_session`.
 The cache appends in place into room for the tokens still to come, and a decoding step's
 attention packs the query heads of a KV group (:mod:`harness.kvcache`): a step neither copies
 the cache nor pays torch's slow single-query GQA kernel.

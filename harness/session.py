@@ -2,14 +2,14 @@
 
 ::
 
-    from harness.session import apply
+    from harness.session import open_session
 
-    with apply(method, model, tokenizer) as session:
+    with open_session(method, model, tokenizer) as session:
         out = session.generate("Some long document ... Question: ...", max_new_tokens=32)
         print(out.text, out.measurement.kv_bytes_prefill / out.measurement.kv_full_bytes_prefill)
         logprob, is_greedy = session.loglikelihood("The capital of France is", " Paris")
 
-:func:`apply` enters the method (``Method.enter``: model methods change the model, prompt
+:func:`open_session` enters the method (``Method.enter``: model methods change the model, prompt
 methods are prepared, cache methods' hooks are registered until the block ends) and yields a
 :class:`Session`. The session owns the request path every front door shares (the Hydra runner,
 lm-eval's ``--model kvbench``, the bench scripts, the notebook): fit the prompt into the window,
@@ -59,7 +59,7 @@ class Generated:
 class Session:
     """A model with a method applied: generates, scores and measures one request at a time.
 
-    Built by :func:`apply`; ``model`` is the model the method returned (a model method's
+    Built by :func:`open_session`; ``model`` is the model the method returned (a model method's
     reduced model), ``kv_layout`` the full cache of the model *before* any model method (the
     denominator of every KV ratio), ``measurements`` one :class:`RequestMeasurement` per
     request, in order.
@@ -82,7 +82,7 @@ class Session:
         self.max_length = max_length
         self.add_bos_token = add_bos_token
         self.device = next(model.parameters()).device
-        self.is_open = True  # False once the apply block ends: requests are then refused
+        self.is_open = True  # False once the open_session block ends: requests are then refused
         self.vocab_size = checks.vocab_size(model)
         self.peak_memory = PeakMemory.of_model(model)
         self.measurements: list[RequestMeasurement] = []
@@ -327,29 +327,33 @@ class Session:
 
 
 @contextmanager
-def apply(
+def open_session(
     method: Method,
     model: nn.Module,
     tokenizer: Any,
     *,
     max_length: int | None = None,
     add_bos_token: bool | None = None,
+    check_runtime: bool = True,
 ) -> Iterator[Session]:
-    """``with apply(method, model, tokenizer) as session:`` run ``model`` under ``method``.
+    """``with open_session(method, model, tokenizer) as session:`` run ``model`` under ``method``.
 
     ``max_length`` is the window (default: the model's ``max_position_embeddings``). The
     full-cache reference is taken from ``model`` before the method acts on it. Cache hooks are
     removed when the block ends, even on error; a model method's changes stay (it changes the
     model in place), so load a fresh model to compare it with the original. The session
     refuses requests once the block ends, and a model already inside a block cannot be
-    applied again (:mod:`harness.session_checks`).
+    applied again (:mod:`harness.session_checks`). ``check_runtime=False`` skips
+    ``method.validate_runtime`` for a caller that ran it before loading the weights
+    (:func:`harness.job.open_session`).
     """
     checks.check_apply_args(method, model, tokenizer, max_length)
     config = model.config.get_text_config()
     weights = next(model.parameters())
-    method.validate_runtime(
-        weights.device, weights.dtype, getattr(model.config, "_attn_implementation", None) or ""
-    )
+    if check_runtime:
+        method.validate_runtime(
+            weights.device, weights.dtype, getattr(model.config, "_attn_implementation", None) or ""
+        )
     kv_layout = KVLayout.from_config(config, weights.dtype)
     window = max_length or getattr(config, "max_position_embeddings", None) or 2048
     with method.applied(model, tokenizer) as applied_model:

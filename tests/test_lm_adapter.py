@@ -13,7 +13,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from harness.lm import KVBenchLM
-from harness.session import apply, truncate
+from harness.session import open_session, truncate
 from harness.taskspec import TaskSpec
 from methods.cache.streamingllm import StreamingLLM
 from methods.full import FullCache
@@ -54,7 +54,7 @@ def evaluate(lm, task: TaskSpec, limit: int, max_gen_toks: int) -> dict:
 @contextmanager
 def adapter(model, tokenizer, method=None, **kwargs) -> Iterator[KVBenchLM]:
     """The adapter over a session with ``method`` (default: the full cache) applied."""
-    with apply(method or FullCache(), model, tokenizer, max_length=2048) as session:
+    with open_session(method or FullCache(), model, tokenizer, max_length=2048) as session:
         yield KVBenchLM(session, **kwargs)
 
 

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness.lm import KVBenchLM
 from harness.results import aggregate
-from harness.session import apply
+from harness.session import open_session
 from harness.tasks import TASKS_DIR
 from methods.base import Compose, MethodConfigError, PromptParts
 from methods.prompt.compressor import chunk_spans
@@ -257,7 +257,7 @@ def test_the_adapter_records_requested_and_achieved_rates(tiny, rendered):
     assert [m.kind for m in composed.flatten()] == ["prompt", "cache"]
     split = spec("gsm8k").split_prompt
     prompt, question = rendered["gsm8k"]
-    with apply(method, model, tokenizer, max_length=4096) as session:
+    with open_session(method, model, tokenizer, max_length=4096) as session:
         text, seconds, fields = session.compress(split(prompt))
         blank = session.compress(split("   "))
     assert text.endswith(question) and seconds > 0
@@ -277,7 +277,7 @@ def test_a_prompt_too_long_for_the_window_is_truncated_before_it_is_compressed(t
 
     model, tokenizer = tiny
     method = build("random_deletion", rate=0.5)
-    with apply(method, model, tokenizer, max_length=304) as session:
+    with open_session(method, model, tokenizer, max_length=304) as session:
         lm = KVBenchLM(
             session, split_prompt=spec("gsm8k").split_prompt, truncation="middle", max_gen_toks=4
         )

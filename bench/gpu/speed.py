@@ -9,7 +9,7 @@ Model: random weights (seeded, drawn on the CPU) with Llama-3-8B's shapes (hidde
 heads, 8 KV heads, head_dim 128, MLP 14336, RoPE theta 500000) but ``--layers`` layers (4) and a
 small vocabulary (1024), in bfloat16 (``model.dtype: auto``) with sdpa attention. Prompts are
 seeded random token ids. Each (method, context) runs through kvbench's own request path
-(``bench.common.generate`` = ``harness.session.apply`` + ``Session.generate``): greedy decoding of
+(``bench.common.generate`` = ``harness.session.open_session`` + ``Session.generate``): greedy decoding of
 ``--decode-tokens`` tokens with EOS disabled, so every method decodes the same number of steps.
 Prefill and decode times are kvbench's (the clock synchronises the GPU), peak memory is the
 allocator's peak during the request (reset per request, weights included), KV bytes are the
