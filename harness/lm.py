@@ -154,7 +154,7 @@ class KVBenchLM(TemplateLM):
         if not answer_ids:
             return {}
         context = ids[-(self.max_length - len(answer_ids)) :]
-        logprob, _ = self.session.score(context, answer_ids, measure=False)
+        logprob, _ = self.session.logprob(context, answer_ids, measure=False)
         return {"reference_nll": -logprob / len(answer_ids), "reference_tokens": len(answer_ids)}
 
     # --- log-likelihood ---------------------------------------------------------------------
@@ -163,7 +163,7 @@ class KVBenchLM(TemplateLM):
         encoded = []
         for request in requests:
             context, continuation = request.args
-            text, seconds, fields = self.session.compress(self.split_prompt(context))
+            text, seconds, fields = self.session.shorten_prompt(self.split_prompt(context))
             original = None  # no prompt method changed the context
             if text != context:
                 original = len(self._encode_pair(context, continuation)[0]) if context else 0
@@ -189,7 +189,7 @@ class KVBenchLM(TemplateLM):
         ):
             meta = meta if isinstance(meta, _Scoring) else _Scoring(None, 0.0, {})
             results.append(
-                self.session.score(
+                self.session.logprob(
                     context_enc,
                     continuation_enc,
                     tag=_tag(meta.request),

@@ -110,7 +110,7 @@ class Session:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     # --- prompts -------------------------------------------------------------------------
-    def compress(self, prompt: PromptParts) -> tuple[str, float, dict[str, Any]]:
+    def shorten_prompt(self, prompt: PromptParts) -> tuple[str, float, dict[str, Any]]:
         """(text, seconds, prompt fields of :class:`RequestMeasurement`) of ``prompt`` after
         the prompt methods; unchanged (and no fields) without one or for an empty prompt."""
         if not self.compresses_prompts or not prompt.text.strip():
@@ -160,7 +160,7 @@ class Session:
         full_ids = self.encode(prompt)
         window_ids = truncate(full_ids, max_context, truncation)
         seen = prompt if len(window_ids) == len(full_ids) else self.decode(window_ids)
-        text, seconds, fields = self.compress(split(seen))
+        text, seconds, fields = self.shorten_prompt(split(seen))
         encoded = self.encode(text) if text != seen else window_ids
         ids = truncate(encoded, max_context, truncation)
         cut = len(full_ids) - len(window_ids) + len(encoded) - len(ids)
@@ -239,7 +239,7 @@ class Session:
         )
         return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
 
-    def score(
+    def logprob(
         self,
         context_ids: Sequence[int],
         continuation_ids: Sequence[int],
@@ -255,9 +255,9 @@ class Session:
         recording a measurement (e.g. a reference answer scored after a generation).
         ``original_tokens``: the context's length before prompt methods shortened it into
         ``context_ids`` (default: ``len(context_ids)``, no prompt method)."""
-        checks.check_open(self.is_open, self.method, "score")
+        checks.check_open(self.is_open, self.method, "logprob")
         checks.check_ids(
-            "score", self.vocab_size, context_ids=context_ids, continuation_ids=continuation_ids
+            "logprob", self.vocab_size, context_ids=context_ids, continuation_ids=continuation_ids
         )
         continuation = list(continuation_ids)
         room = max(self.max_length + 1 - len(continuation), 0)  # context tokens that fit
@@ -300,8 +300,8 @@ class Session:
         prompt methods first (all of it compressible)."""
         checks.check_open(self.is_open, self.method, "loglikelihood")
         checks.check_texts("loglikelihood", context=context, continuation=continuation)
-        text, seconds, fields = self.compress(PromptParts(context, ""))
-        return self.score(
+        text, seconds, fields = self.shorten_prompt(PromptParts(context, ""))
+        return self.logprob(
             self.encode(text),
             self.encode(continuation, add_special_tokens=False),
             tag=tag,

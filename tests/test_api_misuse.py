@@ -30,7 +30,7 @@ def test_a_session_after_its_block_is_refused(tiny_gqa, streaming):
     for call in (
         lambda: session.generate(IDS, max_new_tokens=2),
         lambda: session.loglikelihood("a b c", " d"),
-        lambda: session.score(IDS, [7]),
+        lambda: session.logprob(IDS, [7]),
     ):
         with pytest.raises(SessionClosedError, match="block has ended.*streamingllm"):
             call()
@@ -117,15 +117,15 @@ def test_token_ids_as_a_tensor_or_tuple_are_accepted(tiny_gqa):
     assert a.generation.tokens == b.generation.tokens and a.prompt_ids == IDS
 
 
-def test_score_and_loglikelihood_refuse_the_wrong_kinds(tiny_gqa):
+def test_logprob_and_loglikelihood_refuse_the_wrong_kinds(tiny_gqa):
     model, tokenizer = tiny_gqa
     with open_session(build("method", "full"), model, tokenizer) as session:
         with pytest.raises(TypeError, match="context must be text"):
             session.loglikelihood(IDS, " x")
         with pytest.raises(TypeError, match="continuation_ids must be token ids, got text"):
-            session.score(IDS, " x")
+            session.logprob(IDS, " x")
         with pytest.raises(ValueError, match="continuation_ids.*vocabulary"):
-            session.score(IDS, [10**9])
+            session.logprob(IDS, [10**9])
 
 
 def test_evaluate_overrides_must_be_a_mapping(tmp_path, monkeypatch):
@@ -225,7 +225,7 @@ def test_loglikelihood_refuses_empty_texts(tiny_gqa, context, continuation, name
         with pytest.raises(ValueError, match=names):
             session.loglikelihood(context, continuation)
         with pytest.raises(ValueError, match="context_ids is an empty list"):
-            session.score([], [5])
+            session.logprob([], [5])
 
 
 @pytest.mark.parametrize(

@@ -258,8 +258,8 @@ def test_the_adapter_records_requested_and_achieved_rates(tiny, rendered):
     split = spec("gsm8k").split_prompt
     prompt, question = rendered["gsm8k"]
     with open_session(method, model, tokenizer, max_length=4096) as session:
-        text, seconds, fields = session.compress(split(prompt))
-        blank = session.compress(split("   "))
+        text, seconds, fields = session.shorten_prompt(split(prompt))
+        blank = session.shorten_prompt(split("   "))
     assert text.endswith(question) and seconds > 0
     assert fields["prompt_rate_requested"] == pytest.approx(0.3)
     assert abs(fields["prompt_rate_achieved"] - 0.3) <= 0.02  # byte tokenizer: same tokens

@@ -57,7 +57,7 @@ def test_window_and_prompt_method_are_told_apart(tiny_gqa):
 def test_scoring_counts_the_window_cut_and_the_prompt_methods(tiny_gqa):
     model, tokenizer = tiny_gqa
     with open_session(build("method", "full"), model, tokenizer, max_length=100) as session:
-        session.score(list(range(65, 65 + 150)), [70, 71, 72, 73, 74])
+        session.logprob(list(range(65, 65 + 150)), [70, 71, 72, 73, 74])
         [m] = session.measurements
     assert (m.prompt_tokens_original, m.prompt_tokens, m.truncated_tokens) == (150, 96, 54)
     assert m.kv_full_bytes_prefill == session.kv_layout.full_bytes(96)
