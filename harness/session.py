@@ -9,31 +9,26 @@
         print(out.text, out.measurement.kv_bytes_prefill / out.measurement.kv_full_bytes_prefill)
         logprob, is_greedy = session.loglikelihood("The capital of France is", " Paris")
 
-:func:`open_session` enters the method (``Method.enter``: model methods change the model, prompt
-methods are prepared, cache methods' hooks are registered until the block ends) and yields a
-:class:`Session`. The session owns the request path every front door shares (the Hydra runner,
-lm-eval's ``--model kvbench``, the bench scripts, the notebook): fit the prompt into the window,
-let prompt methods shorten what may be shortened, prefill and decode greedily with kvbench's
-own loop (:mod:`harness.generation`), and measure what the request cost
-(:class:`RequestMeasurement`: KV bytes stored against a full cache, prefill and decode time,
-peak memory, prompt tokens before and after).
-
-Batch size is 1: every request gets its own KV cache, so its measurements are its own and
-cache methods may give each request its own budget.
+:func:`open_session` enters the method (model methods change the model, prompt methods are
+prepared, cache hooks stay until the block ends) and yields a :class:`Session`, which owns the
+request path every front door shares: fit the prompt into the window, let prompt methods shorten
+it, prefill and decode greedily (:mod:`harness.generation`), and measure what the request cost
+(:class:`RequestMeasurement`). Batch size is 1: every request gets its own KV cache, so its
+measurements are its own and cache methods may give each request its own budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from harness import session_checks as checks
-from harness.generation import Generation, greedy_generate, score_continuation
+from harness.generation import Generated, Generation, greedy_generate, score_continuation
 from harness.measure import (
     KVLayout,
     PeakMemory,
@@ -43,17 +38,6 @@ from harness.measure import (
 )
 from harness.prompt_fit import TRUNCATIONS, PromptFit, keep_protected, truncate
 from methods.base import Method, PromptParts
-
-
-@dataclass
-class Generated:
-    """One generation request: the text (decoded new tokens), the prompt ids the model saw,
-    the raw generation and its measurement."""
-
-    text: str
-    prompt_ids: list[int]
-    generation: Generation
-    measurement: RequestMeasurement
 
 
 class Session:
@@ -177,12 +161,15 @@ class Session:
         split: Callable[[str], PromptParts] | None = None,
         should_stop: Callable[[list[int]], bool] | None = None,
         tag: dict[str, Any] | None = None,
+        reference: str | None = None,
+        reference_tokens: int = 64,
     ) -> Generated:
         """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (text, a
         :class:`PromptParts` whose ``protected`` end prompt methods keep verbatim, or token
         ids sent as they are). Stops at EOS, at any of ``stop`` in the decoded text, or when
         ``should_stop(tokens)``. ``split``: see :meth:`fit`. ``tag`` (e.g. task and doc_id)
-        labels the measurement."""
+        labels the measurement. ``reference``: an answer whose NLL after the prompt (its first
+        ``reference_tokens`` tokens) the measurement records (:meth:`reference_nll`)."""
         checks.check_open(self.is_open, self.method, "generate")
         checks.check_max_new_tokens(max_new_tokens)
         checks.check_generate_options(stop, truncation, tag, split=split, should_stop=should_stop)
@@ -214,9 +201,27 @@ class Session:
             eos_token_ids=self.eos_token_ids,
             should_stop=stopped if (stops or should_stop) else None,
         )
-        measurement = self._record(
+        measurement = self._measure_generation(tag, fit, gen, reference, reference_tokens)
+        return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
+
+    def _measure_generation(
+        self,
+        tag: dict[str, Any] | None,
+        fit: PromptFit,
+        gen: Generation,
+        reference: str | None,
+        reference_tokens: int,
+    ) -> RequestMeasurement:
+        """One generation's measurement; the reference answer is scored after the peak memory
+        and method stats were read, so it changes neither."""
+        peak = self.peak_memory.read(
+            max(gen.kv_allocated_bytes_prefill, gen.kv_allocated_bytes_final)
+        )
+        stats = self.method.last_stats()
+        return self._record(
             tag,
             "generate_until",
+            stats,
             prompt_tokens_original=fit.original_tokens,
             prompt_tokens=len(fit.ids),
             truncated_tokens=fit.truncated_tokens,
@@ -232,12 +237,27 @@ class Session:
             kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
             kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, fit.window_tokens),
             kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
-            **self.peak_memory.read(
-                max(gen.kv_allocated_bytes_prefill, gen.kv_allocated_bytes_final)
-            ),
+            **peak,
             **fit.fields,
+            **self.reference_nll(reference, fit.ids, reference_tokens),
         )
-        return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
+
+    def reference_nll(
+        self, answer: str | None, ids: list[int], max_tokens: int = 64
+    ) -> dict[str, Any]:
+        """``reference_nll`` (mean nats per token) and ``reference_tokens`` of ``answer``'s
+        first ``max_tokens`` tokens after the prompt ``ids`` as the model saw it, teacher-forced
+        in a pass of its own (a second prefill, not measured); {} without an answer."""
+        if answer is None:
+            return {}
+        prompt = self.decode(ids[-8:])
+        text = answer.strip() if prompt[-1:].isspace() else " " + answer.strip()
+        answer_ids = self.encode(text, add_special_tokens=False)[:max_tokens]
+        if not answer_ids:
+            return {}
+        context = ids[-(self.max_length - len(answer_ids)) :]
+        logprob, _ = self.logprob(context, answer_ids, measure=False)
+        return {"reference_nll": -logprob / len(answer_ids), "reference_tokens": len(answer_ids)}
 
     def logprob(
         self,
@@ -273,6 +293,7 @@ class Session:
             self._record(
                 tag,
                 "loglikelihood",
+                self.method.last_stats(),
                 prompt_tokens_original=original,
                 prompt_tokens=len(context),
                 truncated_tokens=len(context_ids) - len(context),
@@ -310,13 +331,19 @@ class Session:
             original_tokens=len(self.encode(context)) if text != context else None,
         )
 
-    def _record(self, tag: dict[str, Any] | None, request_type: str, **values: Any):
+    def _record(
+        self,
+        tag: dict[str, Any] | None,
+        request_type: str,
+        method_stats: dict[str, Any] | None,
+        **values: Any,
+    ) -> RequestMeasurement:
         tag = tag or {}
         measurement = RequestMeasurement(
             task=str(tag.get("task") or ""),
             doc_id=int(tag.get("doc_id", -1)),
             request_type=request_type,
-            method_stats=self.method.last_stats(),
+            method_stats=method_stats,
             **values,
         )
         self.measurements.append(measurement)
