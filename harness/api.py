@@ -36,9 +36,8 @@ from harness.preflight import BAD_INPUT, check_types
 from harness.session import Session, open_session
 from methods.storage import conf_dir
 
-CONF_DIR = (
-    conf_dir()
-)  # the same folder as harness.run.CONF_DIR (this module imports no CLI), without importing lm-eval
+# the folder harness.run reads its configs from; this module imports neither the CLI nor lm-eval
+CONF_DIR = conf_dir()
 
 __all__ = [
     "CONF_DIR",
