@@ -10,8 +10,6 @@ import torch
 from harness.api import build
 from harness.session import Generated, open_session
 
-load = build  # ``load("model", "smollm2_135m")``: a config group entry, instantiated
-
 
 def generate(
     model: torch.nn.Module,

@@ -23,7 +23,7 @@ from lm_eval.models.huggingface import HFLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.job import open_session  # noqa: E402
 from harness.lm import KVBenchLM  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
@@ -58,9 +58,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    spec = load("model", args.model, max_length=args.max_length)
-    task = load("task", args.task)
-    with open_session(spec, load("method", "full")) as session:
+    spec = build("model", args.model, max_length=args.max_length)
+    task = build("task", args.task)
+    with open_session(spec, build("method", "full")) as session:
         hf = HFLM(
             pretrained=session.model,
             tokenizer=session.tokenizer,

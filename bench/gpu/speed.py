@@ -51,10 +51,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
 from bench.gpu import ceilings  # noqa: E402
 from bench.gpu.baseline import generate_static  # noqa: E402
 from bench.gpu.speed_table import MB, table, verdicts  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.models import ModelSpec  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
@@ -176,7 +177,7 @@ def request(model, tokenizer, name: str, ids: torch.Tensor, plan: Plan) -> dict:
     memory, KV bytes and tokens."""
     if name == BASELINE:
         return generate_static(model, ids, plan.decode_tokens)
-    method = None if name == "full" else load("method", name, ratio=plan.ratio)
+    method = None if name == "full" else build("method", name, ratio=plan.ratio)
     start = time.perf_counter()
     out = generate(model, tokenizer, method, ids, plan.decode_tokens)
     wall = time.perf_counter() - start
