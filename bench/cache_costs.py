@@ -24,7 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
 METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "spindlekv")
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    spec = load("model", args.model)
+    spec = build("model", args.model)
     model, tokenizer = spec.load()
     generate(model, tokenizer, None, prompt_ids(tokenizer, 256), 4)  # warm-up
     rows = []
@@ -74,7 +75,7 @@ def main() -> None:
             if name == "full":
                 result = base
             else:
-                method = load("method", name, ratio=args.ratio)
+                method = build("method", name, ratio=args.ratio)
                 result = measure(model, tokenizer, ids, method, args.decode_tokens, args.repeats)
             rows.append(
                 {

@@ -8,9 +8,7 @@ from typing import Any
 import torch
 
 from harness.api import build
-from harness.session import Generated, apply
-
-load = build  # ``load("model", "smollm2_135m")``: a config group entry, instantiated
+from harness.session import Generated, open_session
 
 
 def generate(
@@ -25,5 +23,5 @@ def generate(
     as kvbench measures a request (window sized so that nothing is truncated)."""
     method = method if method is not None else build("method", "full")
     window = ids.shape[1] + max_new_tokens
-    with apply(method, model, tokenizer, max_length=window) as session:
+    with open_session(method, model, tokenizer, max_length=window) as session:
         return session.generate(ids[0].tolist(), max_new_tokens=max_new_tokens, **generate_kwargs)

@@ -44,15 +44,16 @@ def cell(args: argparse.Namespace) -> list[dict]:
 
     sys.path.insert(0, str(ROOT))
     from bench.cache_costs import prompt_ids
-    from bench.common import generate, load
+    from bench.common import generate
+    from harness.api import build
 
-    model, tokenizer = load("model", args.model).load()
+    model, tokenizer = build("model", args.model).load()
     ids = prompt_ids(tokenizer, args.length)
     rows = []
     for name in args.methods:
         best = None
         for _ in range(args.repeats):
-            method = None if name == "full" else load("method", name, ratio=args.ratio)
+            method = None if name == "full" else build("method", name, ratio=args.ratio)
             m = generate(model, tokenizer, method, ids, args.decode_tokens).measurement
             steps = max(m.decode_steps, 1)
             found = (m.prefill_s, m.decode_s / steps)

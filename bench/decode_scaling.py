@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cache_costs import prompt_ids  # noqa: E402
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
 METHODS = ("full", "streamingllm", "h2o", "snapkv", "pyramidkv", "spindlekv", "knorm")
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    model, tokenizer = load("model", args.model).load()
+    model, tokenizer = build("model", args.model).load()
     generate(model, tokenizer, None, prompt_ids(tokenizer, 256), 4)  # warm-up
     bandwidth = copy_bandwidth()
     weights = weight_bytes(model)
@@ -105,7 +106,7 @@ def main() -> None:
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
         names = ["full"] + [m for m in args.methods if m != "full"]
-        methods = {n: None if n == "full" else load("method", n, ratio=args.ratio) for n in names}
+        methods = {n: None if n == "full" else build("method", n, ratio=args.ratio) for n in names}
         results = measure_interleaved(
             model, tokenizer, ids, methods, args.decode_tokens, args.repeats
         )

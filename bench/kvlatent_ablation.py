@@ -32,7 +32,7 @@ from transformers import DynamicCache
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.measure import KVLayout, stored_kv_bytes  # noqa: E402
 from methods.base import cache_kwarg  # noqa: E402
 from methods.model import data  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
 
     training = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.training)}
     training.setdefault("progress", False)
-    spec = load("model", args.model, threads=args.threads)
+    spec = build("model", args.model, threads=args.threads)
     original, tokenizer = spec.load()
     layout = KVLayout.from_config(original.config, spec.torch_dtype)
     chunks = data.token_chunks(data.heldout_texts(), tokenizer, args.eval_len, args.eval_seqs)

@@ -23,10 +23,10 @@ from lm_eval.models.huggingface import HFLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load  # noqa: E402
+from harness.api import build  # noqa: E402
+from harness.job import open_session  # noqa: E402
 from harness.lm import KVBenchLM  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
-from harness.session import apply  # noqa: E402
 
 
 def timed_eval(lm, task, limit: int, max_gen_toks: int) -> tuple[float, list]:
@@ -58,16 +58,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    spec = load("model", args.model, max_length=args.max_length)
-    task = load("task", args.task)
-    model, tokenizer = spec.load()
-    config = spec.load_config()
-    hf = HFLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=spec.context_length(config)
-    )
-    full = load("method", "full")
-    with apply(full, model, tokenizer, max_length=spec.context_length(config)) as session:
-        compare(KVBenchLM(session, truncation=task.truncation), hf, task, args, model)
+    spec = build("model", args.model, max_length=args.max_length)
+    task = build("task", args.task)
+    with open_session(spec, build("method", "full")) as session:
+        hf = HFLM(
+            pretrained=session.model,
+            tokenizer=session.tokenizer,
+            batch_size=1,
+            max_length=session.max_length,
+        )
+        compare(KVBenchLM(session, truncation=task.truncation), hf, task, args, session.model)
 
 
 def compare(ours, hf, task, args, model) -> None:

@@ -21,7 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cache_costs import prompt_ids  # noqa: E402
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
+from harness.api import build  # noqa: E402
 
 
 def phase_table(prof, phase: str, top: int) -> str:
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
 
-    model, tokenizer = load("model", args.model).load()
+    model, tokenizer = build("model", args.model).load()
     generate(model, tokenizer, None, prompt_ids(tokenizer, 256), 4)  # warm-up
     activities = [ProfilerActivity.CPU]
     if model.device.type == "cuda":
@@ -67,7 +68,7 @@ def main() -> None:
     for length in args.lengths:
         ids = prompt_ids(tokenizer, length)
         for name in args.methods:
-            method = None if name == "full" else load("method", name, ratio=args.ratio)
+            method = None if name == "full" else build("method", name, ratio=args.ratio)
             with profile(activities=activities) as prof:
                 out = generate(model, tokenizer, method, ids, args.decode_tokens)
             run = out.generation

@@ -39,7 +39,7 @@ from transformers import DynamicCache
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 from methods.base import cache_of  # noqa: E402
 from methods.cache.attention import accumulated_attention  # noqa: E402
@@ -111,7 +111,7 @@ def text_ids(tokenizer, n: int) -> list[int]:
 
 @torch.no_grad()
 def measure(model, eager, tokenizer, n: int, args) -> list[dict]:
-    method = load("method", "dac", ratio=round(1 - args.rate, 12))  # --rate: share removed
+    method = build("method", "dac", ratio=round(1 - args.rate, 12))  # --rate: share removed
     method.prepare(model, tokenizer)
     now = method.scorer
     before = BeforeCompressor(model, tokenizer, attention=True)
@@ -161,8 +161,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load("model", args.model).load()
-    eager = load("model", args.model, attn_implementation="eager").load()[0] if args.eager else None
+    model, tokenizer = build("model", args.model).load()
+    eager = (
+        build("model", args.model, attn_implementation="eager").load()[0] if args.eager else None
+    )
     rows = [row for n in args.tokens for row in measure(model, eager, tokenizer, n, args)]
     print(f"\nmodel={args.model} rate={args.rate} repeats={args.repeats} threads={args.threads} "
           f"device={device_description(torch.device('cpu'))}")  # fmt: skip

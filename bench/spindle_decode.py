@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cache_costs import prompt_ids  # noqa: E402
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.kvcache import decode_attention, new_cache  # noqa: E402
 from harness.measure import stored_kv_bytes  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
@@ -50,8 +51,8 @@ VARIANTS = {
 
 def method_for(variant: str, ratio: float):
     if variant == "full":
-        return load("method", "full")
-    return load("method", "spindlekv", ratio=ratio, **VARIANTS[variant])
+        return build("method", "full")
+    return build("method", "spindlekv", ratio=ratio, **VARIANTS[variant])
 
 
 def codebook_sizes(method) -> dict[str, float]:
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=[*VARIANTS, "full"])
     args = parser.parse_args()
 
-    model, tokenizer = load("model", args.model).load()
+    model, tokenizer = build("model", args.model).load()
     generate(model, tokenizer, None, prompt_ids(tokenizer, 256), 4)  # warm-up
     if args.profile:
         for length in args.lengths:

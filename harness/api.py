@@ -2,11 +2,11 @@
 
 ::
 
-    from harness.api import apply, build, evaluate, load_model
+    from harness.api import open_session, build, evaluate, load_model
 
     model, tokenizer = load_model("smollm2_135m")
     method = build("method", "snapkv", ratio=0.2)
-    with apply(method, model, tokenizer) as session:
+    with open_session(method, model, tokenizer) as session:
         out = session.generate(open("paper.txt").read() + "\\nSummary:", max_new_tokens=64)
     print(out.text, out.measurement.kv_bytes_prefill, out.measurement.prefill_s)
 
@@ -33,12 +33,21 @@ from omegaconf import OmegaConf
 
 from harness import records
 from harness.preflight import BAD_INPUT, check_types
-from harness.session import Session, apply
+from harness.session import Session, open_session
 from methods.storage import conf_dir
 
-CONF_DIR = conf_dir()  # the same folder as harness.run.CONF_DIR, without importing lm-eval
+# the folder harness.run reads its configs from; this module imports neither the CLI nor lm-eval
+CONF_DIR = conf_dir()
 
-__all__ = ["CONF_DIR", "Session", "apply", "build", "compose_config", "evaluate", "load_model"]
+__all__ = [
+    "CONF_DIR",
+    "Session",
+    "build",
+    "open_session",
+    "compose_config",
+    "evaluate",
+    "load_model",
+]
 
 
 def build(group: str, name: str, **fields: Any) -> Any:
@@ -148,7 +157,9 @@ def evaluate(
     run with the same config is read back, not recomputed, unless ``run.overwrite``).
     ``overrides`` are dotted config fields, e.g. ``{"method.ratio": 0.2, "task.limit": 5,
     "run.results_dir": "results"}``."""
-    from harness.run import execute  # lm-eval loads here: build/load_model/apply need none of it
+    from harness.job import (
+        execute,  # lm-eval loads here: build/load_model/open_session need none of it
+    )
 
     folder = execute(compose_config(model, method, task, overrides))
     return records.read_record(folder)

@@ -4,7 +4,7 @@ the true sequence length.
 
 Batch size is 1: every request gets its own cache, so per-request measurements (KV bytes,
 peak memory, prefill and decode time) are exact and methods may give each request a
-different budget. Methods are applied around these functions by :func:`harness.session.apply`.
+different budget. Methods are applied around these functions by :func:`harness.session.open_session`.
 The cache appends in place into room for the tokens still to come, and a decoding step's
 attention packs the query heads of a KV group (:mod:`harness.kvcache`): a step neither copies
 the cache nor pays torch's slow single-query GQA kernel.
@@ -22,7 +22,12 @@ from torch import nn
 from torch.profiler import record_function
 
 from harness.kvcache import decode_attention, new_cache
-from harness.measure import allocated_kv_bytes, stored_kv_bytes, synchronized_clock
+from harness.measure import (
+    RequestMeasurement,
+    allocated_kv_bytes,
+    stored_kv_bytes,
+    synchronized_clock,
+)
 from methods.base import cache_kwarg
 
 
@@ -180,3 +185,14 @@ def score_continuation(
         kv_bytes_prefill=stored_kv_bytes(cache),
         kv_allocated_bytes_prefill=allocated_kv_bytes(cache),
     )
+
+
+@dataclass
+class Generated:
+    """One generation request: the text (decoded new tokens), the prompt ids the model saw,
+    the raw generation and its measurement."""
+
+    text: str
+    prompt_ids: list[int]
+    generation: Generation
+    measurement: RequestMeasurement

@@ -130,32 +130,16 @@ class KVBenchLM(TemplateLM):
             truncation=self.truncation,
             split=self.split_prompt,
             tag=_tag(request),
+            reference=self._reference_answer(request),
+            reference_tokens=self.reference_tokens,
         )
-        reference = self._reference_nll(request, out.prompt_ids)
-        for name, value in reference.items():
-            setattr(out.measurement, name, value)
         return postprocess_generated_text(generation=out.text, stop=until, think_end_token=None)
 
-    def _reference_nll(self, request: Any, ids: list[int]) -> dict[str, Any]:
-        """``reference_nll``/``reference_tokens`` of the request's reference answer after
-        the prompt ``ids`` (as the model saw it), or {} without a reference answer.
-
-        The answer is scored in a pass of its own (a second prefill), after the request's
-        time and peak memory were read, so it changes none of the other measurements.
-        """
+    def _reference_answer(self, request: Any) -> str | None:
+        """The task's reference answer to the request's document (scored by the session)."""
         if self.reference_answer is None:
-            return {}
-        answer = self.reference_answer(getattr(request, "doc", None))
-        if answer is None:
-            return {}
-        prompt = self.tok_decode(ids[-8:])
-        text = answer.strip() if prompt[-1:].isspace() else " " + answer.strip()
-        answer_ids = self.tok_encode(text, add_special_tokens=False)[: self.reference_tokens]
-        if not answer_ids:
-            return {}
-        context = ids[-(self.max_length - len(answer_ids)) :]
-        logprob, _ = self.session.score(context, answer_ids, measure=False)
-        return {"reference_nll": -logprob / len(answer_ids), "reference_tokens": len(answer_ids)}
+            return None
+        return self.reference_answer(getattr(request, "doc", None))
 
     # --- log-likelihood ---------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple]:
@@ -163,7 +147,7 @@ class KVBenchLM(TemplateLM):
         encoded = []
         for request in requests:
             context, continuation = request.args
-            text, seconds, fields = self.session.compress(self.split_prompt(context))
+            text, seconds, fields = self.session.shorten_prompt(self.split_prompt(context))
             original = None  # no prompt method changed the context
             if text != context:
                 original = len(self._encode_pair(context, continuation)[0]) if context else 0
@@ -189,7 +173,7 @@ class KVBenchLM(TemplateLM):
         ):
             meta = meta if isinstance(meta, _Scoring) else _Scoring(None, 0.0, {})
             results.append(
-                self.session.score(
+                self.session.logprob(
                     context_enc,
                     continuation_enc,
                     tag=_tag(meta.request),

@@ -36,8 +36,8 @@ from lm_eval.tasks import TaskManager
 
 from harness import results
 from harness.api import build
+from harness.job import open_session
 from harness.lm import KVBenchLM
-from harness.session import apply
 from harness.tasks import TASKS_DIR
 
 MODEL_PREFIX = "model."
@@ -73,14 +73,8 @@ class KVBenchEvalLM(KVBenchLM):
         method_fields = {k: v for k, v in fields.items() if not k.startswith(MODEL_PREFIX)}
         spec = build("model", model, **model_fields)
         method_obj = build("method", method, **method_fields)
-        config = spec.load_config()
-        method_obj.validate_for(config)
-        method_obj.validate_runtime(spec.device, spec.torch_dtype, spec.attn_implementation)
-        loaded, tokenizer = spec.load()
         self._stack = ExitStack()
-        session = self._stack.enter_context(
-            apply(method_obj, loaded, tokenizer, max_length=spec.context_length(config))
-        )
+        session = self._stack.enter_context(open_session(spec, method_obj))
         super().__init__(session, truncation=truncation, max_gen_toks=max_gen_toks)
         self.names = {
             "model": model,

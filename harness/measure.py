@@ -6,7 +6,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -124,14 +124,21 @@ class KVLayout:
         return total * self.dtype_bytes
 
 
+# field metadata of RequestMeasurement: not a run-level aggregate
+KEY = {"aggregate": False}
+PER_REQUEST = {"aggregate": False}
+
+
 @dataclass
 class RequestMeasurement:
     """What one request cost. Byte counts are of the KV cache; ``kv_full_*`` is what an
-    unmodified model's full cache holds for the same (uncompressed) prompt."""
+    unmodified model's full cache holds for the same (uncompressed) prompt. Every field is
+    summed and averaged over a run (:data:`harness.results.MEASURED_FIELDS`) except those
+    marked ``KEY`` (which request it was) or ``PER_REQUEST`` (kept with the request only)."""
 
-    task: str
-    doc_id: int
-    request_type: str
+    task: str = field(metadata=KEY)
+    doc_id: int = field(metadata=KEY)
+    request_type: str = field(metadata=KEY)
     prompt_tokens_original: int
     prompt_tokens: int
     truncated_tokens: int
@@ -174,7 +181,7 @@ class RequestMeasurement:
     reference_tokens: int | None = None
     # what the methods did on this request (``Method.last_stats``: a cache method's tokens
     # held and kept per layer, a prompt method's rates), None when they say nothing
-    method_stats: dict[str, Any] | None = None
+    method_stats: dict[str, Any] | None = field(default=None, metadata=PER_REQUEST)
 
 
 def floor_bytes(layout: KVLayout, method: Method, tokens: int) -> int | None:

@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from harness.measure import summarize
+from harness.measure import RequestMeasurement, summarize
 from harness.record_values import is_number
 
-MEASURED_FIELDS = (
-    "prompt_tokens_original",
-    "prompt_tokens",
-    "truncated_tokens",
-    "prompt_method_s",
-    "prefill_s",
-    "decode_s",
-    "decode_steps",
-    "generated_tokens",
-    "kv_bytes_prefill",
-    "kv_bytes_final",
-    "kv_full_bytes_prefill",
-    "kv_full_bytes_final",
-    "kv_floor_bytes_prefill",
-    "peak_memory_bytes",
-    "memory_before_bytes",
-    "peak_memory_rise_bytes",
-    # memory the cache's tensors occupy, spare room for the tokens to come included
-    "kv_allocated_bytes_prefill",
-    "kv_allocated_bytes_final",
-    # with prompt methods only (None in requests without one: left out of the summary)
-    "compressible_tokens_original",
-    "compressible_tokens",
-    "prompt_rate_requested",
-    "prompt_rate_achieved",
-    "compressor_rate_achieved",
-    "compressor_passes",
-    "compressor_chunks",
-    # with a task.reference_field only: mean NLL (nats/token) of the reference answer,
-    # teacher-forced after the (method-processed) prompt, and the tokens it averages over
-    "reference_nll",
-    "reference_tokens",
+# every numeric measurement of a request, in RequestMeasurement's order: summed and averaged
+# over the run (a field that is None in a request, e.g. a prompt method's rates without one,
+# is left out of its summary)
+MEASURED_FIELDS = tuple(
+    f.name for f in dataclasses.fields(RequestMeasurement) if f.metadata.get("aggregate", True)
 )
 
 

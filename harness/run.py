@@ -1,4 +1,5 @@
-"""The ``kvbench`` command: one Hydra job = one (model, method, task) run = one record.
+"""The ``kvbench`` command: Hydra glue around :func:`harness.job.execute` (config in, errors
+out as exit codes). One Hydra job = one (model, method, task) run = one record.
 
 kvbench                                   # the demo sweep (sweep=demo), offline, CPU
 kvbench method=streamingllm task=gsm8k task.limit=5
@@ -7,32 +8,21 @@ kvbench -m method=full,streamingllm method.ratio=0.1,0.2 task=longbench_qasper
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import hydra
-import lm_eval
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, InstantiationException
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from harness import gpu_lease, preflight, records, results
-from harness.lm import KVBenchLM
-from harness.models import ModelSpec
+from harness.job import NoEffectError, execute
 from harness.preflight import BAD_INPUT, ConfigError
-from harness.provenance import code_hashes, now, provenance
-from harness.session import Session, apply
-from harness.taskspec import TaskSpec
-from methods.base import CacheMethod, Method
-from methods.storage import cache_root, conf_dir
+from methods.storage import conf_dir
 
 log = logging.getLogger("kvbench")
 CONF_DIR = conf_dir()
@@ -41,251 +31,11 @@ CONF_DIR = conf_dir()
 if not OmegaConf.has_resolver("kvbench_pid"):
     OmegaConf.register_new_resolver("kvbench_pid", os.getpid, use_cache=True)
 
-__all__ = ["BAD_INPUT", "CONF_DIR", "ConfigError", "build", "execute", "main"]
+__all__ = ["BAD_INPUT", "CONF_DIR", "ConfigError", "NoEffectError", "execute", "main"]
 
 
 class RunFailed(CompactHydraException):
     """A run that failed, said in one line (Hydra prints a compact exception as its text)."""
-
-
-class NoEffectError(RuntimeError):
-    """A method asked for a reduction and measured none: the run is not recorded."""
-
-
-def build(cfg: DictConfig) -> tuple[ModelSpec, Method, TaskSpec]:
-    """Check and instantiate the three config groups and the ``run`` fields; nothing is
-    loaded yet. A value of the wrong type fails here naming its field (``method.ratio=abc``)."""
-    preflight.check_run(cfg.run)
-    built = []
-    for group, kind in (("model", ModelSpec), ("method", Method), ("task", TaskSpec)):
-        preflight.check_types(group, cfg[group])
-        try:
-            obj = instantiate(cfg[group], _convert_="all")
-        except InstantiationException as exc:
-            if isinstance(exc.__cause__, BAD_INPUT):
-                raise exc.__cause__ from None  # the class's own one-line message
-            if "Error locating target" not in str(exc):
-                raise
-            raise ConfigError(
-                f"{group}={cfg[group].get('name')}: its `_target_: {cfg[group].get('_target_')}` "
-                f"cannot be imported ({exc.__cause__ or exc}): is the package that provides it "
-                f"installed? The options are the files in conf/{group}/"
-            ) from exc
-        if not isinstance(obj, kind):
-            raise ConfigError(f"{group}: `_target_` must build a {kind.__name__}, got {obj!r}")
-        built.append(obj)
-    return tuple(built)  # type: ignore[return-value]
-
-
-def execute(cfg: DictConfig) -> Path:
-    """Run one config, or skip it if its record exists. Returns the run folder.
-
-    Everything that can fail without the model is checked before it loads: the config's
-    values, the results folder (writable), and the model's window against the tokens the task
-    generates (``run.max_gen_toks`` caps every task's own limit)."""
-    model_spec, method, task = build(cfg)
-    cfg = with_resolved_dtype(cfg, model_spec)
-    data_hash = task.data_hash()
-    folder = records.run_dir(cfg, data_hash)
-    if not cfg.run.overwrite and records.is_finished(folder):
-        log.info("skipping %s: already finished (run.overwrite=true recomputes it)", folder)
-        return folder
-    records.check_writable(cfg.run.results_dir)
-    cache_root()  # $KVBENCH_CACHE a file, or not writable: said now, not once loading
-    cap = cfg.run.max_gen_toks
-    tokenizer = None
-    if task.is_ruler:  # RULER is sized in the model's tokens: its tokenizer, before the weights
-        tokenizer = model_spec.load_tokenizer()
-        task.validate_for(model_spec.context_length(model_spec.load_config()), tokenizer)
-    task_manager = task.task_manager(tokenizer)
-    limits = preflight.generation_limits(task_manager, task.task_names(), cap)
-    if model_spec.max_length is not None:  # before the config: a GGUF may need dequantising
-        preflight.check_window(model_spec.max_length, limits, cap, model_spec.max_length)
-    model_config = model_spec.load_config()
-    method.validate_for(model_config)
-    method.validate_runtime(
-        model_spec.device, model_spec.torch_dtype, model_spec.attn_implementation
-    )
-    window = model_spec.context_length(model_config)
-    preflight.check_window(window, limits, cap, model_spec.max_length)
-    # the longest prompt that fits: a ratio that cannot act on it (0.9999) is refused now
-    preflight.check_prompt_lengths(method, [window - max(limits.values(), default=0)])
-    with gpu_lease.on_a_free_gpu(model_spec) as model_spec:
-        record = _run(cfg, model_spec, model_config, method, task, task_manager, data_hash)
-    records.write_record(folder, record, cfg, overwrite=cfg.run.overwrite)
-    score = record["score"]
-    log.info(
-        "%s: %s = %s, kv_ratio = %s -> %s",
-        folder.name,
-        score["metric"],
-        score["value"],
-        record["measurements"]["kv_ratio"],
-        folder,
-    )
-    return folder
-
-
-def _run(
-    cfg: DictConfig,
-    model_spec: ModelSpec,
-    model_config: Any,
-    method: Method,
-    task: TaskSpec,
-    task_manager: Any,
-    data_hash: str | None,
-) -> dict[str, Any]:
-    """Load the model, run the task's requests under the method, and return the record."""
-    cap = cfg.run.max_gen_toks
-    started, clock = now(), time.perf_counter()
-    model, tokenizer = model_spec.load()
-    with apply(
-        method,
-        model,
-        tokenizer,
-        max_length=model_spec.context_length(model_config),
-        add_bos_token=cfg.run.add_bos_token,
-    ) as session:
-        lm = KVBenchLM(
-            session,
-            split_prompt=task.split_prompt,
-            truncation=task.truncation,
-            max_gen_toks=cap,
-            reference_answer=task.reference_answer,
-            reference_tokens=task.reference_tokens,
-        )
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task.task_names(),
-            task_manager=task_manager,
-            limit=task.limit,
-            num_fewshot=task.num_fewshot,
-            log_samples=True,
-            bootstrap_iters=cfg.run.bootstrap_iters,
-            random_seed=cfg.run.seed,
-            numpy_random_seed=cfg.run.seed,
-            torch_random_seed=cfg.run.seed,
-            fewshot_random_seed=cfg.run.seed,
-        )
-    _log_truncation(session, model_spec.max_length)
-    record = make_record(cfg, model_spec, model_config, method, task, session, output, data_hash)
-    reason = results.no_effect(
-        method.kinds(),
-        record["measurements"],
-        any(isinstance(m, CacheMethod) and m.asks_reduction() for m in method.flatten()),
-    )
-    if reason is not None:
-        raise NoEffectError(f"{method.name}: {reason}. No record was written.")
-    record["provenance"] = {
-        **provenance(session.device, cfg.run.seed),
-        "code": code_hashes(method.flatten()),
-        "started_at": started,
-        "finished_at": now(),
-        "wall_s": time.perf_counter() - clock,
-    }
-    return record
-
-
-def with_resolved_dtype(cfg: DictConfig, model_spec: ModelSpec) -> DictConfig:
-    """A copy of ``cfg`` whose ``model.dtype`` is the dtype the weights get (``auto``
-    resolved), so the record's config says what ran; the run id is the same either way
-    (:func:`harness.records.config_hash`)."""
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.model.dtype = model_spec.resolved_dtype
-    return cfg
-
-
-def make_record(
-    cfg: DictConfig,
-    model_spec: ModelSpec,
-    model_config: Any,
-    method: Method,
-    task: TaskSpec,
-    session: Session,
-    output: dict[str, Any],
-    data_hash: str | None = None,
-) -> dict[str, Any]:
-    text_config = model_config.get_text_config()
-    rows = session.measurement_rows()
-    names = task.task_names()
-    return {
-        "schema_version": records.SCHEMA_VERSION,
-        "run_id": records.run_id(cfg, data_hash),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "model": {
-            "name": model_spec.name,
-            "num_layers": text_config.num_hidden_layers,
-            "num_kv_heads": getattr(text_config, "num_key_value_heads", None),
-            "head_dim": session.kv_layout.layers[0][1],
-            "dtype": model_spec.resolved_dtype,
-            "dtype_requested": model_spec.dtype,
-            "device": str(session.device),
-            "attn_implementation": model_spec.attn_implementation,
-            "sdpa_backend": model_spec.resolved_sdpa_backend(model_config),
-            "max_length": session.max_length,
-        },
-        "method": {
-            "name": method.name,
-            "kinds": sorted(method.kinds()),
-            "params": method.params(),
-            "describe": method.describe(),
-            "stats": results.method_stats(rows),
-        },
-        "task": {
-            "name": task.name,
-            "lm_eval_tasks": names,
-            "limit": task.limit,
-            "primary_metric": task.primary_metric,
-            "score_range": task.score_range,
-            **({"ruler": task.ruler_settings()} if task.is_ruler else {}),
-            "data_hash": data_hash,
-        },
-        "metrics": output["results"],
-        "score": {
-            "metric": task.primary_metric,
-            "value": results.primary_score(output["results"], names, task.primary_metric),
-        },
-        "measurements": {
-            **results.aggregate(rows),
-            "kv_ratio_requested": requested_kv_ratio(method),
-            # what peak_memory_bytes measured (harness.measure.PEAK_MEMORY_WORDS)
-            "peak_memory_kind": session.peak_memory.kind,
-        },
-        "samples": results.samples(output.get("samples", {}), rows, task.sample_fields),
-    }
-
-
-def _log_truncation(session: Session, max_length: int | None) -> None:
-    """One line per run when the window cut prompts (each request's ``truncated_tokens``)."""
-    cut = [m for m in session.measurements if m.truncated_tokens]
-    if cut:
-        log.warning(
-            "%d of %d requests did not fit the window of %d tokens (model.max_length=%s, "
-            "less the tokens generated) and were truncated: %d of their %d prompt tokens "
-            "were cut (truncated_tokens in the record)",
-            len(cut),
-            len(session.measurements),
-            session.max_length,
-            max_length,
-            sum(m.truncated_tokens for m in cut),
-            sum(m.prompt_tokens_original for m in cut),
-        )
-
-
-def requested_kv_ratio(method: Method) -> float | None:
-    """The fraction of the KV cache the cache methods were asked to keep (their product),
-    None when none asks for a ratio (token budgets, prompt or model methods only)."""
-    ratios = [
-        m.requested_ratio()
-        for m in method.flatten()
-        if isinstance(m, CacheMethod) and m.asks_reduction()
-    ]
-    if not ratios or any(r is None for r in ratios):
-        return None
-    product = 1.0
-    for r in ratios:
-        product *= r
-    return product
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

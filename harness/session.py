@@ -2,38 +2,33 @@
 
 ::
 
-    from harness.session import apply
+    from harness.session import open_session
 
-    with apply(method, model, tokenizer) as session:
+    with open_session(method, model, tokenizer) as session:
         out = session.generate("Some long document ... Question: ...", max_new_tokens=32)
         print(out.text, out.measurement.kv_bytes_prefill / out.measurement.kv_full_bytes_prefill)
         logprob, is_greedy = session.loglikelihood("The capital of France is", " Paris")
 
-:func:`apply` enters the method (``Method.enter``: model methods change the model, prompt
-methods are prepared, cache methods' hooks are registered until the block ends) and yields a
-:class:`Session`. The session owns the request path every front door shares (the Hydra runner,
-lm-eval's ``--model kvbench``, the bench scripts, the notebook): fit the prompt into the window,
-let prompt methods shorten what may be shortened, prefill and decode greedily with kvbench's
-own loop (:mod:`harness.generation`), and measure what the request cost
-(:class:`RequestMeasurement`: KV bytes stored against a full cache, prefill and decode time,
-peak memory, prompt tokens before and after).
-
-Batch size is 1: every request gets its own KV cache, so its measurements are its own and
-cache methods may give each request its own budget.
+:func:`open_session` enters the method (model methods change the model, prompt methods are
+prepared, cache hooks stay until the block ends) and yields a :class:`Session`, which owns the
+request path every front door shares: fit the prompt into the window, let prompt methods shorten
+it, prefill and decode greedily (:mod:`harness.generation`), and measure what the request cost
+(:class:`RequestMeasurement`). Batch size is 1: every request gets its own KV cache, so its
+measurements are its own and cache methods may give each request its own budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from harness import session_checks as checks
-from harness.generation import Generation, greedy_generate, score_continuation
+from harness.generation import Generated, Generation, greedy_generate, score_continuation
 from harness.measure import (
     KVLayout,
     PeakMemory,
@@ -46,21 +41,10 @@ from harness.taskconfig import TRUNCATIONS
 from methods.base import Method, PromptParts
 
 
-@dataclass
-class Generated:
-    """One generation request: the text (decoded new tokens), the prompt ids the model saw,
-    the raw generation and its measurement."""
-
-    text: str
-    prompt_ids: list[int]
-    generation: Generation
-    measurement: RequestMeasurement
-
-
 class Session:
     """A model with a method applied: generates, scores and measures one request at a time.
 
-    Built by :func:`apply`; ``model`` is the model the method returned (a model method's
+    Built by :func:`open_session`; ``model`` is the model the method returned (a model method's
     reduced model), ``kv_layout`` the full cache of the model *before* any model method (the
     denominator of every KV ratio), ``measurements`` one :class:`RequestMeasurement` per
     request, in order.
@@ -83,13 +67,12 @@ class Session:
         self.max_length = max_length
         self.add_bos_token = add_bos_token
         self.device = next(model.parameters()).device
-        self.is_open = True  # False once the apply block ends: requests are then refused
+        self.is_open = True  # False once the open_session block ends: requests are then refused
         self.vocab_size = checks.vocab_size(model)
         self.peak_memory = PeakMemory.of_model(model)
         self.measurements: list[RequestMeasurement] = []
         self.compresses_prompts = "prompt" in method.kinds()
-        # every method but the untouched model scores continuations token by token, so the
-        # full cache and the methods are measured along the same path
+        # cache methods score token by token (as they decode); the untouched model in one pass
         self.stepwise_scoring = bool(method.kinds() & {"cache"})
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
@@ -111,7 +94,7 @@ class Session:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     # --- prompts -------------------------------------------------------------------------
-    def compress(self, prompt: PromptParts) -> tuple[str, float, dict[str, Any]]:
+    def shorten_prompt(self, prompt: PromptParts) -> tuple[str, float, dict[str, Any]]:
         """(text, seconds, prompt fields of :class:`RequestMeasurement`) of ``prompt`` after
         the prompt methods; unchanged (and no fields) without one or for an empty prompt."""
         if not self.compresses_prompts or not prompt.text.strip():
@@ -161,7 +144,7 @@ class Session:
         full_ids = self.encode(prompt)
         window_ids = truncate(full_ids, max_context, truncation)
         seen = prompt if len(window_ids) == len(full_ids) else self.decode(window_ids)
-        text, seconds, fields = self.compress(split(seen))
+        text, seconds, fields = self.shorten_prompt(split(seen))
         encoded = self.encode(text) if text != seen else window_ids
         ids = truncate(encoded, max_context, truncation)
         cut = len(full_ids) - len(window_ids) + len(encoded) - len(ids)
@@ -178,12 +161,15 @@ class Session:
         split: Callable[[str], PromptParts] | None = None,
         should_stop: Callable[[list[int]], bool] | None = None,
         tag: dict[str, Any] | None = None,
+        reference: str | None = None,
+        reference_tokens: int = 64,
     ) -> Generated:
         """Greedy generation of up to ``max_new_tokens`` tokens after ``prompt`` (text, a
         :class:`PromptParts` whose ``protected`` end prompt methods keep verbatim, or token
         ids sent as they are). Stops at EOS, at any of ``stop`` in the decoded text, or when
         ``should_stop(tokens)``. ``split``: see :meth:`fit`. ``tag`` (e.g. task and doc_id)
-        labels the measurement."""
+        labels the measurement. ``reference``: an answer whose NLL after the prompt (its first
+        ``reference_tokens`` tokens) the measurement records (:meth:`reference_nll`)."""
         checks.check_open(self.is_open, self.method, "generate")
         checks.check_max_new_tokens(max_new_tokens)
         checks.check_generate_options(stop, truncation, tag, split=split, should_stop=should_stop)
@@ -215,9 +201,27 @@ class Session:
             eos_token_ids=self.eos_token_ids,
             should_stop=stopped if (stops or should_stop) else None,
         )
-        measurement = self._record(
+        measurement = self._measure_generation(tag, fit, gen, reference, reference_tokens)
+        return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
+
+    def _measure_generation(
+        self,
+        tag: dict[str, Any] | None,
+        fit: PromptFit,
+        gen: Generation,
+        reference: str | None,
+        reference_tokens: int,
+    ) -> RequestMeasurement:
+        """One generation's measurement; the reference answer is scored after the peak memory
+        and method stats were read, so it changes neither."""
+        peak = self.peak_memory.read(
+            max(gen.kv_allocated_bytes_prefill, gen.kv_allocated_bytes_final)
+        )
+        stats = self.method.last_stats()
+        return self._record(
             tag,
             "generate_until",
+            stats,
             prompt_tokens_original=fit.original_tokens,
             prompt_tokens=len(fit.ids),
             truncated_tokens=fit.truncated_tokens,
@@ -233,14 +237,29 @@ class Session:
             kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
             kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, fit.window_tokens),
             kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
-            **self.peak_memory.read(
-                max(gen.kv_allocated_bytes_prefill, gen.kv_allocated_bytes_final)
-            ),
+            **peak,
             **fit.fields,
+            **self.reference_nll(reference, fit.ids, reference_tokens),
         )
-        return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
 
-    def score(
+    def reference_nll(
+        self, answer: str | None, ids: list[int], max_tokens: int = 64
+    ) -> dict[str, Any]:
+        """``reference_nll`` (mean nats per token) and ``reference_tokens`` of ``answer``'s
+        first ``max_tokens`` tokens after the prompt ``ids`` as the model saw it, teacher-forced
+        in a pass of its own (a second prefill, not measured); {} without an answer."""
+        if answer is None:
+            return {}
+        prompt = self.decode(ids[-8:])
+        text = answer.strip() if prompt[-1:].isspace() else " " + answer.strip()
+        answer_ids = self.encode(text, add_special_tokens=False)[:max_tokens]
+        if not answer_ids:
+            return {}
+        context = ids[-(self.max_length - len(answer_ids)) :]
+        logprob, _ = self.logprob(context, answer_ids, measure=False)
+        return {"reference_nll": -logprob / len(answer_ids), "reference_tokens": len(answer_ids)}
+
+    def logprob(
         self,
         context_ids: Sequence[int],
         continuation_ids: Sequence[int],
@@ -256,9 +275,9 @@ class Session:
         recording a measurement (e.g. a reference answer scored after a generation).
         ``original_tokens``: the context's length before prompt methods shortened it into
         ``context_ids`` (default: ``len(context_ids)``, no prompt method)."""
-        checks.check_open(self.is_open, self.method, "score")
+        checks.check_open(self.is_open, self.method, "logprob")
         checks.check_ids(
-            "score", self.vocab_size, context_ids=context_ids, continuation_ids=continuation_ids
+            "logprob", self.vocab_size, context_ids=context_ids, continuation_ids=continuation_ids
         )
         continuation = list(continuation_ids)
         room = max(self.max_length + 1 - len(continuation), 0)  # context tokens that fit
@@ -274,6 +293,7 @@ class Session:
             self._record(
                 tag,
                 "loglikelihood",
+                self.method.last_stats(),
                 prompt_tokens_original=original,
                 prompt_tokens=len(context),
                 truncated_tokens=len(context_ids) - len(context),
@@ -301,8 +321,8 @@ class Session:
         prompt methods first (all of it compressible)."""
         checks.check_open(self.is_open, self.method, "loglikelihood")
         checks.check_texts("loglikelihood", context=context, continuation=continuation)
-        text, seconds, fields = self.compress(PromptParts(context, ""))
-        return self.score(
+        text, seconds, fields = self.shorten_prompt(PromptParts(context, ""))
+        return self.logprob(
             self.encode(text),
             self.encode(continuation, add_special_tokens=False),
             tag=tag,
@@ -311,13 +331,19 @@ class Session:
             original_tokens=len(self.encode(context)) if text != context else None,
         )
 
-    def _record(self, tag: dict[str, Any] | None, request_type: str, **values: Any):
+    def _record(
+        self,
+        tag: dict[str, Any] | None,
+        request_type: str,
+        method_stats: dict[str, Any] | None,
+        **values: Any,
+    ) -> RequestMeasurement:
         tag = tag or {}
         measurement = RequestMeasurement(
             task=str(tag.get("task") or ""),
             doc_id=int(tag.get("doc_id", -1)),
             request_type=request_type,
-            method_stats=self.method.last_stats(),
+            method_stats=method_stats,
             **values,
         )
         self.measurements.append(measurement)
@@ -328,29 +354,33 @@ class Session:
 
 
 @contextmanager
-def apply(
+def open_session(
     method: Method,
     model: nn.Module,
     tokenizer: Any,
     *,
     max_length: int | None = None,
     add_bos_token: bool | None = None,
+    check_runtime: bool = True,
 ) -> Iterator[Session]:
-    """``with apply(method, model, tokenizer) as session:`` run ``model`` under ``method``.
+    """``with open_session(method, model, tokenizer) as session:`` run ``model`` under ``method``.
 
     ``max_length`` is the window (default: the model's ``max_position_embeddings``). The
     full-cache reference is taken from ``model`` before the method acts on it. Cache hooks are
     removed when the block ends, even on error; a model method's changes stay (it changes the
     model in place), so load a fresh model to compare it with the original. The session
     refuses requests once the block ends, and a model already inside a block cannot be
-    applied again (:mod:`harness.session_checks`).
+    applied again (:mod:`harness.session_checks`). ``check_runtime=False`` skips
+    ``method.validate_runtime`` for a caller that ran it before loading the weights
+    (:func:`harness.job.open_session`).
     """
     checks.check_apply_args(method, model, tokenizer, max_length)
     config = model.config.get_text_config()
     weights = next(model.parameters())
-    method.validate_runtime(
-        weights.device, weights.dtype, getattr(model.config, "_attn_implementation", None) or ""
-    )
+    if check_runtime:
+        method.validate_runtime(
+            weights.device, weights.dtype, getattr(model.config, "_attn_implementation", None) or ""
+        )
     kv_layout = KVLayout.from_config(config, weights.dtype)
     window = max_length or getattr(config, "max_position_embeddings", None) or 2048
     with method.applied(model, tokenizer) as applied_model:

@@ -1,6 +1,6 @@
-"""What :func:`harness.session.apply` and :class:`harness.session.Session` refuse, each in one
+"""What :func:`harness.session.open_session` and :class:`harness.session.Session` refuse, each in one
 line that says what was passed and what to pass instead: swapped or ``None`` arguments, a
-model already inside another ``apply`` block, a session used after its block, prompts that are
+model already inside another ``open_session`` block, a session used after its block, prompts that are
 neither text, :class:`~methods.base.PromptParts` nor token ids of the model's vocabulary, and a
 ``max_new_tokens`` that is not a positive integer."""
 
@@ -14,16 +14,16 @@ from torch import nn
 
 from methods.base import Method, PromptParts
 
-# id(model) -> the name of the method applied to it, for every model inside an apply block
+# id(model) -> the name of the method applied to it, for every model inside an open_session block
 _APPLIED: dict[int, str] = {}
 
 
 class SessionClosedError(RuntimeError):
-    """A session used after its ``with apply(...)`` block ended (its method no longer acts)."""
+    """A session used after its ``with open_session(...)`` block ended (its method no longer acts)."""
 
 
 class NestedApplyError(RuntimeError):
-    """``apply`` on a model that is already inside another ``apply`` block."""
+    """``apply`` on a model that is already inside another ``open_session`` block."""
 
 
 def _what(value: Any) -> str:
@@ -32,38 +32,38 @@ def _what(value: Any) -> str:
 
 
 def check_apply_args(method: Any, model: Any, tokenizer: Any, max_length: Any = None) -> None:
-    """``apply(method, model, tokenizer)``: each argument of its kind, in that order."""
+    """``open_session(method, model, tokenizer)``: each argument of its kind, in that order."""
     if max_length is not None and (
         not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2
     ):
         raise ValueError(
-            f"apply: max_length={max_length!r} is not a window of at least 2 tokens: pass an "
+            f"open_session: max_length={max_length!r} is not a window of at least 2 tokens: pass an "
             "integer, or None for the model's own"
         )
     if isinstance(model, Method) and isinstance(method, nn.Module):
         raise TypeError(
-            "apply(method, model, tokenizer): the method and the model are swapped: "
-            "call apply(method, model, tokenizer)"
+            "open_session(method, model, tokenizer): the method and the model are swapped: "
+            "call open_session(method, model, tokenizer)"
         )
     if not isinstance(method, Method):
         raise TypeError(
-            f"apply: method must be a kvbench method (e.g. build('method', 'snapkv', "
+            f"open_session: method must be a kvbench method (e.g. build('method', 'snapkv', "
             f"ratio=0.2), or build('method', 'full') for none), got {_what(method)}"
         )
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(
-            f"apply: model must be a transformers model (load_model(...)[0]), got {_what(model)}"
+            f"open_session: model must be a transformers model (load_model(...)[0]), got {_what(model)}"
         )
     if not callable(getattr(tokenizer, "encode", None)) or not callable(
         getattr(tokenizer, "decode", None)
     ):
         raise TypeError(
-            f"apply: tokenizer must be the model's tokenizer (load_model(...)[1]), got "
+            f"open_session: tokenizer must be the model's tokenizer (load_model(...)[1]), got "
             f"{_what(tokenizer)}"
         )
     if id(model) in _APPLIED:
         raise NestedApplyError(
-            f"apply({method.name}): this model is already inside another `with apply(...)` "
+            f"open_session({method.name}): this model is already inside another `with open_session(...)` "
             f"block (method {_APPLIED[id(model)]}), whose method would still act: end that "
             "block first (or load a second model)"
         )
@@ -82,7 +82,7 @@ def leave_block(*models: nn.Module) -> None:
 def check_open(is_open: bool, method: Method, what: str) -> None:
     if not is_open:
         raise SessionClosedError(
-            f"session.{what}: the session's `with apply(...)` block has ended, so "
+            f"session.{what}: the session's `with open_session(...)` block has ended, so "
             f"{method.name} no longer acts on the model (it would measure the full model): "
             "call it inside the block, or open a new one"
         )

@@ -10,7 +10,7 @@ import torch
 
 from harness.api import build, compose_config, evaluate, load_model
 from harness.models import ModelSpec
-from harness.session import apply
+from harness.session import open_session
 from harness.session_checks import NestedApplyError, SessionClosedError
 from methods.base import MethodConfigError, PromptParts
 
@@ -25,12 +25,12 @@ def streaming():
 def test_a_session_after_its_block_is_refused(tiny_gqa, streaming):
     """It used to run with the full cache (ratio 1.0) and append that measurement."""
     model, tokenizer = tiny_gqa
-    with apply(streaming, model, tokenizer) as session:
+    with open_session(streaming, model, tokenizer) as session:
         session.generate(IDS, max_new_tokens=2)
     for call in (
         lambda: session.generate(IDS, max_new_tokens=2),
         lambda: session.loglikelihood("a b c", " d"),
-        lambda: session.score(IDS, [7]),
+        lambda: session.logprob(IDS, [7]),
     ):
         with pytest.raises(SessionClosedError, match="block has ended.*streamingllm"):
             call()
@@ -40,15 +40,15 @@ def test_a_session_after_its_block_is_refused(tiny_gqa, streaming):
 def test_a_nested_apply_on_the_same_model_is_refused(tiny_gqa, streaming):
     """The inner method used to be ignored, its session recording the outer's ratio."""
     model, tokenizer = tiny_gqa
-    with apply(streaming, model, tokenizer) as outer:
+    with open_session(streaming, model, tokenizer) as outer:
         with pytest.raises(NestedApplyError, match="already inside.*streamingllm"):
-            with apply(build("method", "snapkv", ratio=0.5), model, tokenizer):
+            with open_session(build("method", "snapkv", ratio=0.5), model, tokenizer):
                 pass
         with pytest.raises(NestedApplyError):
-            with apply(build("method", "full"), outer.model, tokenizer):
+            with open_session(build("method", "full"), outer.model, tokenizer):
                 pass
         outer.generate(IDS, max_new_tokens=1)  # the outer block still works
-    with apply(build("method", "full"), model, tokenizer) as after:  # and after it, anew
+    with open_session(build("method", "full"), model, tokenizer) as after:  # and after it, anew
         after.generate(IDS, max_new_tokens=1)
 
 
@@ -72,7 +72,7 @@ def test_apply_refuses_swapped_or_missing_arguments(tiny_gqa, streaming, args, e
         "tokenizer_none": (streaming, model, None),
     }[args]
     with pytest.raises(error, match=names):
-        with apply(*call):
+        with open_session(*call):
             pass
 
 
@@ -95,7 +95,7 @@ def test_apply_refuses_swapped_or_missing_arguments(tiny_gqa, streaming, args, e
 )
 def test_generate_refuses_prompts_that_are_not_text_parts_or_ids(tiny_gqa, prompt, error, names):
     model, tokenizer = tiny_gqa
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         with pytest.raises(error, match=names):
             session.generate(prompt, max_new_tokens=2)
         assert session.measurements == []
@@ -104,28 +104,28 @@ def test_generate_refuses_prompts_that_are_not_text_parts_or_ids(tiny_gqa, promp
 @pytest.mark.parametrize("value", ["5", 1.5, 0, -1, True, None])
 def test_generate_refuses_max_new_tokens_that_is_not_a_positive_int(tiny_gqa, value):
     model, tokenizer = tiny_gqa
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         with pytest.raises(ValueError, match=f"max_new_tokens={value!r} is not a positive"):
             session.generate(IDS, max_new_tokens=value)
 
 
 def test_token_ids_as_a_tensor_or_tuple_are_accepted(tiny_gqa):
     model, tokenizer = tiny_gqa
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         a = session.generate(torch.tensor(IDS), max_new_tokens=2)
         b = session.generate(tuple(IDS), max_new_tokens=2)
     assert a.generation.tokens == b.generation.tokens and a.prompt_ids == IDS
 
 
-def test_score_and_loglikelihood_refuse_the_wrong_kinds(tiny_gqa):
+def test_logprob_and_loglikelihood_refuse_the_wrong_kinds(tiny_gqa):
     model, tokenizer = tiny_gqa
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         with pytest.raises(TypeError, match="context must be text"):
             session.loglikelihood(IDS, " x")
         with pytest.raises(TypeError, match="continuation_ids must be token ids, got text"):
-            session.score(IDS, " x")
+            session.logprob(IDS, " x")
         with pytest.raises(ValueError, match="continuation_ids.*vocabulary"):
-            session.score(IDS, [10**9])
+            session.logprob(IDS, [10**9])
 
 
 def test_evaluate_overrides_must_be_a_mapping(tmp_path, monkeypatch):
@@ -151,12 +151,12 @@ def test_evaluate_override_values_are_python_values_not_command_line_text(tmp_pa
 
 
 def test_a_string_number_is_not_coerced(monkeypatch):
+    from harness.job import prepare
     from harness.preflight import ConfigError
-    from harness.run import build as build_run
 
     cfg = compose_config("tiny_llama_gqa", "streamingllm", overrides={"method.ratio": "0.2"})
     with pytest.raises(ConfigError, match=r"method.ratio='0.2' \(a string\) is not a number"):
-        build_run(cfg)
+        prepare(cfg)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_build_unwraps_a_methods_own_error():
 )
 def test_generate_refuses_bad_options(tiny_gqa, options, error, names):
     model, tokenizer = tiny_gqa
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         with pytest.raises(error, match=names):
             session.generate(IDS, **{"max_new_tokens": 2, **options})
         assert session.measurements == []
@@ -210,7 +210,7 @@ def test_generate_refuses_bad_options(tiny_gqa, options, error, names):
 def test_apply_refuses_a_window_that_is_not_a_positive_int(tiny_gqa, max_length):
     model, tokenizer = tiny_gqa
     with pytest.raises(ValueError, match=f"max_length={max_length!r} is not a window"):
-        with apply(build("method", "full"), model, tokenizer, max_length=max_length):
+        with open_session(build("method", "full"), model, tokenizer, max_length=max_length):
             pass
 
 
@@ -221,11 +221,11 @@ def test_apply_refuses_a_window_that_is_not_a_positive_int(tiny_gqa, max_length)
 def test_loglikelihood_refuses_empty_texts(tiny_gqa, context, continuation, names):
     """An empty context used to fail deep in torch's embedding (a float tensor)."""
     model, tokenizer = tiny_gqa
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         with pytest.raises(ValueError, match=names):
             session.loglikelihood(context, continuation)
         with pytest.raises(ValueError, match="context_ids is an empty list"):
-            session.score([], [5])
+            session.logprob([], [5])
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from harness.api import build
 from harness.generation import greedy_generate, score_continuation
 from harness.lm import KVBenchLM
 from harness.run import CONF_DIR
-from harness.session import apply
+from harness.session import open_session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_run_max_gen_toks_caps_the_task_s_own_limit(tiny_gqa):
     eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
     request = {"until": [], "max_gen_toks": 40, "do_sample": False}
     generated = {}
-    with apply(build("method", "full"), model, tokenizer, max_length=512) as session:
+    with open_session(build("method", "full"), model, tokenizer, max_length=512) as session:
         for cap in (5, None):
             session.eos_token_ids = []  # a model that never stops
             lm = KVBenchLM(session, max_gen_toks=cap)
@@ -119,7 +119,7 @@ def test_no_past_key_values_future_warning(tiny_gqa):
         greedy_generate(model, ids, max_new_tokens=3)
         score_continuation(model, [5, 6, 7], [8, 9])
         score_continuation(model, [5, 6, 7], [8, 9], stepwise=True)
-        with apply(build("method", "llmlingua", ratio=0.5), model, tokenizer) as session:
+        with open_session(build("method", "llmlingua", ratio=0.5), model, tokenizer) as session:
             session.generate("Some context to shorten. " * 8 + "Question: ok?", max_new_tokens=2)
     messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert not [m for m in messages if "past_key_values" in m], messages

@@ -21,7 +21,7 @@ from harness.api import build
 from harness.generation import greedy_generate
 from harness.measure import KVLayout, stored_kv_bytes
 from harness.models import ModelSpec, byte_tokenizer
-from harness.session import apply
+from harness.session import open_session
 from methods.base import Compose, PromptParts
 from methods.cache.spindlekv.grown import Grown
 from tests.conftest import model_spec
@@ -104,7 +104,7 @@ def test_auto_gives_bfloat16_weights_on_the_gpu(gpu_model):
 @pytest.mark.parametrize("name", list(CACHE_METHODS))
 def test_cache_methods_keep_their_cache_on_the_gpu(gpu_model, caches, name):
     model, tokenizer = gpu_model
-    with apply(build("method", name, **CACHE_METHODS[name]), model, tokenizer) as session:
+    with open_session(build("method", name, **CACHE_METHODS[name]), model, tokenizer) as session:
         out = session.generate(prompt_ids(128), max_new_tokens=6)
     m = out.measurement
     assert m.kv_bytes_prefill < 0.5 * m.kv_full_bytes_prefill
@@ -118,7 +118,7 @@ def test_prompt_and_model_methods_run_on_the_gpu(name, tmp_path, monkeypatch, ca
     monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
     model, tokenizer = model_spec("tiny_llama_gqa", device=DEVICE).load()  # model methods change it
     method = build("method", name, **OTHER_METHODS[name])
-    with apply(method, model, tokenizer) as session:
+    with open_session(method, model, tokenizer) as session:
         out = session.generate(PromptParts(CONTEXT, QUESTION), max_new_tokens=4)
     m = out.measurement
     if "prompt" in method.kinds():
@@ -134,7 +134,7 @@ def test_prompt_and_model_methods_run_on_the_gpu(name, tmp_path, monkeypatch, ca
 def test_a_named_compressor_loads_on_the_benchmarked_models_device(gpu_model):
     model, tokenizer = gpu_model
     method = build("method", "selfinfo", ratio=0.5, compressor="tiny_llama_mha")
-    with apply(method, model, tokenizer) as session:
+    with open_session(method, model, tokenizer) as session:
         session.generate(PromptParts(CONTEXT, QUESTION), max_new_tokens=2)
     assert method.scorer.device.type == DEVICE
 
@@ -151,7 +151,7 @@ def test_float32_on_the_gpu_computes_what_the_cpu_computes(name, tmp_path, monke
     gpu_model = copy.deepcopy(cpu_model).to(DEVICE)
     results, held = [], []
     for model in (cpu_model, gpu_model):
-        with apply(build("method", name, **fields), model, tokenizer) as session:
+        with open_session(build("method", name, **fields), model, tokenizer) as session:
             out = session.generate(prompt_ids(160, seed=1), max_new_tokens=3)
         results.append(out.generation)
         held.append(caches[-1])  # the request's cache
@@ -167,7 +167,7 @@ def test_float32_on_the_gpu_computes_what_the_cpu_computes(name, tmp_path, monke
 
 def test_full_cache_bytes_follow_the_dtype(gpu_model):
     model, tokenizer = gpu_model
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         out = session.generate(prompt_ids(100), max_new_tokens=2)
     layout = KVLayout.from_config(model.config, next(model.parameters()).dtype)
     assert layout.dtype_bytes == (2 if DEVICE == "cuda" else 4)
@@ -204,7 +204,7 @@ def test_prefill_and_decode_clocks_wait_for_the_gpu(gpu_model):
 def test_peak_memory_is_the_allocators_and_resets_per_request(gpu_model):
     model, tokenizer = gpu_model
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         long = session.generate(prompt_ids(6000), max_new_tokens=2).measurement
         short = session.generate(prompt_ids(16), max_new_tokens=2).measurement
     assert long.peak_memory_bytes >= weights + long.kv_bytes_prefill
@@ -270,7 +270,7 @@ def test_compose_of_prompt_and_cache_methods_on_the_gpu(gpu_model, caches):
             build("method", "snapkv", ratio=0.5),
         ]
     )
-    with apply(method, model, tokenizer) as session:
+    with open_session(method, model, tokenizer) as session:
         out = session.generate(PromptParts(CONTEXT, QUESTION), max_new_tokens=3)
     m = out.measurement
     assert m.prompt_tokens < m.prompt_tokens_original

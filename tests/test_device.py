@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from harness import measure, records
 from harness.dtypes import resolve_dtype
 from harness.models import ModelConfigError, ModelSpec
-from harness.session import apply
+from harness.session import open_session
 from methods.base import Compose, MethodConfigError
 from methods.cache.h2o import H2O
 from methods.cache.knorm import KeyNorm
@@ -187,7 +187,7 @@ def test_apply_refuses_a_loaded_model_before_training_it():
     model, tokenizer = model_spec("tiny_llama_gqa", dtype="float16").load()
     method = KVLatent(train=True, training=SHORT_TRAINING)
     with pytest.raises(MethodConfigError, match="cannot train float16"):
-        with apply(method, model, tokenizer):
+        with open_session(method, model, tokenizer):
             pass
     assert all(type(layer.self_attn).__name__ != "LatentAttention" for layer in model.model.layers)
 

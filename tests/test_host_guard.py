@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.api import build
-from harness.session import apply
+from harness.session import open_session
 from methods.base import PromptParts
 from tests.conftest import model_spec
 from tests.host_guard import OnDevice, count_syncs, guard
@@ -50,7 +50,7 @@ def run_request(name: str, words: int) -> tuple[int, int]:
     done = []
 
     def request() -> None:
-        with apply(method, model, tokenizer) as session:
+        with open_session(method, model, tokenizer) as session:
             done.append(session.generate(prompt, max_new_tokens=5))
 
     syncs = count_syncs(request)

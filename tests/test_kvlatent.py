@@ -15,9 +15,10 @@ from transformers import DynamicCache
 
 from harness import records
 from harness.generation import greedy_generate
+from harness.job import execute, prepare
 from harness.measure import stored_kv_bytes
 from harness.models import ModelSpec
-from harness.run import CONF_DIR, build, execute
+from harness.run import CONF_DIR
 from methods.base import MethodConfigError
 from methods.model import checkpoint as ckpt
 from methods.model import data, training
@@ -365,7 +366,7 @@ def test_ablation_sweep_composes_every_combination(tmp_path):
             for dim in params["method.dim"].split(","):
                 for rope in params["method.rope"].split(","):
                     overrides = [f"method={method}", f"method.dim={dim}", f"method.rope={rope}"]
-                    built = build(compose(config_name="config", overrides=overrides))[1]
+                    built = prepare(compose(config_name="config", overrides=overrides))[1]
                     assert (built.dim, built.rope) == (int(dim), rope)
 
 

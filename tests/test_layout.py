@@ -133,10 +133,6 @@ def test_methods_name_no_harness_target() -> None:
     assert bad == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="harness/api.py still imports harness/run.py: the job split is not merged yet",
-)
 def test_the_api_does_not_reach_the_command_line() -> None:
     assert "harness.run" not in reachable(project_graph(), "harness.api")
 

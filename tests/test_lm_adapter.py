@@ -13,7 +13,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from harness.lm import KVBenchLM
-from harness.session import apply, truncate
+from harness.session import open_session, truncate
 from harness.taskspec import TaskSpec
 from methods.cache.streamingllm import StreamingLLM
 from methods.full import FullCache
@@ -54,7 +54,7 @@ def evaluate(lm, task: TaskSpec, limit: int, max_gen_toks: int) -> dict:
 @contextmanager
 def adapter(model, tokenizer, method=None, **kwargs) -> Iterator[KVBenchLM]:
     """The adapter over a session with ``method`` (default: the full cache) applied."""
-    with apply(method or FullCache(), model, tokenizer, max_length=2048) as session:
+    with open_session(method or FullCache(), model, tokenizer, max_length=2048) as session:
         yield KVBenchLM(session, **kwargs)
 
 
@@ -130,9 +130,10 @@ def test_reference_nll_is_the_teacher_forced_answer_nll(tiny_gqa):
     ) as lm:
         request = type("Request", (), {"doc": {"answer": ["ab c", "ignored"]}})()
         ids = lm.tok_encode("Q: 1+1\nA:")
-        got = lm._reference_nll(request, ids)
+        got = lm.session.reference_nll(lm._reference_answer(request), ids, lm.reference_tokens)
         answer = lm.tok_encode(" ab c", add_special_tokens=False)
-        empty = lm._reference_nll(type("Request", (), {"doc": {"answer": ""}})(), ids)
+        empty_doc = type("Request", (), {"doc": {"answer": ""}})()
+        empty = lm.session.reference_nll(lm._reference_answer(empty_doc), ids, 6)
     with torch.no_grad():
         logits = model(torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1]
     expected = -torch.log_softmax(logits, -1).gather(1, torch.tensor([answer]).T).mean()

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness.lm import KVBenchLM
 from harness.results import aggregate
-from harness.session import apply
+from harness.session import open_session
 from harness.tasks import TASKS_DIR
 from methods.base import Compose, MethodConfigError, PromptParts
 from methods.prompt.compressor import chunk_spans
@@ -259,9 +259,9 @@ def test_the_adapter_records_requested_and_achieved_rates(tiny, rendered):
     assert [m.kind for m in composed.flatten()] == ["prompt", "cache"]
     split = spec("gsm8k").split_prompt
     prompt, question = rendered["gsm8k"]
-    with apply(method, model, tokenizer, max_length=4096) as session:
-        text, seconds, fields = session.compress(split(prompt))
-        blank = session.compress(split("   "))
+    with open_session(method, model, tokenizer, max_length=4096) as session:
+        text, seconds, fields = session.shorten_prompt(split(prompt))
+        blank = session.shorten_prompt(split("   "))
     assert text.endswith(question) and seconds > 0
     assert fields["prompt_rate_requested"] == pytest.approx(0.3)
     assert abs(fields["prompt_rate_achieved"] - 0.3) <= 0.02  # byte tokenizer: same tokens
@@ -279,7 +279,7 @@ def test_a_prompt_too_long_for_the_window_is_truncated_before_it_is_compressed(t
 
     model, tokenizer = tiny
     method = build("random_deletion", ratio=0.5)
-    with apply(method, model, tokenizer, max_length=304) as session:
+    with open_session(method, model, tokenizer, max_length=304) as session:
         lm = KVBenchLM(
             session, split_prompt=spec("gsm8k").split_prompt, truncation="middle", max_gen_toks=4
         )

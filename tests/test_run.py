@@ -173,7 +173,7 @@ def test_a_cache_method_that_sees_no_cache_fails_and_writes_no_record(tmp_path, 
 def test_a_method_that_measures_no_reduction_fails_and_writes_no_record(tmp_path, monkeypatch):
     # hooks that see the cache but change nothing (as a renamed argument did before kvbench
     # checked it): the run measures kv_ratio 1 and is refused at the end, unrecorded
-    from harness.run import NoEffectError
+    from harness.job import NoEffectError
     from methods.cache.streamingllm import StreamingLLM
 
     monkeypatch.setattr(StreamingLLM, "compresses_layer", lambda self, module, layer: False)
@@ -185,7 +185,7 @@ def test_a_method_that_measures_no_reduction_fails_and_writes_no_record(tmp_path
 
 
 def test_a_prompt_method_that_removes_nothing_fails(tmp_path):
-    from harness.run import NoEffectError
+    from harness.job import NoEffectError
 
     results = tmp_path / "results"
     never = "task.protect_from=NEVER-IN-A-PROMPT"  # no match: the whole prompt is protected

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.api import build, evaluate
-from harness.session import apply
+from harness.session import open_session
 from methods.base import Compose, PromptParts
 from tests.conftest import model_spec
 
@@ -37,9 +37,9 @@ def test_the_readme_python_example_runs_on_a_tiny_model(tmp_path, monkeypatch, c
 def test_a_session_applies_the_method_only_inside_the_block(tiny_gqa):
     model, tokenizer = tiny_gqa
     ids = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(0)).tolist()
-    with apply(build("method", "streamingllm", ratio=0.25), model, tokenizer) as session:
+    with open_session(build("method", "streamingllm", ratio=0.25), model, tokenizer) as session:
         inside = session.generate(ids, max_new_tokens=3)
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         after = session.generate(ids, max_new_tokens=3)
     assert inside.generation.kv_bytes_prefill == pytest.approx(
         0.25 * after.generation.kv_bytes_prefill, rel=0.02
@@ -55,7 +55,7 @@ def test_compose_prepares_prompt_methods_then_registers_cache_hooks(tiny_gqa):
     )
     assert method.kinds() == {"cache", "prompt"}
     prompt = PromptParts("Some context that may be shortened. " * 8, "Question: what?")
-    with apply(method, model, tokenizer) as session:
+    with open_session(method, model, tokenizer) as session:
         out = session.generate(prompt, max_new_tokens=2)
     m = out.measurement
     assert m.prompt_rate_requested == pytest.approx(0.5)
@@ -68,7 +68,7 @@ def test_compose_prepares_prompt_methods_then_registers_cache_hooks(tiny_gqa):
 
 def test_loglikelihood_of_a_session_is_the_model_s(tiny_mha):
     model, tokenizer = tiny_mha
-    with apply(build("method", "full"), model, tokenizer) as session:
+    with open_session(build("method", "full"), model, tokenizer) as session:
         logprob, greedy = session.loglikelihood("abc def", " ghi")
     ids = tokenizer.encode("abc def") + tokenizer.encode(" ghi", add_special_tokens=False)
     n = len(tokenizer.encode(" ghi", add_special_tokens=False))
@@ -92,7 +92,7 @@ def test_evaluate_composes_the_cli_config_and_reuses_the_finished_run(tmp_path):
 def test_a_model_method_is_applied_once_and_stays():
     model, tokenizer = model_spec("tiny_llama_gqa").load()
     kvlatent = build("method", "kvlatent_kv", dim=8, train=False)
-    with apply(kvlatent, model, tokenizer) as session:
+    with open_session(kvlatent, model, tokenizer) as session:
         out = session.generate([5] * 20, max_new_tokens=2)
     # KV-Latent halves every head's keys and values (16 -> 8 channels): half the bytes
     assert out.measurement.kv_bytes_prefill == out.measurement.kv_full_bytes_prefill // 2
@@ -120,7 +120,7 @@ def test_a_prompt_method_sharing_the_model_composes_with_a_cache_method(tiny_gqa
         build("method", "dac", ratio=0.7),
         Compose(methods=[build("method", "dac", ratio=0.7), build("method", "snapkv", ratio=0.5)]),
     ):
-        with apply(method, model, tokenizer) as session:
+        with open_session(method, model, tokenizer) as session:
             out = session.generate(prompt, max_new_tokens=2)
         texts.append(tokenizer.decode(out.prompt_ids))
         ratios.append(out.measurement.kv_bytes_prefill / out.measurement.kv_full_bytes_prefill)

@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from harness import records
-from harness.run import CONF_DIR, build
+from harness.job import prepare
+from harness.run import CONF_DIR
 from hydra_plugins.kvbench_sweeper.kvbench_sweeper import KVBenchSweeper, with_references
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml") if p.stem != "none")
@@ -56,7 +57,7 @@ def test_every_job_of_a_named_sweep_composes_and_validates(name: str) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for overrides in jobs:
             cfg = compose(config_name="config", overrides=overrides)
-            build(cfg)  # instantiates and validates model, method and task; loads nothing
+            prepare(cfg)  # instantiates and validates model, method and task; loads nothing
             ids.add(records.run_id(cfg))
     assert len(ids) == len(jobs)  # every job is a different run
     assert any("method=full" in job for job in jobs)  # with its reference

@@ -14,7 +14,7 @@ import torch
 
 import methods.cache.scorer as scorer
 from harness.api import build
-from harness.session import apply
+from harness.session import open_session
 from tests.conftest import model_spec
 
 FIELDS = {"ratio": 0.25, "window": 8}  # tests/test_cuda.py's settings and prompt
@@ -41,7 +41,7 @@ def other_tie_order(scores, n_kept, sinks, recent):
 
 
 def last_logits(name: str, model, tokenizer) -> tuple[torch.Tensor, int]:
-    with apply(build("method", name, **FIELDS), model, tokenizer) as session:
+    with open_session(build("method", name, **FIELDS), model, tokenizer) as session:
         gen = session.generate(prompt_ids(160, seed=1), max_new_tokens=3).generation
     return gen.last_logits, gen.kv_bytes_prefill
 

@@ -16,14 +16,14 @@ from harness import records
 from harness.api import build
 from harness.results import aggregate
 from harness.run import CONF_DIR, execute
-from harness.session import apply
+from harness.session import open_session
 from methods.base import PromptParts
 
 
 def test_generate_counts_the_window_cut_of_text_and_of_ids(tiny_gqa):
     model, tokenizer = tiny_gqa
     prompt = "".join(chr(97 + i % 26) for i in range(150))
-    with apply(build("method", "full"), model, tokenizer, max_length=100) as session:
+    with open_session(build("method", "full"), model, tokenizer, max_length=100) as session:
         from_text = session.generate(prompt, max_new_tokens=10).measurement
         from_ids = session.generate(tokenizer.encode(prompt), max_new_tokens=10).measurement
         layout = session.kv_layout
@@ -41,7 +41,7 @@ def test_window_and_prompt_method_are_told_apart(tiny_gqa):
     model, tokenizer = tiny_gqa
     method = build("method", "random_deletion", ratio=0.5)
     prompt = PromptParts("x" * 200, "Q: why?")
-    with apply(method, model, tokenizer, max_length=110) as session:
+    with open_session(method, model, tokenizer, max_length=110) as session:
         m = session.generate(prompt, max_new_tokens=10).measurement
     window = 100  # 110 - 10 generated
     assert m.prompt_tokens_original == 207
@@ -56,14 +56,14 @@ def test_window_and_prompt_method_are_told_apart(tiny_gqa):
 
 def test_scoring_counts_the_window_cut_and_the_prompt_methods(tiny_gqa):
     model, tokenizer = tiny_gqa
-    with apply(build("method", "full"), model, tokenizer, max_length=100) as session:
-        session.score(list(range(65, 65 + 150)), [70, 71, 72, 73, 74])
+    with open_session(build("method", "full"), model, tokenizer, max_length=100) as session:
+        session.logprob(list(range(65, 65 + 150)), [70, 71, 72, 73, 74])
         [m] = session.measurements
     assert (m.prompt_tokens_original, m.prompt_tokens, m.truncated_tokens) == (150, 96, 54)
     assert m.kv_full_bytes_prefill == session.kv_layout.full_bytes(96)
 
     method = build("method", "random_deletion", ratio=0.5)
-    with apply(method, model, tokenizer, max_length=1000) as session:
+    with open_session(method, model, tokenizer, max_length=1000) as session:
         session.loglikelihood("y" * 200, " z")
         [m] = session.measurements
     assert m.prompt_tokens_original == 200 and m.truncated_tokens == 0

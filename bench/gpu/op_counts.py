@@ -28,8 +28,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
 from bench.gpu.speed import LLAMA3_8B, TINY, prompt  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.models import ModelSpec  # noqa: E402
 
 METHODS = ("full", "streamingllm", "knorm", "snapkv", "pyramidkv", "h2o", "spindlekv")
@@ -80,7 +81,7 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def launches(model, tokenizer, name: str, ids: torch.Tensor, tokens: int, ratio: float):
     """Counter of launched kernels (CUDA) or aten operators (CPU) over one request."""
-    method = None if name == "full" else load("method", name, ratio=ratio)
+    method = None if name == "full" else build("method", name, ratio=ratio)
     cuda = next(model.parameters()).device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -97,7 +98,7 @@ def launches(model, tokenizer, name: str, ids: torch.Tensor, tokens: int, ratio:
 def per_step(model, tokenizer, name: str, ids: torch.Tensor, steps: int, ratio: float):
     """Launches of one decode step: (request with 2 + steps tokens - with 2) / steps."""
     generate(
-        model, tokenizer, None if name == "full" else load("method", name, ratio=ratio), ids, 2
+        model, tokenizer, None if name == "full" else build("method", name, ratio=ratio), ids, 2
     )
     short = launches(model, tokenizer, name, ids, 2, ratio)
     long = launches(model, tokenizer, name, ids, 2 + steps, ratio)

@@ -9,7 +9,7 @@ Model: random weights (seeded, drawn on the CPU) with Llama-3-8B's shapes (hidde
 heads, 8 KV heads, head_dim 128, MLP 14336, RoPE theta 500000) but ``--layers`` layers (4) and a
 small vocabulary (1024), in bfloat16 (``model.dtype: auto``) with sdpa attention. Prompts are
 seeded random token ids. Each (method, context) runs through kvbench's own request path
-(``bench.common.generate`` = ``harness.session.apply`` + ``Session.generate``): greedy decoding of
+(``bench.common.generate`` = ``harness.session.open_session`` + ``Session.generate``): greedy decoding of
 ``--decode-tokens`` tokens with EOS disabled, so every method decodes the same number of steps.
 Prefill and decode times are kvbench's (the clock synchronises the GPU), peak memory is the
 allocator's peak during the request (reset per request, weights included), KV bytes are the
@@ -51,10 +51,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
 from bench.gpu import ceilings  # noqa: E402
 from bench.gpu.baseline import generate_static  # noqa: E402
 from bench.gpu.speed_table import MB, table, verdicts, with_op_counts  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.models import ModelSpec  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
@@ -176,7 +177,7 @@ def request(model, tokenizer, name: str, ids: torch.Tensor, plan: Plan) -> dict:
     memory, KV bytes and tokens."""
     if name == BASELINE:
         return generate_static(model, ids, plan.decode_tokens)
-    method = None if name == "full" else load("method", name, ratio=plan.ratio)
+    method = None if name == "full" else build("method", name, ratio=plan.ratio)
     start = time.perf_counter()
     out = generate(model, tokenizer, method, ids, plan.decode_tokens)
     wall = time.perf_counter() - start

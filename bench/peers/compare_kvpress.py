@@ -36,9 +36,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import generate, load  # noqa: E402
+from bench.common import generate  # noqa: E402
 from bench.peers.kept import kept_positions  # noqa: E402
 from bench.peers.peer_io import run_driver  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.generation import new_cache  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 from harness.session import truncate  # noqa: E402
@@ -64,7 +65,7 @@ def qasper_prompts(tokenizer, count: int, context: int) -> list[list[int]]:
     """The first ``count`` qasper prompts as kvbench's lm-eval task renders them."""
     from lm_eval.tasks import get_task_dict
 
-    task = load("task", "longbench_qasper")
+    task = build("task", "longbench_qasper")
     lm_task = get_task_dict(task.task_names(), task.task_manager())[task.task_names()[0]]
     docs = list(lm_task.test_docs())[:count]
     return [truncate(tokenizer.encode(lm_task.doc_to_text(d)), context, "middle") for d in docs]
@@ -83,7 +84,7 @@ def agreement(ours: list[int], theirs: list[int]) -> float:
 def prefill(model, ids: torch.Tensor, method=None) -> tuple[list, torch.Tensor]:
     """(per-layer keys (H_kv, n, D) the cache stores after the prompt, next-token logits)."""
     cache = new_cache(model)
-    with (method or load("method", "full")).applied(model):
+    with (method or build("method", "full")).applied(model):
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return [layer.keys[0].clone() for layer in cache.layers], out.logits[0, -1].float()
 
@@ -100,7 +101,7 @@ def main() -> None:
     if not Path(args.peer_python).exists():
         sys.exit(f"no kvpress environment at {args.peer_python}: bash bench/peers/setup_kvpress.sh")
 
-    spec = load("model", "smollm2_135m")
+    spec = build("model", "smollm2_135m")
     model, tokenizer = spec.load()
     samples = qasper_prompts(tokenizer, args.samples, args.context)
     presses = [

@@ -45,8 +45,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load  # noqa: E402
 from bench.peers.peer_io import recording, run_driver  # noqa: E402
+from harness.api import build  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 from methods.base import PromptParts  # noqa: E402
 
@@ -56,7 +56,7 @@ PEER_PYTHON = HERE / ".venv-llmlingua" / "bin" / "python"
 def gsm8k_prompts(count: int) -> list[PromptParts]:
     """The first ``count`` GSM8K test prompts as kvbench's lm-eval task renders them (5-shot,
     lm-eval's default few-shot seed), split into demonstrations and question."""
-    task = load("task", "gsm8k")
+    task = build("task", "gsm8k")
     [name] = task.task_names()
     lm_task = task.task_manager().load([name])["tasks"][name]
     lm_task.set_fewshot_seed(1234)  # simple_evaluate's default fewshot_random_seed
@@ -147,14 +147,14 @@ def main() -> None:
         sys.exit(f"no llmlingua environment at {args.peer_python}: run setup_llmlingua.sh")
     torch.set_num_threads(args.threads)
 
-    spec = load("model", "smollm2_135m")
+    spec = build("model", "smollm2_135m")
     model, tokenizer = spec.load()
     torch.set_num_threads(args.threads)
     prompts = gsm8k_prompts(args.samples)
 
     ours, requests = [], []
     for rate in args.rates:
-        method = load("method", "llmlingua", ratio=round(1 - rate, 12))  # rate: share removed
+        method = build("method", "llmlingua", ratio=round(1 - rate, 12))  # rate: share removed
         with method.applied(model, tokenizer):
             ours_rate, requests_rate = compress_all(method, prompts, rate)
         ours += ours_rate

@@ -97,12 +97,12 @@ class KVBenchSweeper(BasicSweeper):
         lengths against its model's window: a failure names the job and stops the sweep."""
         if self.hydra_context is None or self.config is None:  # not set up (a bare split)
             return
-        from harness.run import build
+        from harness.job import prepare
 
         for number, job in enumerate(jobs):
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(job))
             try:
-                model_spec, _, task = build(cfg)
+                model_spec, _, task = prepare(cfg)
                 if number < references and task.is_ruler:
                     tokenizer = model_spec.load_tokenizer()
                     window = model_spec.context_length(model_spec.load_config())
