@@ -23,6 +23,7 @@ from torch.profiler import record_function
 
 from harness.kvcache import decode_attention, new_cache
 from harness.measure import (
+    ForwardCost,
     RequestMeasurement,
     allocated_kv_bytes,
     stored_kv_bytes,
@@ -31,22 +32,14 @@ from harness.measure import (
 from methods.base import cache_kwarg
 
 
-@dataclass
-class Generation:
+@dataclass(kw_only=True)
+class Generation(ForwardCost):
     """One greedy generation: the new tokens and what producing them cost."""
 
     tokens: list[int]
     prompt_tokens: int
-    prefill_s: float
-    decode_s: float
-    decode_steps: int
-    kv_bytes_prefill: int
-    kv_bytes_final: int
     cached_tokens_final: int
     last_logits: torch.Tensor  # (vocab,) the logits the last token was chosen from
-    # memory the cache's tensors occupy, spare room for the tokens to come included
-    kv_allocated_bytes_prefill: int = 0
-    kv_allocated_bytes_final: int = 0
 
 
 def _position(value: int, device: torch.device) -> torch.Tensor:
@@ -115,6 +108,7 @@ def greedy_generate(
         prefill_s=prefill_end - start,
         decode_s=end - prefill_end,
         decode_steps=len(tokens) - 1,
+        generated_tokens=len(tokens),
         kv_bytes_prefill=kv_prefill,
         kv_bytes_final=stored_kv_bytes(cache),
         cached_tokens_final=cache.get_seq_length(),
@@ -124,15 +118,13 @@ def greedy_generate(
     )
 
 
-@dataclass
-class Scored:
-    """Log-likelihood of a continuation and whether greedy decoding would produce it."""
+@dataclass(kw_only=True)
+class Scored(ForwardCost):
+    """Log-likelihood of a continuation, whether greedy decoding would produce it, and what
+    scoring it cost (recorded as a prefill: the cache after the last continuation token)."""
 
     logprob: float
     is_greedy: bool
-    prefill_s: float
-    kv_bytes_prefill: int
-    kv_allocated_bytes_prefill: int = 0
 
 
 @torch.inference_mode()
@@ -178,12 +170,15 @@ def score_continuation(
             steps.append(out.logits[0, -1])
         logits = torch.stack(steps)
     logprobs = F.log_softmax(logits.float(), dim=-1)
+    kv_bytes, allocated = stored_kv_bytes(cache), allocated_kv_bytes(cache)
     return Scored(
         logprob=float(logprobs.gather(1, cont.unsqueeze(1)).sum()),
         is_greedy=bool((logprobs.argmax(-1) == cont).all()),
         prefill_s=prefill_end - start,
-        kv_bytes_prefill=stored_kv_bytes(cache),
-        kv_allocated_bytes_prefill=allocated_kv_bytes(cache),
+        kv_bytes_prefill=kv_bytes,
+        kv_bytes_final=kv_bytes,
+        kv_allocated_bytes_prefill=allocated,
+        kv_allocated_bytes_final=allocated,
     )
 
 

@@ -1,5 +1,5 @@
 """One kvbench job as a library: check and instantiate a config (:func:`prepare`), run it
-under its method (:func:`execute`) and assemble its record (:func:`make_record`).
+under its method (:func:`execute`); its record is assembled by :mod:`harness.results`.
 
 The command line (:mod:`harness.run`) and :mod:`harness.api` both call :func:`execute`; this
 module knows nothing of Hydra's command line or of exit codes.
@@ -18,14 +18,14 @@ from typing import Any
 import lm_eval
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from harness import gpu_lease, preflight, records, results
 from harness import session as session_module
 from harness.lm import KVBenchLM
 from harness.models import ModelSpec
 from harness.preflight import BAD_INPUT, ConfigError
-from harness.provenance import code_hashes, now, provenance
+from harness.provenance import now
 from harness.session import Session
 from harness.taskspec import TaskSpec
 from methods.base import CacheMethod, Method
@@ -37,10 +37,8 @@ __all__ = [
     "NoEffectError",
     "evaluate",
     "execute",
-    "make_record",
     "open_session",
     "prepare",
-    "requested_kv_ratio",
 ]
 
 
@@ -135,7 +133,9 @@ def _run(
     ) as session:
         output = evaluate(session, task, task_manager, cap, cfg.run)
     _log_truncation(session, model_spec.max_length)
-    record = make_record(cfg, model_spec, model_config, method, task, session, output, data_hash)
+    record = results.make_record(
+        cfg, model_spec, model_config, method, task, session, output, data_hash
+    )
     reason = results.no_effect(
         method.kinds(),
         record["measurements"],
@@ -143,13 +143,7 @@ def _run(
     )
     if reason is not None:
         raise NoEffectError(f"{method.name}: {reason}. No record was written.")
-    record["provenance"] = {
-        **provenance(session.device, cfg.run.seed),
-        "code": code_hashes(method.flatten()),
-        "started_at": started,
-        "finished_at": now(),
-        "wall_s": time.perf_counter() - clock,
-    }
+    record["provenance"] = results.provenance_section(session, method, cfg.run.seed, started, clock)
     return record
 
 
@@ -227,66 +221,6 @@ def with_resolved_dtype(cfg: DictConfig, model_spec: ModelSpec) -> DictConfig:
     return cfg
 
 
-def make_record(
-    cfg: DictConfig,
-    model_spec: ModelSpec,
-    model_config: Any,
-    method: Method,
-    task: TaskSpec,
-    session: Session,
-    output: dict[str, Any],
-    data_hash: str | None = None,
-) -> dict[str, Any]:
-    text_config = model_config.get_text_config()
-    rows = session.measurement_rows()
-    names = task.task_names()
-    return {
-        "schema_version": records.SCHEMA_VERSION,
-        "run_id": records.run_id(cfg, data_hash),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "model": {
-            "name": model_spec.name,
-            "num_layers": text_config.num_hidden_layers,
-            "num_kv_heads": getattr(text_config, "num_key_value_heads", None),
-            "head_dim": session.kv_layout.layers[0][1],
-            "dtype": model_spec.resolved_dtype,
-            "dtype_requested": model_spec.dtype,
-            "device": str(session.device),
-            "attn_implementation": model_spec.attn_implementation,
-            "sdpa_backend": model_spec.resolved_sdpa_backend(model_config),
-            "max_length": session.max_length,
-        },
-        "method": {
-            "name": method.name,
-            "kinds": sorted(method.kinds()),
-            "params": method.params(),
-            "describe": method.describe(),
-            "stats": results.method_stats(rows),
-        },
-        "task": {
-            "name": task.name,
-            "lm_eval_tasks": names,
-            "limit": task.limit,
-            "primary_metric": task.primary_metric,
-            "score_range": task.score_range,
-            **({"ruler": task.ruler_settings()} if task.is_ruler else {}),
-            "data_hash": data_hash,
-        },
-        "metrics": output["results"],
-        "score": {
-            "metric": task.primary_metric,
-            "value": results.primary_score(output["results"], names, task.primary_metric),
-        },
-        "measurements": {
-            **results.aggregate(rows),
-            "kv_ratio_requested": requested_kv_ratio(method),
-            # what peak_memory_bytes measured (harness.measure.PEAK_MEMORY_WORDS)
-            "peak_memory_kind": session.peak_memory.kind,
-        },
-        "samples": results.samples(output.get("samples", {}), rows, task.sample_fields),
-    }
-
-
 def _log_truncation(session: Session, max_length: int | None) -> None:
     """One line per run when the window cut prompts (each request's ``truncated_tokens``)."""
     cut = [m for m in session.measurements if m.truncated_tokens]
@@ -302,19 +236,3 @@ def _log_truncation(session: Session, max_length: int | None) -> None:
             sum(m.truncated_tokens for m in cut),
             sum(m.prompt_tokens_original for m in cut),
         )
-
-
-def requested_kv_ratio(method: Method) -> float | None:
-    """The fraction of the KV cache the cache methods were asked to keep (their product),
-    None when none asks for a ratio (token budgets, prompt or model methods only)."""
-    ratios = [
-        m.requested_ratio()
-        for m in method.flatten()
-        if isinstance(m, CacheMethod) and m.asks_reduction()
-    ]
-    if not ratios or any(r is None for r in ratios):
-        return None
-    product = 1.0
-    for r in ratios:
-        product *= r
-    return product

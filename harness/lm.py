@@ -8,7 +8,6 @@ adapter changes measurement, not results (``tests/test_lm_adapter.py`` checks th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,17 +23,6 @@ from tqdm import tqdm
 from harness.preflight import DEFAULT_MAX_GEN_TOKS, check_prompt_lengths, generation_limit
 from harness.session import Session
 from methods.base import PromptParts
-
-
-@dataclass
-class _Scoring:
-    """What a log-likelihood request carries besides its tokens: the lm-eval ``Instance``
-    (for task and doc id) and what prompt methods did to its context."""
-
-    request: Any
-    prompt_method_s: float
-    prompt_fields: dict[str, Any]
-    original_tokens: int | None = None  # the context's tokens before prompt methods
 
 
 def _tag(request: Any) -> dict[str, Any]:
@@ -78,8 +66,7 @@ class KVBenchLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.tokenizer.eos_token_id
+        return self.session.prefix_token_id
 
     @property
     def device(self) -> torch.device:
@@ -143,46 +130,23 @@ class KVBenchLM(TemplateLM):
 
     # --- log-likelihood ---------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple]:
-        """Prompt methods shorten each context; then tokenise as lm-eval's ``TemplateLM``."""
-        encoded = []
-        for request in requests:
-            context, continuation = request.args
-            text, seconds, fields = self.session.shorten_prompt(self.split_prompt(context))
-            original = None  # no prompt method changed the context
-            if text != context:
-                original = len(self._encode_pair(context, continuation)[0]) if context else 0
-            if text == "":
-                cont = self.tok_encode(continuation, add_special_tokens=False)
-                pair = (
-                    ([self.prefix_token_id], cont)
-                    if self.prefix_token_id != cont[0]
-                    else (cont[:1], cont[1:])
-                )
-            else:
-                pair = self._encode_pair(text, continuation)
-            encoded.append((_Scoring(request, seconds, fields, original), *pair))
-        return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
+        """Each (context, continuation) through :meth:`Session.loglikelihood`: prompt methods
+        shorten the context, then the pair is tokenised as lm-eval's ``TemplateLM`` does."""
+        return [
+            self.session.loglikelihood(*request.args, split=self.split_prompt, tag=_tag(request))
+            for request in tqdm(requests, desc="kvbench loglikelihood", disable=disable_tqdm)
+        ]
 
     def _loglikelihood_tokens(
         self, requests: list[tuple], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        """requests: (_Scoring or lm-eval's cache key, context ids, continuation ids)."""
-        results = []
-        for meta, context_enc, continuation_enc in tqdm(
-            requests, desc="kvbench loglikelihood", disable=disable_tqdm
-        ):
-            meta = meta if isinstance(meta, _Scoring) else _Scoring(None, 0.0, {})
-            results.append(
-                self.session.logprob(
-                    context_enc,
-                    continuation_enc,
-                    tag=_tag(meta.request),
-                    prompt_method_s=meta.prompt_method_s,
-                    prompt_fields=meta.prompt_fields,
-                    original_tokens=meta.original_tokens,
-                )
+        """requests: (lm-eval's cache key, context ids, continuation ids), scored as they are."""
+        return [
+            self.session.logprob(context, continuation)
+            for _, context, continuation in tqdm(
+                requests, desc="kvbench loglikelihood", disable=disable_tqdm
             )
-        return results
+        ]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         totals = []

@@ -129,11 +129,33 @@ KEY = {"aggregate": False}
 PER_REQUEST = {"aggregate": False}
 
 
-@dataclass
-class RequestMeasurement:
-    """What one request cost. Byte counts are of the KV cache; ``kv_full_*`` is what an
-    unmodified model's full cache holds for the same (uncompressed) prompt. Every field is
-    summed and averaged over a run (:data:`harness.results.MEASURED_FIELDS`) except those
+@dataclass(kw_only=True)
+class ForwardCost:
+    """What a request's forward passes cost: the fields of :class:`RequestMeasurement` that a
+    generation (:class:`harness.generation.Generation`) and a scoring
+    (:class:`harness.generation.Scored`) measure themselves. Byte counts are of the KV cache."""
+
+    prefill_s: float
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    kv_bytes_prefill: int
+    kv_bytes_final: int
+    # memory the cache's tensors occupy (spare room of the in-place appends included); the
+    # kv_bytes_* are the tokens held, what kv_ratio is computed from
+    kv_allocated_bytes_prefill: int | None = None
+    kv_allocated_bytes_final: int | None = None
+
+    def cost_fields(self) -> dict[str, Any]:
+        """This cost's fields by name (a subclass's own fields left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ForwardCost)}
+
+
+@dataclass(kw_only=True)
+class RequestMeasurement(ForwardCost):
+    """What one request cost: its :class:`ForwardCost` and the fields below, each field named
+    here once. ``kv_full_*`` is what an unmodified model's full cache holds for the same
+    (uncompressed) prompt. Every field is summed and averaged over a run (:data:`harness.results.MEASURED_FIELDS`) except those
     marked ``KEY`` (which request it was) or ``PER_REQUEST`` (kept with the request only)."""
 
     task: str = field(metadata=KEY)
@@ -143,12 +165,6 @@ class RequestMeasurement:
     prompt_tokens: int
     truncated_tokens: int
     prompt_method_s: float
-    prefill_s: float
-    decode_s: float
-    decode_steps: int
-    generated_tokens: int
-    kv_bytes_prefill: int
-    kv_bytes_final: int
     kv_full_bytes_prefill: int
     kv_full_bytes_final: int
     peak_memory_bytes: int
@@ -159,10 +175,6 @@ class RequestMeasurement:
     # how far the request's peak rose above it
     memory_before_bytes: int | None = None
     peak_memory_rise_bytes: int | None = None
-    # memory the cache's tensors occupy (spare room of the in-place appends included); the
-    # kv_bytes_* above are the tokens held, what kv_ratio is computed from
-    kv_allocated_bytes_prefill: int | None = None
-    kv_allocated_bytes_final: int | None = None
     # with prompt methods only (None otherwise): the compressible part (demonstrations,
     # context) in the target model's tokens before/after them, the rate of it they were
     # asked to remove, the rate removed (in target tokens), the rate removed in the

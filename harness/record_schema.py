@@ -3,7 +3,7 @@
 :func:`harness.records.write_record` refuses a record that fails it, the runner's "is this run
 finished" (:func:`harness.records.record_problem`) and the report
 (:func:`harness.records.load_record`) treat one that fails it as unfinished / skipped, and
-each says why in one line naming the field (:func:`problem`). See :mod:`harness.records` for
+each says why in one line naming the field (:func:`problem`). See :mod:`harness.results` for
 what each section holds; here is what each must be:
 
 - ``schema_version`` the integer 1; ``run_id`` a string, the name of the record's folder;

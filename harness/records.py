@@ -19,28 +19,7 @@ succeed (the second keeps the first's record). A run is finished only when its
 name) (:func:`is_finished`); anything else there (a truncated file, another schema, a score
 that is not a number, a FIFO) is recomputed, and the report skips it naming the field.
 
-``record.json`` (schema version 1)::
-
-    schema_version  1
-    run_id          the folder name
-    config          resolved config (model, method, task, run)
-    model           {name, num_layers, num_kv_heads, head_dim, dtype (resolved: ``auto`` is
-                    bfloat16 on CUDA, float32 on the CPU), dtype_requested, device,
-                    attn_implementation, max_length}
-    method          {name, kinds, params, describe, stats}: ``describe`` the static facts of
-                    the applied method (``Method.describe``: KV-Latent's d_qk/d_vo, trained),
-                    ``stats`` what it did, over the requests (``Method.last_stats``: tokens
-                    held and kept per layer, compressed layers, ...)
-    task            {name, lm_eval_tasks, limit, primary_metric, data_hash}
-    metrics         lm-eval's results, per lm-eval task / group
-    score           {metric, value}: the task's primary metric
-    measurements    per-request values aggregated: {field: {n, mean, p50, p95, min, max, total}}
-                    plus totals: kv_ratio (measured), kv_ratio_requested,
-                    kv_ratio_reachable, decode_tok_per_s, prefill_tok_per_s
-    samples         per-sample outputs with lm-eval's per-sample metrics and the request's
-                    own measurements
-    provenance      git commit, package versions, device, threads, seed, times, and
-                    ``code``: hashes of the methods' and the harness's measuring source
+What ``record.json`` holds: :mod:`harness.results` (which assembles it).
 """
 
 from __future__ import annotations

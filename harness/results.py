@@ -1,14 +1,49 @@
-"""Turn lm-eval's output and the adapter's per-request measurements into a record."""
+"""A run's record, assembled in one place: lm-eval's output and the session's per-request
+measurements into the sections below (:func:`make_record`, :func:`provenance_section`).
+:mod:`harness.records` names and writes the record, :mod:`harness.record_schema` types it.
+
+``record.json`` (schema version 1)::
+
+    schema_version  1
+    run_id          the folder name
+    config          resolved config (model, method, task, run)
+    model           {name, num_layers, num_kv_heads, head_dim, dtype (resolved: ``auto`` is
+                    bfloat16 on CUDA, float32 on the CPU), dtype_requested, device,
+                    attn_implementation, max_length}
+    method          {name, kinds, params, describe, stats}: ``describe`` the static facts of
+                    the applied method (``Method.describe``: KV-Latent's d_qk/d_vo, trained),
+                    ``stats`` what it did, over the requests (``Method.last_stats``: tokens
+                    held and kept per layer, compressed layers, ...)
+    task            {name, lm_eval_tasks, limit, primary_metric, data_hash}
+    metrics         lm-eval's results, per lm-eval task / group
+    score           {metric, value}: the task's primary metric
+    measurements    per-request values aggregated: {field: {n, mean, p50, p95, min, max, total}}
+                    plus totals: kv_ratio (measured), kv_ratio_requested,
+                    kv_ratio_reachable, decode_tok_per_s, prefill_tok_per_s
+    samples         per-sample outputs with lm-eval's per-sample metrics and the request's
+                    own measurements
+    provenance      git commit, package versions, device, threads, seed, times, and
+                    ``code``: hashes of the methods' and the harness's measuring source
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from harness import records
 from harness.measure import RequestMeasurement, summarize
+from harness.models import ModelSpec
+from harness.provenance import code_hashes, now, provenance
 from harness.record_values import is_number
+from harness.session import Session
+from harness.taskspec import TaskSpec
+from methods.base import CacheMethod, Method
 
 # every numeric measurement of a request, in RequestMeasurement's order: summed and averaged
 # over the run (a field that is None in a request, e.g. a prompt method's rates without one,
@@ -162,3 +197,96 @@ def primary_score(results: dict[str, Any], task_names: list[str], metric: str) -
         if isinstance(value, int | float):
             return float(value)
     return None
+
+
+def make_record(
+    cfg: DictConfig,
+    model_spec: ModelSpec,
+    model_config: Any,
+    method: Method,
+    task: TaskSpec,
+    session: Session,
+    output: dict[str, Any],
+    data_hash: str | None = None,
+) -> dict[str, Any]:
+    """The record of a finished run, every section but ``provenance``
+    (:func:`provenance_section`, added once the run is known to have had an effect)."""
+    text_config = model_config.get_text_config()
+    rows = session.measurement_rows()
+    names = task.task_names()
+    return {
+        "schema_version": records.SCHEMA_VERSION,
+        "run_id": records.run_id(cfg, data_hash),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "model": {
+            "name": model_spec.name,
+            "num_layers": text_config.num_hidden_layers,
+            "num_kv_heads": getattr(text_config, "num_key_value_heads", None),
+            "head_dim": session.kv_layout.layers[0][1],
+            "dtype": model_spec.resolved_dtype,
+            "dtype_requested": model_spec.dtype,
+            "device": str(session.device),
+            "attn_implementation": model_spec.attn_implementation,
+            "sdpa_backend": model_spec.resolved_sdpa_backend(model_config),
+            "max_length": session.max_length,
+        },
+        "method": {
+            "name": method.name,
+            "kinds": sorted(method.kinds()),
+            "params": method.params(),
+            "describe": method.describe(),
+            "stats": method_stats(rows),
+        },
+        "task": {
+            "name": task.name,
+            "lm_eval_tasks": names,
+            "limit": task.limit,
+            "primary_metric": task.primary_metric,
+            "score_range": task.score_range,
+            **({"ruler": task.ruler_settings()} if task.is_ruler else {}),
+            "data_hash": data_hash,
+        },
+        "metrics": output["results"],
+        "score": {
+            "metric": task.primary_metric,
+            "value": primary_score(output["results"], names, task.primary_metric),
+        },
+        "measurements": {
+            **aggregate(rows),
+            "kv_ratio_requested": requested_kv_ratio(method),
+            # what peak_memory_bytes measured (harness.measure.PEAK_MEMORY_WORDS)
+            "peak_memory_kind": session.peak_memory.kind,
+        },
+        "samples": samples(output.get("samples", {}), rows, task.sample_fields),
+    }
+
+
+def provenance_section(
+    session: Session, method: Method, seed: int, started: str, clock: float
+) -> dict[str, Any]:
+    """Where, with what and when the run was made: git commit, packages, device, threads,
+    seed, the hashes of the methods' and the harness's measuring source, start and end times
+    (``started``, with ``clock`` its ``time.perf_counter()``)."""
+    return {
+        **provenance(session.device, seed),
+        "code": code_hashes(method.flatten()),
+        "started_at": started,
+        "finished_at": now(),
+        "wall_s": time.perf_counter() - clock,
+    }
+
+
+def requested_kv_ratio(method: Method) -> float | None:
+    """The fraction of the KV cache the cache methods were asked to keep (their product),
+    None when none asks for a ratio (token budgets, prompt or model methods only)."""
+    ratios = [
+        m.requested_ratio()
+        for m in method.flatten()
+        if isinstance(m, CacheMethod) and m.asks_reduction()
+    ]
+    if not ratios or any(r is None for r in ratios):
+        return None
+    product = 1.0
+    for r in ratios:
+        product *= r
+    return product

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from harness import session_checks as checks
-from harness.generation import Generated, Generation, greedy_generate, score_continuation
+from harness.generation import Generated, greedy_generate, score_continuation
 from harness.measure import (
+    ForwardCost,
     KVLayout,
     PeakMemory,
     RequestMeasurement,
@@ -77,6 +78,8 @@ class Session:
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        bos = tokenizer.bos_token_id  # lm-eval's prefix token: an empty context's stand-in
+        self.prefix_token_id = bos if bos is not None else tokenizer.eos_token_id
 
     # --- tokenisation (as lm-eval's hf backend) ------------------------------------------
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
@@ -201,46 +204,14 @@ class Session:
             eos_token_ids=self.eos_token_ids,
             should_stop=stopped if (stops or should_stop) else None,
         )
-        measurement = self._measure_generation(tag, fit, gen, reference, reference_tokens)
+        # the reference answer is scored after the measurement read the peak memory and the
+        # method's stats, so it changes neither
+        measurement = self._measure(tag, "generate_until", gen, fit, fit.window_tokens)
+        measurement = replace(
+            measurement, **self.reference_nll(reference, fit.ids, reference_tokens)
+        )
+        self.measurements.append(measurement)
         return Generated(self.decode(gen.tokens), fit.ids, gen, measurement)
-
-    def _measure_generation(
-        self,
-        tag: dict[str, Any] | None,
-        fit: PromptFit,
-        gen: Generation,
-        reference: str | None,
-        reference_tokens: int,
-    ) -> RequestMeasurement:
-        """One generation's measurement; the reference answer is scored after the peak memory
-        and method stats were read, so it changes neither."""
-        peak = self.peak_memory.read(
-            max(gen.kv_allocated_bytes_prefill, gen.kv_allocated_bytes_final)
-        )
-        stats = self.method.last_stats()
-        return self._record(
-            tag,
-            "generate_until",
-            stats,
-            prompt_tokens_original=fit.original_tokens,
-            prompt_tokens=len(fit.ids),
-            truncated_tokens=fit.truncated_tokens,
-            prompt_method_s=fit.prompt_method_s,
-            prefill_s=gen.prefill_s,
-            decode_s=gen.decode_s,
-            decode_steps=gen.decode_steps,
-            generated_tokens=len(gen.tokens),
-            kv_bytes_prefill=gen.kv_bytes_prefill,
-            kv_bytes_final=gen.kv_bytes_final,
-            kv_allocated_bytes_prefill=gen.kv_allocated_bytes_prefill,
-            kv_allocated_bytes_final=gen.kv_allocated_bytes_final,
-            kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
-            kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, fit.window_tokens),
-            kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + gen.decode_steps),
-            **peak,
-            **fit.fields,
-            **self.reference_nll(reference, fit.ids, reference_tokens),
-        )
 
     def reference_nll(
         self, answer: str | None, ids: list[int], max_tokens: int = 64
@@ -289,65 +260,88 @@ class Session:
             self.model, context, continuation, stepwise=self.stepwise_scoring
         )
         if measure:
-            full = self.kv_layout.full_bytes(min(original, room))  # the full cache's window
-            self._record(
-                tag,
-                "loglikelihood",
-                self.method.last_stats(),
-                prompt_tokens_original=original,
-                prompt_tokens=len(context),
-                truncated_tokens=len(context_ids) - len(context),
-                prompt_method_s=prompt_method_s,
-                prefill_s=scored.prefill_s,
-                decode_s=0.0,
-                decode_steps=0,
-                generated_tokens=0,
-                kv_bytes_prefill=scored.kv_bytes_prefill,
-                kv_bytes_final=scored.kv_bytes_prefill,
-                kv_allocated_bytes_prefill=scored.kv_allocated_bytes_prefill,
-                kv_allocated_bytes_final=scored.kv_allocated_bytes_prefill,
-                kv_full_bytes_prefill=full,
-                kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, len(context)),
-                kv_full_bytes_final=full,
-                **self.peak_memory.read(scored.kv_allocated_bytes_prefill),
-                **(prompt_fields or {}),
+            cut = len(context_ids) - len(context)
+            # the full cache's window: the context before prompt methods, cut to fit
+            fit = PromptFit(context, original, cut, prompt_method_s, prompt_fields or {})
+            fit.window_tokens = min(original, room)
+            self.measurements.append(
+                self._measure(tag, "loglikelihood", scored, fit, floor_tokens=len(context))
             )
         return scored.logprob, scored.is_greedy
 
     def loglikelihood(
-        self, context: str, continuation: str, *, tag: dict[str, Any] | None = None
+        self,
+        context: str,
+        continuation: str,
+        *,
+        split: Callable[[str], PromptParts] | None = None,
+        tag: dict[str, Any] | None = None,
     ) -> tuple[float, bool]:
-        """log p(continuation | context) of two texts; the context passes through the
-        prompt methods first (all of it compressible)."""
+        """log p(continuation | context) of two texts. The prompt methods shorten the context
+        first (``split``: what they may shorten, as in :meth:`fit`; default all of it), then
+        the pair is tokenised as lm-eval's ``TemplateLM.loglikelihood`` does
+        (:meth:`encode_pair`)."""
         checks.check_open(self.is_open, self.method, "loglikelihood")
-        checks.check_texts("loglikelihood", context=context, continuation=continuation)
-        text, seconds, fields = self.shorten_prompt(PromptParts(context, ""))
+        checks.check_texts("loglikelihood", continuation=continuation)
+        if not isinstance(context, str):
+            checks.check_texts("loglikelihood", context=context)
+        split = split or (lambda text: PromptParts(text, ""))
+        text, seconds, fields = self.shorten_prompt(split(context))
+        original = None  # no prompt method changed the context
+        if text != context:
+            original = len(self.encode_pair(context, continuation)[0])
         return self.logprob(
-            self.encode(text),
-            self.encode(continuation, add_special_tokens=False),
+            *self.encode_pair(text, continuation),
             tag=tag,
             prompt_method_s=seconds,
             prompt_fields=fields,
-            original_tokens=len(self.encode(context)) if text != context else None,
+            original_tokens=original,
         )
 
-    def _record(
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) as lm-eval's ``TemplateLM`` makes them: the
+        context's trailing spaces move to the continuation and the pair is encoded whole,
+        then split at the context's length; an empty context is the prefix token (BOS, or
+        EOS without one)."""
+        if context == "":
+            ids = self.encode(continuation, add_special_tokens=False)
+            prefix = [self.prefix_token_id] if self.prefix_token_id != ids[0] else []
+            return (prefix, ids) if prefix else (ids[:1], ids[1:])
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        context_ids = self.encode(context)
+        return context_ids, self.encode(context + continuation)[len(context_ids) :]
+
+    def _measure(
         self,
         tag: dict[str, Any] | None,
         request_type: str,
-        method_stats: dict[str, Any] | None,
-        **values: Any,
+        cost: ForwardCost,
+        fit: PromptFit,
+        floor_tokens: int,
     ) -> RequestMeasurement:
+        """The measurement of one request: ``cost`` of its forward passes, ``fit`` of its
+        prompt (the full cache's reference is of ``fit.window_tokens``), the peak memory
+        since the last reset and the method's stats on it."""
         tag = tag or {}
-        measurement = RequestMeasurement(
+        allocated = max(cost.kv_allocated_bytes_prefill, cost.kv_allocated_bytes_final)
+        return RequestMeasurement(
             task=str(tag.get("task") or ""),
             doc_id=int(tag.get("doc_id", -1)),
             request_type=request_type,
-            method_stats=method_stats,
-            **values,
+            prompt_tokens_original=fit.original_tokens,
+            prompt_tokens=len(fit.ids),
+            truncated_tokens=fit.truncated_tokens,
+            prompt_method_s=fit.prompt_method_s,
+            kv_full_bytes_prefill=self.kv_layout.full_bytes(fit.window_tokens),
+            kv_full_bytes_final=self.kv_layout.full_bytes(fit.window_tokens + cost.decode_steps),
+            kv_floor_bytes_prefill=floor_bytes(self.kv_layout, self.method, floor_tokens),
+            method_stats=self.method.last_stats(),
+            **cost.cost_fields(),
+            **self.peak_memory.read(allocated),
+            **fit.fields,
         )
-        self.measurements.append(measurement)
-        return measurement
 
     def measurement_rows(self) -> list[dict[str, Any]]:
         return [asdict(m) for m in self.measurements]

@@ -214,18 +214,24 @@ def test_apply_refuses_a_window_that_is_not_a_positive_int(tiny_gqa, max_length)
             pass
 
 
-@pytest.mark.parametrize(
-    ("context", "continuation", "names"),
-    [("", " x", "context is empty"), ("abc", "", "continuation is empty")],
-)
-def test_loglikelihood_refuses_empty_texts(tiny_gqa, context, continuation, names):
-    """An empty context used to fail deep in torch's embedding (a float tensor)."""
+def test_loglikelihood_refuses_an_empty_continuation(tiny_gqa):
+    """An empty text used to fail deep in torch's embedding (a float tensor)."""
     model, tokenizer = tiny_gqa
     with open_session(build("method", "full"), model, tokenizer) as session:
-        with pytest.raises(ValueError, match=names):
-            session.loglikelihood(context, continuation)
+        with pytest.raises(ValueError, match="continuation is empty"):
+            session.loglikelihood("abc", "")
         with pytest.raises(ValueError, match="context_ids is an empty list"):
             session.logprob([], [5])
+
+
+def test_an_empty_context_is_the_prefix_token_as_in_lm_eval(tiny_gqa):
+    """lm-eval's ``TemplateLM.loglikelihood`` scores an empty context's continuation after
+    the prefix token (BOS, else EOS); the session does the same."""
+    model, tokenizer = tiny_gqa
+    with open_session(build("method", "full"), model, tokenizer) as session:
+        continuation = session.encode(" x y", add_special_tokens=False)
+        expected = session.logprob([session.prefix_token_id], continuation)
+        assert session.loglikelihood("", " x y") == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
