@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from harness.api import build  # noqa: E402
-from harness.job import open_session  # noqa: E402
+from harness.job import load_session  # noqa: E402
 from harness.lm import KVBenchLM  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
@@ -60,7 +60,7 @@ def main() -> None:
 
     spec = build("model", args.model, max_length=args.max_length)
     task = build("task", args.task)
-    with open_session(spec, build("method", "full")) as session:
+    with load_session(spec, build("method", "full")) as session:
         hf = HFLM(
             pretrained=session.model,
             tokenizer=session.tokenizer,

@@ -21,12 +21,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from harness import gpu_lease, preflight, records, results
-from harness import session as session_module
 from harness.lm import KVBenchLM
 from harness.models import ModelSpec
 from harness.preflight import BAD_INPUT, ConfigError
 from harness.provenance import now
-from harness.session import Session
+from harness.session import Session, open_session
 from harness.taskspec import TaskSpec
 from methods.base import CacheMethod, Method
 from methods.storage import cache_root
@@ -37,7 +36,7 @@ __all__ = [
     "NoEffectError",
     "evaluate",
     "execute",
-    "open_session",
+    "load_session",
     "prepare",
 ]
 
@@ -128,7 +127,7 @@ def _run(
     """Load the model, run the task's requests under the method, and return the record."""
     cap = cfg.run.max_gen_toks
     started, clock = now(), time.perf_counter()
-    with open_session(
+    with load_session(
         model_spec, method, model_config=model_config, add_bos_token=cfg.run.add_bos_token
     ) as session:
         output = evaluate(session, task, task_manager, cap, cfg.run)
@@ -156,14 +155,14 @@ def check_method(model_spec: ModelSpec, method: Method, model_config: Any) -> No
 
 
 @contextmanager
-def open_session(
+def load_session(
     model_spec: ModelSpec,
     method: Method,
     *,
     model_config: Any = None,
     add_bos_token: bool | None = None,
 ) -> Iterator[Session]:
-    """``with open_session(model_spec, method) as session:`` load the model and run it under
+    """``with load_session(model_spec, method) as session:`` load the model and run it under
     ``method`` in a window of the model's context length (:func:`harness.session.open_session`).
 
     Without ``model_config`` the method is first checked against the model (:func:`check_method`);
@@ -172,7 +171,7 @@ def open_session(
         model_config = model_spec.load_config()
         check_method(model_spec, method, model_config)
     model, tokenizer = model_spec.load()
-    with session_module.open_session(
+    with open_session(
         method,
         model,
         tokenizer,

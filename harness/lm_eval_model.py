@@ -36,7 +36,7 @@ from lm_eval.tasks import TaskManager
 
 from harness import results
 from harness.api import build
-from harness.job import open_session
+from harness.job import load_session
 from harness.lm import KVBenchLM
 from harness.tasks import TASKS_DIR
 
@@ -74,7 +74,7 @@ class KVBenchEvalLM(KVBenchLM):
         spec = build("model", model, **model_fields)
         method_obj = build("method", method, **method_fields)
         self._stack = ExitStack()
-        session = self._stack.enter_context(open_session(spec, method_obj))
+        session = self._stack.enter_context(load_session(spec, method_obj))
         super().__init__(session, truncation=truncation, max_gen_toks=max_gen_toks)
         self.names = {
             "model": model,

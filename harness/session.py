@@ -366,7 +366,7 @@ def open_session(
     refuses requests once the block ends, and a model already inside a block cannot be
     applied again (:mod:`harness.session_checks`). ``check_runtime=False`` skips
     ``method.validate_runtime`` for a caller that ran it before loading the weights
-    (:func:`harness.job.open_session`).
+    (:func:`harness.job.load_session`).
     """
     checks.check_apply_args(method, model, tokenizer, max_length)
     config = model.config.get_text_config()
