@@ -210,3 +210,11 @@ def test_runs_without_reference_nll_are_named_and_the_nll_group_left_out(
     assert len(board.warnings) == 1 and "h2o r=0.4" in board.warnings[0]
     assert "no reference_nll" in board.warnings[0]
     assert "gsm8k: NLL vs full" not in board.rows
+
+
+def test_the_verdict_rule_is_written_out() -> None:
+    """The rule printed above the leaderboard names its numbers, no template left unfilled."""
+    from harness.report.leaderboard import RULE
+    from harness.report.stats import MIN_PAIRED
+
+    assert "{" not in RULE and f"no verdict below {MIN_PAIRED} pairs" in RULE

@@ -49,7 +49,7 @@ RULE = (
     "setting recorded it (`NLL increase`: run − full cache; lower NLL is better, higher score is "
     "better). Holm's correction per (task setting, metric) over all its comparisons (each run vs "
     f"the full cache, and every two runs within {EQUAL_BYTES} of each other's measured KV ratio) "
-    "at a family-wise 5 %; no verdict below {stats.MIN_PAIRED} pairs; where every run scored the "
+    f"at a family-wise 5 %; no verdict below {stats.MIN_PAIRED} pairs; where every run scored the "
     f"same on every sample: '{ALL_EQUAL}'. A measured KV ratio more than {REACHABLE} from the "
     "requested one is marked `(asked r)` and `kv_ratio_reachable` is false. `rank`: 1 + the rows that beat "
     "this one outside noise in some (task setting, metric) and lose to it in none."
@@ -282,7 +282,10 @@ def write_leaderboard(board: Leaderboard, out_dir: Path) -> dict[str, Path]:
     board.rows.to_csv(paths["leaderboard"], index=False)
     pairs = board.pairs
     if len(pairs):
-        pairs = pairs.assign(p=pairs["p"].map(lambda p: f"{p:.3g}"))
+        few = pairs["n"] < stats.MIN_PAIRED  # no test below MIN_PAIRED pairs: no p-value shown
+        pairs = pairs.assign(
+            p=[("–" if f else f"{p:.3g}") for p, f in zip(pairs["p"], few, strict=True)]
+        )
     parts = ["# kvbench leaderboard", RULE]
     for model, rows in board.rows.groupby("model", sort=True):
         shown = [c for c in rows.columns if c != "model" and rows[c].notna().any()]
