@@ -32,8 +32,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from harness import records
+from harness.compressors import check_compressors
 from harness.preflight import BAD_INPUT, check_types
 from harness.session import Session, open_session
+from methods.base import Method
 from methods.storage import conf_dir
 
 # the folder harness.run reads its configs from; this module imports neither the CLI nor lm-eval
@@ -64,11 +66,14 @@ def build(group: str, name: str, **fields: Any) -> Any:
     cfg = OmegaConf.merge(base, fields)
     check_types(group, cfg)  # `ratio="abc"` is named as method.ratio
     try:
-        return instantiate(cfg, _convert_="all")
+        built = instantiate(cfg, _convert_="all")
     except InstantiationException as exc:
         if isinstance(exc.__cause__, BAD_INPUT):
             raise exc.__cause__ from None  # the class's own one-line message
         raise
+    if isinstance(built, Method):
+        check_compressors(built)  # method.compressor: a model config open_session will load
+    return built
 
 
 GROUPS = ("model", "method", "task")

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from harness import gpu_lease, preflight, records, results
+from harness.compressors import check_compressors
 from harness.lm import KVBenchLM
 from harness.models import ModelSpec
 from harness.preflight import BAD_INPUT, ConfigError
@@ -67,6 +68,7 @@ def prepare(cfg: DictConfig) -> tuple[ModelSpec, Method, TaskSpec]:
         if not isinstance(obj, kind):
             raise ConfigError(f"{group}: `_target_` must build a {kind.__name__}, got {obj!r}")
         built.append(obj)
+    check_compressors(built[1])  # method.compressor: a model config the harness will load
     return tuple(built)  # type: ignore[return-value]
 
 

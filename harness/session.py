@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from harness import session_checks as checks
+from harness.compressors import hand_over_compressors
 from harness.generation import Generated, greedy_generate, score_continuation
 from harness.measure import (
     ForwardCost,
@@ -359,13 +360,12 @@ def open_session(
 ) -> Iterator[Session]:
     """``with open_session(method, model, tokenizer) as session:`` run ``model`` under ``method``.
 
-    ``max_length`` is the window (default: the model's ``max_position_embeddings``). The
-    full-cache reference is taken from ``model`` before the method acts on it. Cache hooks are
-    removed when the block ends, even on error; a model method's changes stay (it changes the
-    model in place), so load a fresh model to compare it with the original. The session
-    refuses requests once the block ends, and a model already inside a block cannot be
-    applied again (:mod:`harness.session_checks`). ``check_runtime=False`` skips
-    ``method.validate_runtime`` for a caller that ran it before loading the weights
+    ``max_length``: the window (default: the model's ``max_position_embeddings``). The full-cache
+    reference is taken from ``model`` before the method acts on it; prompt methods get their
+    named compressors on its device (:mod:`harness.compressors`). Cache hooks go when the block
+    ends, even on error; model methods change the model in place (compare with a fresh one).
+    Requests are refused after the block; a model in a block cannot be applied again
+    (:mod:`harness.session_checks`). ``check_runtime=False``: the caller validated the runtime
     (:func:`harness.job.load_session`).
     """
     checks.check_apply_args(method, model, tokenizer, max_length)
@@ -377,6 +377,7 @@ def open_session(
         )
     kv_layout = KVLayout.from_config(config, weights.dtype)
     window = max_length or getattr(config, "max_position_embeddings", None) or 2048
+    hand_over_compressors(method, model)
     with method.applied(model, tokenizer) as applied_model:
         session = Session(
             applied_model,

@@ -28,6 +28,7 @@ def composed(tmp_path, *overrides: str):
         (["method=streamingllm", "method.ratio=0"], "method.ratio=0"),
         (["method=full", "method.ratio=0.5"], "method.ratio=0.5 for the full cache"),
         (["method=streamingllm", "method.budget=8", "method.window=16"], "exceed"),
+        (["method=selfinfo", "method.compressor=gpt5"], "method.compressor='gpt5' is not a model"),
         (["task.limit=0"], "limit"),
         (["task=bbh", "task.subtask=no_such_task"], "subtask"),
         (["model.source=gguf_package", "model.path=not_installed_pkg"], "pip install"),

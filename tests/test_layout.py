@@ -133,6 +133,37 @@ def test_methods_name_no_harness_target() -> None:
     assert bad == []
 
 
+def names_used(tree: ast.AST) -> set[str]:
+    """Every name, attribute and imported name in ``tree`` (``conf_dir``, ``storage.conf_dir``)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.alias):
+            found.add(node.name.split(".")[-1])
+    return found
+
+
+def test_methods_do_not_know_the_config_folder() -> None:
+    """Only methods/storage.py knows where the Hydra configs are (``conf_dir``): a method never
+    resolves a config name (a prompt method's named compressor is loaded and handed over by
+    harness/compressors.py), so no other module under methods/ uses ``conf_dir`` or names the
+    model config folder."""
+    bad = []
+    for path in sources("methods"):
+        rel = path.relative_to(REPO).as_posix()
+        if rel == "methods/storage.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "conf_dir" in names_used(ast.parse(text)):
+            bad.append(f"{rel} uses conf_dir")
+        if "conf/model" in text:
+            bad.append(f"{rel} names conf/model")
+    assert bad == []
+
+
 def test_the_api_does_not_reach_the_command_line() -> None:
     assert "harness.run" not in reachable(project_graph(), "harness.api")
 

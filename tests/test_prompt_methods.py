@@ -14,6 +14,8 @@ from lm_eval.tasks import TaskManager
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from harness.api import build as api_build
+from harness.compressors import load_compressor
 from harness.lm import KVBenchLM
 from harness.results import aggregate
 from harness.session import open_session
@@ -23,7 +25,7 @@ from methods.prompt.compressor import chunk_spans
 from methods.prompt.dac import DAC
 from methods.prompt.llmlingua import LLMLingua
 from methods.prompt.random_deletion import RandomDeletion
-from methods.prompt.tokens import TokenDropMethod, load_compressor
+from methods.prompt.tokens import TokenDropMethod
 from tests.conftest import REPO, model_spec
 
 SHOT = (
@@ -203,12 +205,37 @@ def test_random_deletion_is_seeded_by_text_and_seed(tiny):
 
 
 def test_a_named_compressor_is_loaded_once_and_used(tiny):
+    """open_session loads the named compressor (on the benchmarked model's device) and hands
+    it over; a second method naming it shares the one already loaded."""
     first, second = DAC(ratio=0.5, compressor="tiny_llama_mha"), DAC(compressor="tiny_llama_mha")
-    first.prepare(*tiny)
-    second.prepare(*tiny)
+    for method in (first, second):
+        with open_session(method, *tiny) as session:
+            session.shorten_prompt(PromptParts(TEXT, QUESTION))
     assert first.scorer.model is second.scorer.model is not tiny[0]
     assert first.scorer.model.config.num_key_value_heads == 4
-    assert load_compressor.cache_info().misses >= 1
+    assert first.last_stats()["compressor_passes"] >= 1
+    assert load_compressor.cache_info().misses >= 1 and load_compressor.cache_info().hits >= 1
+
+
+def test_a_named_compressor_not_handed_over_fails_in_prepare(tiny):
+    """The method never loads its named compressor itself, nor falls back on the model."""
+    method = DAC(ratio=0.5, compressor="tiny_llama_mha")
+    with pytest.raises(RuntimeError, match=r"compressor='tiny_llama_mha' was not handed over"):
+        method.prepare(*tiny)
+    method.use_compressor(*load_compressor("tiny_llama_mha", "cpu"))
+    method.prepare(*tiny)
+    assert method.scorer.model is load_compressor("tiny_llama_mha", "cpu")[0]
+
+
+def test_an_unknown_compressor_fails_before_anything_loads(tiny):
+    """The harness checks the name (api.build, job.prepare, open_session: also inside a
+    composition), the method never."""
+    match = r"^method\.compressor='gpt5' is not a model config: .*tiny_llama_gqa"
+    with pytest.raises(MethodConfigError, match=match):
+        api_build("method", "selfinfo", compressor="gpt5")
+    composed = Compose(methods=[build("streamingllm"), build("selfinfo", compressor="gpt5")])
+    with pytest.raises(MethodConfigError, match=match), open_session(composed, *tiny):
+        pass
 
 
 def test_chunks_end_after_a_newline_or_full_stop():
@@ -227,7 +254,6 @@ def test_chunks_end_after_a_newline_or_full_stop():
         ("dac", {"alpha": 1.5}, r"method\.alpha=1\.5 is outside \[0, 1\]"),
         ("dac", {"chunk_size": 4}, r"method\.chunk_size=4 is too small"),
         ("dac", {"schedule": "linear"}, r"method\.schedule='linear' is unknown"),
-        ("selfinfo", {"compressor": "gpt5"}, r"method\.compressor='gpt5'.*tiny_llama_gqa"),
         ("random_deletion", {"ratio": 2}, r"method\.ratio=2"),
         ("llmlingua", {"iterative_size": 1}, r"method\.iterative_size=1"),
         ("llmlingua", {"context_budget": -5}, r"method\.context_budget=-5"),

@@ -24,16 +24,12 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, ClassVar
 
 from torch import nn
 
 from methods.base import MethodConfigError, PromptMethod, PromptParts
 from methods.prompt.compressor import Compressor, chunk_spans
-from methods.storage import conf_dir
-
-MODEL_CONF = conf_dir() / "model"
 
 
 @dataclass
@@ -44,7 +40,8 @@ class TokenDropMethod(PromptMethod):
         ratio: fraction of the compressible tokens kept, in (0, 1] (1: unchanged); None: 0.5.
         rate: deprecated alias, the fraction removed (``ratio = 1 - rate``); warns.
         compressor: None (the benchmarked model, shared: no second load) or the name of a
-            model config in ``conf/model/`` (e.g. ``smollm2_135m``), loaded once.
+            model config (e.g. ``smollm2_135m``): the method never resolves it; the harness
+            loads that model and hands it over (:meth:`use_compressor`) before ``prepare``.
         chunk_size: the most compressor tokens scored in one pass; longer inputs are cut into
             chunks. None: the compressor's window (inputs that fit are never chunked).
     """
@@ -71,20 +68,27 @@ class TokenDropMethod(PromptMethod):
                 f"method.chunk_size={self.chunk_size} is too small: pass >= 16 tokens, or null "
                 "(the compressor's window: no chunking while the input fits, as the authors)"
             )
-        if self.compressor is not None and not (MODEL_CONF / f"{self.compressor}.yaml").is_file():
-            names = sorted(p.stem for p in MODEL_CONF.glob("*.yaml"))
-            raise MethodConfigError(
-                f"method.compressor={self.compressor!r} is not a model config: pass null (the "
-                f"benchmarked model) or one of {', '.join(names)}"
-            )
+        self._handed: tuple[nn.Module, Any] | None = None  # the named compressor's
         self._compressor: Compressor | None = None
         self._stats: dict[str, float] | None = None
         self._chunks = 0
 
+    def use_compressor(self, model: nn.Module, tokenizer: Any) -> None:
+        """Hand over the model and tokenizer that the named ``compressor`` stands for (the
+        harness loads them on the benchmarked model's device); call before :meth:`prepare`."""
+        self._handed = (model, tokenizer)
+
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
-        if self.compressor is not None:  # on the benchmarked model's device
-            device = next(model.parameters()).device if model is not None else "cpu"
-            model, tokenizer = load_compressor(self.compressor, str(device))
+        """Score with ``model`` and ``tokenizer`` (the benchmarked model's), or with the
+        compressor handed over by :meth:`use_compressor` when ``compressor`` names one."""
+        if self.compressor is not None:
+            if self._handed is None:
+                raise RuntimeError(
+                    f"{self.name}: method.compressor={self.compressor!r} was not handed over: "
+                    "call use_compressor(model, tokenizer) with that model before prepare() "
+                    "(the harness's open_session loads and hands it over)"
+                )
+            model, tokenizer = self._handed
         self._compressor = Compressor(
             model if self.needs_model else None, tokenizer, attention=self.uses_attention()
         )
@@ -154,19 +158,6 @@ class TokenDropMethod(PromptMethod):
 
     def last_stats(self) -> dict[str, float] | None:
         return self._stats
-
-
-@lru_cache(maxsize=2)
-def load_compressor(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """The model and tokenizer of ``conf/model/<name>.yaml`` on ``device`` (the benchmarked
-    model's; its dtype as the config says, ``auto``: bfloat16 on CUDA), loaded once per
-    process and device."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.merge(OmegaConf.load(MODEL_CONF / f"{name}.yaml"), {"device": device})
-    spec = instantiate(cfg, _convert_="all")
-    return spec.load()
 
 
 def ratio_from_rate(ratio: float | None, rate: float | None) -> float:
