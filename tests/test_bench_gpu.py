@@ -1,6 +1,6 @@
 """The GPU device check without a GPU: bench/gpu/run.sh --dry-run end to end (install step,
-cuda-marked tests, the speed table on tiny shapes), the table's skip and failure paths, and
-the wheel folder check."""
+cuda-marked tests, the speed table and the model and prompt methods' table on tiny shapes),
+the speed table's skip and failure paths, and the wheel folder check."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.gpu import check_wheels, op_counts, speed, speed_table
+from bench.gpu import check_wheels, methods_speed, op_counts, speed, speed_table
 from tests.conftest import REPO
 
 EVICTION = ("streamingllm", "h2o", "snapkv", "knorm", "pyramidkv")
@@ -35,7 +35,7 @@ def test_run_sh_dry_run_writes_the_logs_and_the_table(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    for name in ("install.log", "env.txt", "tests.log", "speed.log", "gpu_speed.md"):
+    for name in ("install.log", "env.txt", "tests.log", "speed.log", "gpu_speed.md", "methods.log"):
         assert (out / name).is_file(), name
     assert "import harness.api ok" in (out / "env.txt").read_text()
     table = pd.read_csv(out / "gpu_speed.csv")
@@ -63,6 +63,33 @@ def test_run_sh_dry_run_writes_the_logs_and_the_table(tmp_path):
     assert ops.set_index("method").loc["full", "ops vs full"] == 1
     assert (table[table["method"] == "full"]["ops vs full"] == 1).all()
     assert table[table["method"] == "transformers"]["ops/step"].isna().all()  # not counted
+    check_methods_table(out)
+
+
+def check_methods_table(out) -> None:
+    """bench/gpu/methods_speed.py's rows: every method ran; the model methods store and read
+    fewer KV bytes than the full cache (KV-Latent's halved heads, kvheads' 2 -> 1 KV heads);
+    each prompt method kept half of the asked tokens, timed against a plain forward pass."""
+    table = pd.read_csv(out / "methods_speed.csv")
+    assert (table["status"] == "ok").all(), table[table["status"] != "ok"]["status"].tolist()
+    assert sorted(set(table["context"])) == [256, 512]
+    model = table[table["kind"] == "model"]
+    assert sorted(model["method"]) == sorted(["full", *methods_speed.MODEL_METHODS] * 2)
+    kv = model.set_index(["method", "context"])["KV vs full"].unstack()
+    assert (kv.loc["full"] == 1).all() and (kv.loc["kvlatent_kv"] == 0.5).all()
+    assert (kv.loc["kvlatent_k"] == 0.75).all() and (kv.loc["kvlatent_v"] == 0.75).all()
+    assert (kv.loc["kvheads"] == 0.5).all()
+    assert (model["KV MB"] > 0).all() and (model["decode ms/tok"] > 0).all()
+    assert (model["decode vs full"] > 0).all() and (model["weights MB"] > 0).all()
+    prompt = table[table["kind"] == "prompt"]
+    assert sorted(prompt["method"]) == sorted(["forward", *methods_speed.PROMPT_METHODS] * 2)
+    assert (prompt["tokens"] == prompt["context"]).all() and (prompt["ms"] > 0).all()
+    shortened = prompt[prompt["method"] != "forward"]
+    assert shortened["kept"].between(0.45, 0.55).all() and (shortened["vs forward"] > 0).all()
+    assert (prompt[prompt["method"] == "forward"]["vs forward"] == 1).all()
+    text = (out / "methods_speed.md").read_text()
+    assert "DRY RUN" in text and "Model methods against the full cache" in text
+    assert "methods table FAILED" not in (out / "methods.log").read_text()
 
 
 def test_op_counts_name_the_operators_a_method_adds_per_step():

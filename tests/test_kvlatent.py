@@ -54,6 +54,23 @@ def cut(model, **fields):
     return KVLatent(train=False, **fields).transform(copy.deepcopy(model), None)
 
 
+def test_a_cut_model_is_refused_and_merged_heads_are_cut_as_held(tiny_gqa):
+    """Cutting a cut model again read the cut weights as whole heads (kvlatent_k: a shape
+    error; kvlatent_kv: silently a quarter of the cache): refused. After kvheads, the heads
+    are counted from the layers, not the config's stale count."""
+    from methods.model.kvheads import KVHeads
+
+    model, tokenizer = tiny_gqa
+    once = cut(model, variant="k")
+    with pytest.raises(MethodConfigError, match="heads are cut already .* d_qk=8, d_vo=16"):
+        KVLatent(variant="kv", train=False).transform(once, None)
+    calibration = {"calibration_tokens": 512, "calibration_seq_len": 128}
+    merged = KVHeads(num_kv_heads=1, **calibration).transform(copy.deepcopy(model), tokenizer)
+    both = KVLatent(variant="kv", train=False).transform(merged, None)
+    out = greedy_generate(both, ids_for(20), max_new_tokens=2)
+    assert out.kv_bytes_prefill == 4 * 1 * (8 + 8) * 20 * 4  # layers, 1 KV head, fp32
+
+
 @pytest.mark.parametrize("rope", ["standard", "frequency_aware", "frequency_matched"])
 def test_r1_equals_the_original_model(tiny_gqa, rope):
     model, _ = tiny_gqa

@@ -7,9 +7,11 @@
 #
 # Writes under $OUT (default bench/gpu/out): install.log, env.txt, tests.log, speed.log and the
 # table, gpu_speed.md + gpu_speed.csv (rewritten after every row, so a run cut short keeps what
-# it measured), ops.log and op_counts.md + op_counts.csv (launches per decode step). Each step
-# has its own time limit (TESTS_S, SPEED_S, OPS_S seconds) so the whole stays inside 8 minutes
-# on one H200 (install and env ~30 s + 120 + 300 + 60); the exit status is 1 if a step failed.
+# it measured), ops.log and op_counts.md + op_counts.csv (launches per decode step), methods.log
+# and methods_speed.md + methods_speed.csv (model and prompt methods, also rewritten per row).
+# Each step has its own time limit (TESTS_S, OPS_S, SPEED_S, METHODS_S seconds) so the whole
+# stays inside 8 minutes on one H200 (install and env ~30 s + 120 + 60 + 210 + 60 = 480 s);
+# the exit status is 1 if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DRY_RUN=()
@@ -19,8 +21,9 @@ OUT=${OUT:-bench/gpu/out}
 WHEELS=${KVBENCH_WHEELS:-.whl}
 SITE=${KVBENCH_SITE:-/tmp/kvbench-site}
 TESTS_S=${TESTS_S:-120}
-SPEED_S=${SPEED_S:-300}
+SPEED_S=${SPEED_S:-210}
 OPS_S=${OPS_S:-60}
+METHODS_S=${METHODS_S:-60}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 failed=0
@@ -84,6 +87,12 @@ timeout "$OPS_S" "$PYTHON" bench/gpu/op_counts.py "${DRY_RUN[@]}" --out "$OUT" 2
 timeout "$SPEED_S" "$PYTHON" bench/gpu/speed.py "${DRY_RUN[@]}" --out "$OUT" \
   --budget-s "$((SPEED_S - 90))" 2>&1 | tee "$OUT/speed.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "speed table FAILED or timed out (speed.log)"; failed=1; }
+
+# 6. the model and prompt methods' table (methods_speed.md + methods_speed.csv); its rows get
+#    what the loading leaves of METHODS_S
+timeout "$METHODS_S" "$PYTHON" bench/gpu/methods_speed.py "${DRY_RUN[@]}" --out "$OUT" \
+  --budget-s "$((METHODS_S - 20))" 2>&1 | tee "$OUT/methods.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "methods table FAILED or timed out (methods.log)"; failed=1; }
 
 echo "bench/gpu/run.sh: $((SECONDS - started)) s, outputs in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit "$failed"

@@ -115,7 +115,7 @@ class KVHeads(ModelMethod):
 
     def merge(self, model: nn.Module, tokenizer: Any) -> nn.Module:
         """Calibrate on ``model`` and replace its attention modules by merged ones."""
-        shape = HeadShape.of(model)
+        shape = HeadShape.held_by(model)  # not the config's count: see transform()
         layers = decoder_layers(model)
         if any(hasattr(layer.self_attn, "k_norm") for layer in layers):
             raise MethodConfigError(f"method={self.name}: models with k_norm are not supported")
@@ -135,9 +135,20 @@ class KVHeads(ModelMethod):
         return dict(getattr(self, "_applied", {}))
 
     def transform(self, model: nn.Module, tokenizer: Any) -> nn.Module:
+        """Merge the KV heads of ``model`` (in place) and, with ``train``, fine-tune or load it.
+        A model merged before is merged again from the heads its layers hold: its config still
+        names the original count (reading that one raised IndexError in the calibration)."""
         self.validate_for(model.config)
+        held = HeadShape.held_by(model).num_kv_heads
+        if self.num_kv_heads > held:
+            raise MethodConfigError(
+                f"method.num_kv_heads={self.num_kv_heads} exceeds the {held} KV heads the "
+                "model's layers hold (it was merged before; its config still names "
+                f"{HeadShape.of(model).num_kv_heads}): merging can only reduce them, so load "
+                "a fresh model"
+            )
         self._applied = {
-            "num_kv_heads_before": HeadShape.of(model).num_kv_heads,
+            "num_kv_heads_before": held,
             "num_kv_heads": self.num_kv_heads,
             "trained": bool(self.train),
         }

@@ -28,6 +28,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
+from methods.base import MethodConfigError
 from methods.model.layers import HeadShape, decoder_layers, layer_rope, new_linear
 from methods.model.rope import key_channels, reduced_inv_freq, rope_cos_sin
 
@@ -174,9 +175,19 @@ def latent_surgery(model: nn.Module, d_qk: int, d_vo: int, rope: str) -> nn.Modu
 
     ``rope`` is ``frequency_aware``, ``standard`` or ``frequency_matched`` (see
     :mod:`methods.model.rope`). Returns the model. The config is left as it was: the reduced
-    dims live in the modules.
+    dims live in the modules. A model whose heads were cut before is refused (cutting them
+    again would read the cut weights as whole heads); merged KV heads (kvheads) are counted
+    from the modules.
     """
-    shape = HeadShape.of(model)
+    done = [layer.self_attn for layer in decoder_layers(model)]
+    done = [a for a in done if isinstance(a, LatentAttention)]
+    if done:
+        raise MethodConfigError(
+            f"the model's attention heads are cut already (KV-Latent, d_qk={done[0].d_qk}, "
+            f"d_vo={done[0].d_vo}): a model method changes the model in place, so load a fresh "
+            "model to cut it again"
+        )
+    shape = HeadShape.held_by(model)
     channels = key_channels(rope, shape.head_dim, d_qk)
     for layer in decoder_layers(model):
         original = layer.self_attn

@@ -35,6 +35,20 @@ class HeadShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(heads, kv_heads, head_dim)
 
+    @classmethod
+    def held_by(cls, model: nn.Module) -> HeadShape:
+        """The shape the attention modules of ``model`` hold now: the config's, with the KV
+        heads counted from the modules. Merging KV heads (kvheads) changes the modules and
+        leaves the config as it was, so after a merge the config's count is stale."""
+        shape = cls.of(model)
+        groups = {
+            getattr(layer.self_attn, "num_key_value_groups", None)
+            for layer in decoder_layers(model)
+        }
+        if len(groups) != 1 or None in groups:
+            return shape
+        return cls(shape.num_heads, shape.num_heads // groups.pop(), shape.head_dim)
+
 
 def text_config(obj: Any) -> Any:
     """The text (decoder) config of a model or of a ``PretrainedConfig``."""
