@@ -17,11 +17,15 @@ def generate(
     method: Any,
     ids: torch.Tensor,
     max_new_tokens: int,
+    prefill_chunk: int | None = None,
     **generate_kwargs: Any,
 ) -> Generated:
     """Greedy generation of ``ids`` (1, S) under ``method`` (None: the full cache), measured
-    as kvbench measures a request (window sized so that nothing is truncated)."""
+    as kvbench measures a request (window sized so that nothing is truncated);
+    ``prefill_chunk``: the prompt's tokens per prefill forward pass (None: all at once)."""
     method = method if method is not None else build("method", "full")
     window = ids.shape[1] + max_new_tokens
-    with open_session(method, model, tokenizer, max_length=window) as session:
+    with open_session(
+        method, model, tokenizer, max_length=window, prefill_chunk=prefill_chunk
+    ) as session:
         return session.generate(ids[0].tolist(), max_new_tokens=max_new_tokens, **generate_kwargs)

@@ -13,8 +13,10 @@ the cache nor pays torch's slow single-query GQA kernel.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,10 @@ from harness.measure import (
     stored_kv_bytes,
     synchronized_clock,
 )
-from methods.base import cache_kwarg
+from methods.base import CacheMethod, Method, cache_kwarg
+from methods.cache.layers import prefill_chunk
+
+MIN_PREFILL_CHUNK = 16  # tokens: smaller chunks only add forward passes
 
 
 @dataclass(kw_only=True)
@@ -44,6 +49,67 @@ class Generation(ForwardCost):
 
 def _position(value: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([[value]], device=device)
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """A prefill in forward passes of ``size`` prompt tokens, the last of which holds at least
+    ``tail`` (the queries a cache method scores with: ``CacheMethod.last_chunk_tokens``): a
+    shorter remainder joins the chunk before it."""
+
+    size: int
+    tail: int = 1
+
+    @classmethod
+    def of(cls, size: int | None, method: Method, config: Any) -> Chunking | None:
+        """How requests under ``method`` prefill on a model of ``config``: in one pass (None)
+        or in chunks of ``size`` tokens, the last holding what every cache method scores with."""
+        if size is None:
+            return None
+        cache = [m for m in method.flatten() if isinstance(m, CacheMethod)]
+        return cls(size, max((m.last_chunk_tokens(config) for m in cache), default=1))
+
+    def bounds(self, length: int) -> list[int]:
+        """Where each chunk of a ``length``-token prompt starts, then ``length``."""
+        last = max(0, length - self.tail) // self.size * self.size
+        return [*range(0, last, self.size), last, length] if last else [0, length]
+
+
+def prefill(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    cache: Any,
+    chunking: Chunking | None = None,
+    logits_to_keep: int = 1,
+) -> torch.Tensor:
+    """Run the prompt ``input_ids`` (1, S) into ``cache`` and return the logits of its last
+    ``logits_to_keep`` tokens (1, n, vocab): in one forward pass, or in ``chunking``'s chunks
+    at their true positions, each inside :func:`~methods.cache.layers.prefill_chunk` (cache
+    methods compress at the last, keeping what one pass keeps)."""
+    length = input_ids.shape[1]
+    bounds = chunking.bounds(length) if chunking is not None else [0, length]
+    if len(bounds) == 2:
+        return model(
+            input_ids=input_ids,
+            **cache_kwarg(model, cache),
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        ).logits
+    logits = []
+    for start, end in itertools.pairwise(bounds):
+        keep = min(end - start, end - (length - logits_to_keep))  # of the last logits_to_keep
+        positions = torch.arange(start, end, device=input_ids.device).unsqueeze(0)
+        with prefill_chunk(start, last=end == length):
+            out = model(
+                input_ids=input_ids[:, start:end],
+                position_ids=positions,
+                **cache_kwarg(model, cache),
+                use_cache=True,
+                logits_to_keep=max(keep, 1),
+            ).logits
+        if keep > 0:
+            logits.append(out[:, -keep:])
+    return torch.cat(logits, dim=1)
 
 
 def _with_decode_attention(fn: Callable) -> Callable:
@@ -66,22 +132,23 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_ids: Sequence[int] = (),
     should_stop: Callable[[list[int]], bool] | None = None,
+    chunking: Chunking | None = None,
 ) -> Generation:
     """Greedy decoding of ``input_ids`` (1, S) with up to ``max_new_tokens`` new tokens.
 
     Stops at an EOS id (kept in ``tokens``, like ``model.generate``) or when
     ``should_stop(tokens)`` is true. Decoding step t feeds position S + t - 1, whatever
-    the cache holds after eviction.
+    the cache holds after eviction. ``chunking``: the prefill in chunks (:func:`prefill`).
     """
     device = input_ids.device
     prompt_len = input_ids.shape[1]
-    cache = new_cache(model, reserve=max(max_new_tokens - 1, 0))  # room for every decoding step
+    # room for every decoding step (and for a chunked prefill's whole prompt from its start)
+    chunked_prompt = prompt_len if chunking is not None else 0
+    cache = new_cache(model, reserve=max(max_new_tokens - 1, 0), prompt=chunked_prompt)
     eos = set(eos_token_ids)
     start = synchronized_clock(device)
     with record_function("prefill"):  # named ranges for bench/profile_generate.py
-        logits = model(
-            input_ids=input_ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1
-        ).logits
+        logits = prefill(model, input_ids, cache, chunking)
     prefill_end = synchronized_clock(device)
     kv_prefill, allocated_prefill = stored_kv_bytes(cache), allocated_kv_bytes(cache)
     tokens: list[int] = []
@@ -135,30 +202,30 @@ def score_continuation(
     continuation_ids: list[int],
     *,
     stepwise: bool = False,
+    chunking: Chunking | None = None,
 ) -> Scored:
     """Sum of log p(continuation | context) under the model.
 
     By default the whole sequence goes through one forward pass (as lm-eval's ``hf``
     backend does). ``stepwise`` (with cache methods applied) prefills the context (which the
     methods compress), then feeds the continuation one token at a time at its true
-    positions, so every layer sees exactly the keys the method kept.
+    positions, so every layer sees exactly the keys the method kept. ``chunking``: the
+    prefill (the context, or the whole sequence) in chunks (:func:`prefill`).
     """
     device = next(model.parameters()).device
-    cache = new_cache(model, reserve=max(len(continuation_ids) - 1, 0) if stepwise else 0)
+    ids = context_ids if stepwise else context_ids + continuation_ids[:-1]
+    prompt = len(ids) if chunking is not None else 0
+    cache = new_cache(
+        model, reserve=max(len(continuation_ids) - 1, 0) if stepwise else 0, prompt=prompt
+    )
     cont = torch.tensor(continuation_ids, device=device)
+    ids = torch.tensor([ids], device=device)
     start = synchronized_clock(device)
     if not stepwise:
-        ids = torch.tensor([context_ids + continuation_ids[:-1]], device=device)
-        logits = model(input_ids=ids, **cache_kwarg(model, cache), use_cache=True).logits
-        logits = logits[0, -len(continuation_ids) :]
+        logits = prefill(model, ids, cache, chunking, logits_to_keep=len(continuation_ids))[0]
         prefill_end = synchronized_clock(device)
     else:
-        ids = torch.tensor([context_ids], device=device)
-        steps = [
-            model(
-                input_ids=ids, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1
-            ).logits[0, -1]
-        ]
+        steps = [prefill(model, ids, cache, chunking)[0, -1]]
         prefill_end = synchronized_clock(device)
         for offset, token in enumerate(continuation_ids[:-1]):
             out = model(

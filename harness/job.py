@@ -27,6 +27,7 @@ from harness.models import ModelSpec
 from harness.preflight import BAD_INPUT, ConfigError
 from harness.provenance import now
 from harness.session import Session, open_session
+from harness.session_checks import check_prefill_chunk
 from harness.taskspec import TaskSpec
 from methods.base import CacheMethod, Method
 from methods.storage import cache_root
@@ -149,11 +150,13 @@ def _run(
 
 
 def check_method(model_spec: ModelSpec, method: Method, model_config: Any) -> None:
-    """The method against the model's config and where it will run, before the weights load."""
+    """The method against the model's config, where it will run and how it prefills
+    (``model.prefill_chunk``), before the weights load."""
     method.validate_for(model_config)
     method.validate_runtime(
         model_spec.device, model_spec.torch_dtype, model_spec.attn_implementation
     )
+    check_prefill_chunk(method, model_spec.prefill_chunk, "model.prefill_chunk")
 
 
 @contextmanager
@@ -180,6 +183,7 @@ def load_session(
         max_length=model_spec.context_length(model_config),
         add_bos_token=add_bos_token,
         check_runtime=False,
+        prefill_chunk=model_spec.prefill_chunk,
     ) as session:
         yield session
 

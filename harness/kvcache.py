@@ -59,10 +59,13 @@ class InPlaceLayer(DynamicLayer):
     ``reserve``: tokens of room left after each (re)allocation; the generation loop passes the
     tokens it may still append, so decoding never copies the cache. ``None`` (unknown) grows
     geometrically (room of half the tokens held): amortised O(1) copies per token.
+    ``prompt``: the first allocation holds at least this many tokens (plus the room), so the
+    chunks of a chunked prefill append without copying.
     """
 
-    def __init__(self, reserve: int | None = None) -> None:
+    def __init__(self, reserve: int | None = None, prompt: int = 0) -> None:
         self.reserve = reserve
+        self.prompt_tokens = prompt
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
         super().__init__()
@@ -112,9 +115,10 @@ class InPlaceLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, end: int
     ) -> None:
         room = self.reserve if self.reserve is not None else end // 2
+        size, self.prompt_tokens = max(end, self.prompt_tokens) + room, 0
         buffers = []
         for held, new in ((self.keys, key_states), (self.values, value_states)):
-            buffer = new.new_empty((*new.shape[:2], end + room, new.shape[-1]))
+            buffer = new.new_empty((*new.shape[:2], size, new.shape[-1]))
             if start:
                 buffer[:, :, :start].copy_(held)
             buffers.append(buffer)
@@ -129,13 +133,15 @@ class InPlaceLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
 
-def new_cache(model: nn.Module, reserve: int | None = None) -> DynamicCache:
+def new_cache(model: nn.Module, reserve: int | None = None, prompt: int = 0) -> DynamicCache:
     """A ``DynamicCache`` for ``model`` whose full-attention layers are :class:`InPlaceLayer`
-    with ``reserve`` tokens of room (the tokens the caller may still append after the first
-    forward pass); sliding-window layers keep transformers' own (bounded by their window)."""
+    with ``reserve`` tokens of room (the tokens the caller may still append after the prompt)
+    and, from the first chunk of a chunked prefill, room for its ``prompt`` tokens;
+    sliding-window layers keep transformers' own (bounded by their window)."""
     cache = DynamicCache(config=model.config)
     cache.layers = [
-        InPlaceLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers
+        InPlaceLayer(reserve, prompt) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
     ]
     return cache
 

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from harness import model_cache, sdpa
 from harness.dtypes import AUTO, is_cuda, resolve_dtype
+from harness.generation import MIN_PREFILL_CHUNK
 from methods.storage import cache_root
 
 log = logging.getLogger("kvbench")
@@ -47,6 +48,8 @@ class ModelSpec:
     ``assemble()`` first), ``random`` (``architecture`` is a config dict; random weights).
     ``packages``: the pip distributions a ``gguf_package`` model needs (default: the one
     named by ``path``), checked before anything loads and named in the install hint.
+    ``prefill_chunk``: each request's prompt runs through the model that many tokens at a
+    time (null: at once), for a prefill's activations that do not grow with the prompt.
     """
 
     name: str
@@ -64,6 +67,7 @@ class ModelSpec:
     sdpa_backend: str = "auto"
     max_length: int | None = None
     threads: int | None = None
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -97,6 +101,11 @@ class ModelSpec:
             )
         if self.max_length is not None and self.max_length < 16:
             raise ModelConfigError(f"model.max_length={self.max_length} is too small (>= 16)")
+        if self.prefill_chunk is not None and self.prefill_chunk < MIN_PREFILL_CHUNK:
+            raise ModelConfigError(
+                f"model.prefill_chunk={self.prefill_chunk} is below {MIN_PREFILL_CHUNK} tokens: "
+                "pass a larger chunk, or null (a one-pass prefill)"
+            )
         if self.threads is not None and self.threads < 1:
             raise ModelConfigError(f"model.threads={self.threads} must be >= 1 (or null)")
         if self.device_map is not None:

@@ -31,6 +31,22 @@ class PromptFit:
             self.window_tokens = len(self.ids)
 
 
+def prompt_fields(before: int, after: int, stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The prompt-method fields of a request's measurement: the compressible tokens
+    ``before`` and ``after`` the prompt methods, and what they said they did (``stats``:
+    ``Method.prompt_stats``)."""
+    stats = stats or {}
+    return {
+        "compressible_tokens_original": before,
+        "compressible_tokens": after,
+        "prompt_rate_requested": stats.get("requested_rate", 0.0),
+        "prompt_rate_achieved": 1.0 - after / before if before else 0.0,
+        "compressor_rate_achieved": stats.get("achieved_rate", 0.0),
+        "compressor_passes": int(stats.get("compressor_passes", 0)),
+        "compressor_chunks": int(stats.get("compressor_chunks", 0)),
+    }
+
+
 def truncate(ids: list[int], limit: int, how: str) -> list[int]:
     """Fit ``ids`` into ``limit`` tokens: ``left`` drops the start (lm-eval's ``hf``),
     ``middle`` keeps the first and last halves (LongBench's ``pred.py``)."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from harness import session_checks as checks
 from harness.compressors import hand_over_compressors
-from harness.generation import Generated, greedy_generate, score_continuation
+from harness.generation import Chunking, Generated, greedy_generate, score_continuation
 from harness.measure import (
     ForwardCost,
     KVLayout,
@@ -38,7 +38,7 @@ from harness.measure import (
     floor_bytes,
     synchronized_clock,
 )
-from harness.prompt_fit import PromptFit, keep_protected, truncate
+from harness.prompt_fit import PromptFit, keep_protected, prompt_fields, truncate
 from harness.taskconfig import TRUNCATIONS
 from methods.base import Method, PromptParts
 
@@ -49,7 +49,7 @@ class Session:
     Built by :func:`open_session`; ``model`` is the model the method returned (a model method's
     reduced model), ``kv_layout`` the full cache of the model *before* any model method (the
     denominator of every KV ratio), ``measurements`` one :class:`RequestMeasurement` per
-    request, in order.
+    request, in order; ``chunking`` how its prefills run (None: in one forward pass).
     """
 
     def __init__(
@@ -61,8 +61,10 @@ class Session:
         kv_layout: KVLayout,
         max_length: int,
         add_bos_token: bool | None = None,
+        chunking: Chunking | None = None,
     ) -> None:
         self.model = model
+        self.chunking = chunking
         self.tokenizer = tokenizer
         self.method = method
         self.kv_layout = kv_layout
@@ -106,22 +108,9 @@ class Session:
         start = synchronized_clock(self.device)
         parts = self.method.shorten(prompt)
         seconds = synchronized_clock(self.device) - start
-        stats = self.method.prompt_stats() or {}
         before = len(self.encode(prompt.compressible, add_special_tokens=False))
         after = len(self.encode(parts.compressible, add_special_tokens=False))
-        return (
-            parts.text,
-            seconds,
-            {
-                "compressible_tokens_original": before,
-                "compressible_tokens": after,
-                "prompt_rate_requested": stats.get("requested_rate", 0.0),
-                "prompt_rate_achieved": 1.0 - after / before if before else 0.0,
-                "compressor_rate_achieved": stats.get("achieved_rate", 0.0),
-                "compressor_passes": int(stats.get("compressor_passes", 0)),
-                "compressor_chunks": int(stats.get("compressor_chunks", 0)),
-            },
-        )
+        return parts.text, seconds, prompt_fields(before, after, self.method.prompt_stats())
 
     def fit(
         self,
@@ -204,6 +193,7 @@ class Session:
             max_new_tokens=max_new_tokens,
             eos_token_ids=self.eos_token_ids,
             should_stop=stopped if (stops or should_stop) else None,
+            chunking=self.chunking,
         )
         # the reference answer is scored after the measurement read the peak memory and the
         # method's stats, so it changes neither
@@ -258,7 +248,11 @@ class Session:
         original = len(context_ids) if original_tokens is None else original_tokens
         self.peak_memory.reset()
         scored = score_continuation(
-            self.model, context, continuation, stepwise=self.stepwise_scoring
+            self.model,
+            context,
+            continuation,
+            stepwise=self.stepwise_scoring,
+            chunking=self.chunking,
         )
         if measure:
             cut = len(context_ids) - len(context)
@@ -357,6 +351,7 @@ def open_session(
     max_length: int | None = None,
     add_bos_token: bool | None = None,
     check_runtime: bool = True,
+    prefill_chunk: int | None = None,
 ) -> Iterator[Session]:
     """``with open_session(method, model, tokenizer) as session:`` run ``model`` under ``method``.
 
@@ -366,9 +361,11 @@ def open_session(
     ends, even on error; model methods change the model in place (compare with a fresh one).
     Requests are refused after the block; a model in a block cannot be applied again
     (:mod:`harness.session_checks`). ``check_runtime=False``: the caller validated the runtime
-    (:func:`harness.job.load_session`).
+    (:func:`harness.job.load_session`). ``prefill_chunk``: prefill in chunks of that many tokens
+    (None: one pass); cache methods keep what they keep in one pass.
     """
     checks.check_apply_args(method, model, tokenizer, max_length)
+    checks.check_prefill_chunk(method, prefill_chunk)
     config = model.config.get_text_config()
     weights = next(model.parameters())
     if check_runtime:
@@ -386,6 +383,7 @@ def open_session(
             kv_layout=kv_layout,
             max_length=window,
             add_bos_token=add_bos_token,
+            chunking=Chunking.of(prefill_chunk, method, config),
         )
         checks.enter_block(method, model, applied_model)
         try:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import Method, PromptParts
+from harness.generation import MIN_PREFILL_CHUNK
+from methods.base import CacheMethod, Method, MethodConfigError, PromptParts
 
 # id(model) -> the name of the method applied to it, for every model inside an open_session block
 _APPLIED: dict[int, str] = {}
@@ -67,6 +68,26 @@ def check_apply_args(method: Any, model: Any, tokenizer: Any, max_length: Any = 
             f"block (method {_APPLIED[id(model)]}), whose method would still act: end that "
             "block first (or load a second model)"
         )
+
+
+def check_prefill_chunk(method: Method, size: Any, field: str = "prefill_chunk") -> None:
+    """``size`` (prompt tokens per prefill forward pass; None: one pass) is an integer of at
+    least :data:`~harness.generation.MIN_PREFILL_CHUNK`, and every cache method of ``method``
+    can prefill in chunks; ``field`` names the setting (``model.prefill_chunk``: the config's)."""
+    unset = f"{field}={'null' if field.startswith('model.') else 'None'}"
+    if size is None:
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_PREFILL_CHUNK:
+        raise ValueError(
+            f"{field}={size!r} is not a chunk of at least {MIN_PREFILL_CHUNK} prompt tokens: "
+            f"pass a larger integer, or {unset} (a one-pass prefill)"
+        )
+    for m in method.flatten():
+        if isinstance(m, CacheMethod) and not m.chunked_prefill:
+            raise MethodConfigError(
+                f"method {m.name} cannot prefill in chunks (it scores the whole prompt at once, "
+                f"so chunks would change what it keeps): set {unset}"
+            )
 
 
 def enter_block(method: Method, *models: nn.Module) -> None:

@@ -40,20 +40,11 @@ from methods.cache.layers import (  # noqa: F401 (cache_kwarg: re-export)
     cache_kwarg,
     cache_methods_bypassed,
     cache_of,
+    forward_phase,
     is_sliding,
 )
-from methods.errors import MethodConfigError
-
-
-def check_ratio(name: str, value: float | None, *, allow_none: bool = False) -> None:
-    """Fail unless ``value`` is in (0, 1] (the fraction of the KV cache kept)."""
-    if value is None and allow_none:
-        return
-    if value is None or not (0.0 < float(value) <= 1.0):
-        raise MethodConfigError(
-            f"method.{name}={value!r} is outside (0, 1]: it is the fraction of the KV cache "
-            f"kept (1.0 keeps everything); pass e.g. method.{name}=0.2"
-        )
+from methods.errors import MethodConfigError, check_ratio  # noqa: F401 (check_ratio: re-export)
+from methods.prompt.parts import PromptParts
 
 
 @dataclass
@@ -128,23 +119,6 @@ class Method:
 
 
 @dataclass
-class PromptParts:
-    """A request's prompt split into what a prompt method may shorten and what it must keep.
-
-    ``compressible`` holds the task description, the few-shot demonstrations or the long
-    context; ``protected`` holds the final question and the answer-format line and is
-    never changed. ``compressible + protected`` is the original prompt.
-    """
-
-    compressible: str
-    protected: str
-
-    @property
-    def text(self) -> str:
-        return self.compressible + self.protected
-
-
-@dataclass
 class PromptMethod(Method):
     """Shortens the text of each request before it is tokenised."""
 
@@ -189,7 +163,9 @@ class CacheMethod(Method):
     Subclasses implement :meth:`reduce_kv` (called once per layer after the prefill of a
     request) and, if they keep a budget while decoding, :meth:`reduce_kv_decode`.
     They replace the cache layer's ``keys``/``values`` with smaller tensors (never a
-    mask): the stored bytes are what the measurements see.
+    mask): the stored bytes are what the measurements see. ``chunked_prefill``: whether
+    :meth:`reduce_kv` keeps what it keeps when the prompt is prefilled in chunks
+    (:func:`~methods.cache.layers.prefill_chunk`); a method that cannot be chunked says so.
 
     Sliding-window layers (Gemma-3's local layers) already hold at most ``window - 1``
     tokens; by default a method leaves them alone and applies its ratio to the other
@@ -199,6 +175,7 @@ class CacheMethod(Method):
     """
 
     kind: ClassVar[str] = "cache"
+    chunked_prefill: ClassVar[bool] = False
     compress_sliding: bool = False
 
     def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:
@@ -230,10 +207,13 @@ class CacheMethod(Method):
             )
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         layer = cache.layers[module.layer_idx]
-        q_len = hidden_states.shape[1]
         if not self.compresses_layer(module, layer):
             return output
-        if layer.get_seq_length() == q_len and q_len > 1:
+        phase = forward_phase(layer, hidden_states.shape[1])
+        if phase == "chunk":  # the prompt so far is in the cache: compressed at the last chunk
+            self.observe_chunk(module, hidden_states, layer.keys, layer.values, kwargs)
+            return output
+        if phase == "prefill":
             before = layer.keys.shape[-2]
             keys, values = self.reduce_kv(module, hidden_states, layer.keys, layer.values, kwargs)
             self._log.record(module.layer_idx, before, keys.shape[-2])
@@ -280,6 +260,23 @@ class CacheMethod(Method):
         leaves alone, this sets the lowest KV ratio reachable."""
         return 1
 
+    def last_chunk_tokens(self, config: Any) -> int:
+        """The fewest prompt tokens the last chunk of a chunked prefill must hold on a model
+        of this ``config``: the last queries :meth:`reduce_kv` scores with (e.g. SnapKV's
+        observation window)."""
+        return 1
+
+    def observe_chunk(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kwargs: dict,
+    ) -> None:
+        """A chunk of a chunked prefill before its last went through the layer: keys/values
+        hold the prompt so far. Default: nothing (the keys and the last chunk suffice)."""
+
     def reduce_kv(
         self,
         module: nn.Module,
@@ -288,7 +285,9 @@ class CacheMethod(Method):
         values: torch.Tensor,
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """After prefill. hidden_states (B, S, hidden); keys/values (B, H_kv, S, D).
+        """After prefill. keys/values (B, H_kv, S, D), hidden_states (B, q, hidden): the
+        prompt's last q queries, all S of them unless the prefill was chunked (then its last
+        chunk, q >= :meth:`last_chunk_tokens`; ``kwargs`` are that forward's).
         Returns the tensors to store, (B, H_kv, S', D) with S' <= S. It may replace
         ``cache_of(kwargs).layers[module.layer_idx]`` by its own cache layer class;
         the returned tensors are then set as that new layer's ``keys``/``values``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -16,6 +16,7 @@ from methods.base import CacheMethod, MethodConfigError
 class FullCache(CacheMethod):
     """Keeps every key and value: the baseline every other method is compared with."""
 
+    chunked_prefill: ClassVar[bool] = True
     name: str = "full"
     ratio: float = 1.0
 

@@ -42,7 +42,7 @@ from typing import Any
 import pandas as pd
 
 from harness.record_values import get, is_number
-from harness.records import BOOKKEEPING_FIELDS
+from harness.records import BOOKKEEPING_FIELDS, MODEL_DEFAULTS
 from harness.report import stats
 
 FULL_METHOD = "full"
@@ -143,8 +143,9 @@ def nll_increase(mine: dict[SampleKey, float], reference: dict[SampleKey, float]
 
 def reference_key(record: dict[str, Any]) -> str:
     """What a run and its full-cache reference share: the resolved config without the
-    ``method`` section and the bookkeeping fields, and the task data's content hash
-    (``task.data_hash``), as canonical JSON."""
+    ``method`` section, the bookkeeping fields and the model fields at their
+    :data:`~harness.records.MODEL_DEFAULTS` (records from before a field was added pair with
+    those after), and the task data's content hash (``task.data_hash``), as canonical JSON."""
     config = record.get("config")
     if not isinstance(config, dict):
         config = {
@@ -154,8 +155,12 @@ def reference_key(record: dict[str, Any]) -> str:
     data = {k: v for k, v in config.items() if k not in ("method", "hydra")}
     if isinstance(data.get("run"), dict):
         data["run"] = {k: v for k, v in data["run"].items() if k not in BOOKKEEPING_FIELDS}
-    if isinstance(data.get("model"), dict):
-        data["model"] = {k: v for k, v in data["model"].items() if k not in IGNORED_MODEL_FIELDS}
+    if isinstance(data.get("model"), dict):  # a field at its default is as if absent
+        data["model"] = {
+            k: v
+            for k, v in data["model"].items()
+            if k not in IGNORED_MODEL_FIELDS and (k not in MODEL_DEFAULTS or v != MODEL_DEFAULTS[k])
+        }
     data["data_hash"] = get(record, "task", "data_hash")
     return json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
 

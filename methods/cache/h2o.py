@@ -18,6 +18,7 @@ from methods.cache.attention import (
     attention_and_received,
     attention_override,
 )
+from methods.cache.layers import current_chunk
 from methods.cache.scorer import ScorerMethod, gather_tokens, top_indices
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,11 @@ class H2O(ScorerMethod):
     the recent window is evicted. The budget is ``budget`` tokens, or ``ratio`` of the
     tokens seen so far (prompt plus generated), so ``ratio: 1.0`` never evicts. The
     accumulated scores (B, H_kv, kept) float32 per layer are held by the method, not the
-    cache, and reset at each prefill. Sliding-window layers are left to their own window
-    (with ``compress_sliding``, their scores are recomputed from the layer's projections and
-    their slots stay in position order: the window drops the first ones).
+    cache, and reset at each prefill; a chunked prefill adds each chunk's attention to them
+    and evicts at its last chunk, keeping what one pass keeps. Sliding-window layers are
+    left to their own window (with ``compress_sliding``, their scores are recomputed from
+    the layer's projections and their slots stay in position order: the window drops the
+    first ones).
 
     The attention is computed once: while the method is applied, the layers it compresses
     run :func:`~methods.cache.attention.attention_and_received` instead of the model's
@@ -120,7 +123,11 @@ class H2O(ScorerMethod):
         scaling: float | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """The layer's attention; keeps what each key received for the hook that follows."""
+        """The layer's attention; keeps what each key received for the hook that follows.
+        A chunk of a chunked prefill (one request, no padding) comes with transformers' mask
+        of its queries over the cache: the causal mask that both paths apply without one."""
+        if current_chunk() is not None:
+            attention_mask = None
         layer, scaling = module.layer_idx, module.scaling if scaling is None else scaling
         softcap = getattr(module, "attn_logit_softcapping", None)
         if query.shape[2] > 1 and self._use_kernel(layer, query, key, value, attention_mask):
@@ -218,6 +225,48 @@ class H2O(ScorerMethod):
         self._scores[layer], self._positions[layer] = scores, positions
         return keys, values
 
+    def last_chunk_tokens(self, config: Any) -> int:
+        """With ``compress_sliding``, the model's sliding window: a sliding layer's scores are
+        the attention its held tokens get from the queries among them (the prompt's last)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        window = getattr(text, "sliding_window", None)
+        return int(window) if self.compress_sliding and window else 1
+
+    def observe_chunk(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kwargs: dict,
+    ) -> None:
+        """A chunk of a chunked prefill: its queries' attention joins the held keys' scores
+        (each query's softmax is whole: it sees every earlier key, in the cache)."""
+        if self.budget is not None or self.ratio != 1.0:
+            self._scores[module.layer_idx] = self._prefill_scores(
+                module, hidden_states, keys, kwargs
+            )
+
+    def _prefill_scores(
+        self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict
+    ) -> torch.Tensor:
+        """(B, H_kv, S) attention each held key received over the prompt so far: this
+        forward's queries, plus the earlier chunks' of a chunked prefill."""
+        received = self._attention_received(module, hidden_states, keys, kwargs)
+        chunk = current_chunk()
+        if chunk is None or chunk.start == 0:
+            return received
+        return self._carried(module.layer_idx, received, hidden_states.shape[1])
+
+    def _carried(self, layer: int, received: torch.Tensor, new: int) -> torch.Tensor:
+        """``received`` (B, H_kv, held) from the last ``new`` queries, plus what the held keys
+        had accumulated: they are the last ``held`` of the earlier keys and the ``new`` ones
+        (a sliding-window layer drops its oldest tokens itself; the scores follow)."""
+        carry = received.shape[-1] - new
+        if carry > 0:
+            received[..., :carry] += self._scores[layer][..., -carry:]
+        return received
+
     def reduce_kv(
         self,
         module: nn.Module,
@@ -227,11 +276,11 @@ class H2O(ScorerMethod):
         kwargs: dict,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         layer = module.layer_idx
-        self._scores.pop(layer, None)
         if self.budget is None and self.ratio == 1.0:
+            self._scores.pop(layer, None)
             return keys, values
         self._seen[layer] = keys.shape[-2]
-        scores = self._attention_received(module, hidden_states, keys, kwargs)
+        scores = self._prefill_scores(module, hidden_states, keys, kwargs)
         positions = torch.arange(keys.shape[-2], device=keys.device).expand_as(scores)
         return self._keep(layer, scores, positions, keys, values)
 
@@ -249,10 +298,8 @@ class H2O(ScorerMethod):
         new = hidden_states.shape[1]
         seen = self._seen[layer] = self._seen[layer] + new
         received = self._attention_received(module, hidden_states, keys, kwargs)
-        # a sliding-window layer drops its oldest tokens itself: the scores follow
         dropped = max(0, self._scores[layer].shape[-1] + new - keys.shape[-2])
-        scores = received  # this step's attention, plus what the held slots had accumulated
-        scores[..., :-new] += self._scores[layer][..., dropped:]
+        scores = self._carried(layer, received, new)
         added = torch.arange(seen - new, seen, device=keys.device).expand(*scores.shape[:2], new)
         positions = torch.cat((self._positions[layer][..., dropped:], added), -1)
         held, n_kept = keys.shape[-2], self.kept_tokens(seen)

@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -45,6 +46,47 @@ def cache_methods_bypassed() -> Iterator[None]:
 def bypassed() -> bool:
     """Whether the current forward pass runs inside :func:`cache_methods_bypassed`."""
     return _BYPASSED.get()
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One forward pass of a chunked prefill: the prompt's tokens ``start`` onwards (the
+    earlier ones are in the cache, uncompressed), and whether it is the ``last`` chunk."""
+
+    start: int
+    last: bool
+
+
+_CHUNK: ContextVar[PrefillChunk | None] = ContextVar("kvbench_prefill_chunk", default=None)
+
+
+@contextmanager
+def prefill_chunk(start: int, last: bool) -> Iterator[None]:
+    """The forward pass inside the block is a chunk of a prefill (set by the caller that
+    splits the prompt). Cache methods compress once, at the ``last`` chunk, over every
+    prompt token then in the cache, and keep what an unchunked prefill keeps: before it they
+    only :meth:`~methods.base.CacheMethod.observe_chunk`. Outside such a block a forward
+    pass whose queries are all the layer holds is a whole prefill, any other a decoding step."""
+    token = _CHUNK.set(PrefillChunk(start, last))
+    try:
+        yield
+    finally:
+        _CHUNK.reset(token)
+
+
+def current_chunk() -> PrefillChunk | None:
+    """The chunk of a chunked prefill the current forward pass is, or None (not chunked)."""
+    return _CHUNK.get()
+
+
+def forward_phase(layer: Any, q_len: int) -> str:
+    """What a forward pass of ``q_len`` queries is to a cache ``layer``: ``chunk`` (a chunk of
+    a chunked prefill before its last), ``prefill`` (a whole prefill, or a chunked one's last
+    chunk: the method compresses) or ``decode``."""
+    chunk = _CHUNK.get()
+    if chunk is not None:
+        return "prefill" if chunk.last else "chunk"
+    return "prefill" if layer.get_seq_length() == q_len and q_len > 1 else "decode"
 
 
 def cache_of(kwargs: dict) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -18,8 +19,11 @@ class ScorerMethod(CacheMethod):
     is ``budget`` tokens when given, else ``round(ratio * prompt_length)``. The kept
     tokens are gathered into new, smaller tensors (B, H_kv, kept, D), in their original
     order; positions are unaffected (the LM adapter passes true positions when decoding).
-    A subclass implements :meth:`score`.
+    A subclass implements :meth:`score`; a chunked prefill scores at its last chunk, every
+    prompt key in the cache (``hidden_states``: that chunk's queries, as in ``reduce_kv``).
     """
+
+    chunked_prefill: ClassVar[bool] = True
 
     ratio: float | None = 0.2
     budget: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +47,10 @@ class SnapKV(ScorerMethod):
             raise MethodConfigError(
                 f"method.pooling={self.pooling!r} is unknown: use one of {', '.join(POOLINGS)}"
             )
+
+    def last_chunk_tokens(self, config: Any) -> int:
+        """The observation window: a chunked prefill's last chunk holds all its queries."""
+        return self.window
 
     def window_scores(
         self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, kwargs: dict

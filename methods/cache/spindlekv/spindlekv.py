@@ -67,7 +67,9 @@ class SpindleKV(SnapKV):
     for the ablation. With ``budget`` (a
     token count) instead of ``ratio``, the byte budget is that of a full cache of ``budget``
     tokens. The budgets of all compressed layers are chosen together once the last one has
-    run its prefill (prefill attention never sees a compressed layer, so nothing changes).
+    run its prefill (prefill attention never sees a compressed layer, so nothing changes);
+    a chunked prefill scores and codes at its last chunk, which holds the window's queries
+    (the RoPE of the earlier chunks' keys is recomputed from their positions).
 
     Codebook: the kept keys are taken back to pre-RoPE (exactly, from the cached keys and the
     layer's cos/sin) and coded with threshold ``key_threshold`` (0.98), the values with
@@ -257,12 +259,16 @@ class SpindleKV(SnapKV):
             self._pending, self._sliding = {}, {}
         scores = self.score(module, hidden_states, keys, values, kwargs)
         held = keys.shape[-2]  # a sliding layer holds the prompt's last window - 1 tokens
-        cos, sin = (t[:, -held:] for t in layer_rope(module, kwargs))
+        cos, sin = layer_rope(module, kwargs)
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(hidden_states.shape[1], device=keys.device).unsqueeze(0)
-        positions = positions.expand(keys.shape[0], -1)[:, -held:]
+        positions = positions.expand(keys.shape[0], -1)
         rope, table = self._layer_rope(module, positions, cos, sin)
+        if held > positions.shape[-1]:  # a chunked prefill's last chunk: the earlier ones too
+            positions = positions[:, -1:] + torch.arange(1 - held, 1, device=keys.device)
+            cos, sin = rope(positions, cos)
+        positions, cos, sin = positions[:, -held:], cos[:, -held:], sin[:, -held:]
         window = getattr(module, "sliding_window", None)
         pending = Pending(
             module.layer_idx,
