@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import itertools
 import os
 import sys
@@ -62,7 +61,7 @@ from bench.gpu.methods_table import (  # noqa: E402
     prompt_frame,
 )
 from bench.gpu.op_counts import SMOLLM2_135M  # noqa: E402
-from bench.gpu.speed import LLAMA3_8B, TINY, prompt  # noqa: E402
+from bench.gpu.speed import LLAMA3_8B, TINY, guarded, prompt  # noqa: E402
 from harness.api import build  # noqa: E402
 from harness.measure import synchronized_clock  # noqa: E402
 from harness.models import ModelSpec  # noqa: E402
@@ -109,23 +108,14 @@ class Budget:
         status = self.why_not(name, context)
         if status is None:
             start = time.perf_counter()
-            try:
-                row |= measure()
-                status = "ok"
+            cell, status = guarded(measure, device)
+            row |= cell
+            if status == "ok":
                 self.last[name] = (context, time.perf_counter() - start)
-            except torch.OutOfMemoryError:
-                status = self.failed[name] = "out of memory"
-            except Exception as exc:  # noqa: BLE001 - a failing method is a result
-                status = self.failed[name] = f"failed: {type(exc).__name__}: {exc}"[:240]
-            free(device)
+            else:
+                self.failed[name] = status
         row["status"] = status
         return row
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:

@@ -45,6 +45,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -257,6 +258,19 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def guarded(measure, device: torch.device) -> tuple[dict, str]:
+    """(``measure()``'s row, ``ok``), or ({}, why it failed): one method's failure (out of
+    memory included) is a result named in its row, never the end of the table."""
+    try:
+        return measure(), "ok"
+    except torch.OutOfMemoryError:
+        return {}, "out of memory"
+    except Exception as exc:  # noqa: BLE001 - a failing method is a result
+        return {}, f"failed: {type(exc).__name__}: {exc}"[:240]
+    finally:
+        free(device)
+
+
 def warm_up(model, tokenizer, plan: Plan) -> None:
     """A short request per method (kernels, hooks, the allocator): a method that fails here
     is named in each of its rows (``plan.failed``), and the others run."""
@@ -300,15 +314,14 @@ def measure(model, tokenizer, plan: Plan, clock_start: float, on_row) -> list[di
                 key = f"{name}/{workload}"
                 status = cell_status(plan, name, key, context, clock_start)
                 if status is None:
-                    try:
-                        row |= run_cell(model, tokenizer, name, workload, context, plan)
-                        status = "ok"
+                    cell, status = guarded(
+                        partial(run_cell, model, tokenizer, name, workload, context, plan), device
+                    )
+                    row |= cell
+                    if status == "ok":
                         plan.history.setdefault(key, []).append((context, row["wall_s"]))
-                    except torch.OutOfMemoryError:
-                        status = plan.failed[name] = "out of memory"
-                    except Exception as exc:  # noqa: BLE001 - a failing method is a result
-                        status = plan.failed[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
-                    free(device)
+                    else:
+                        plan.failed[name] = status
                 row["status"] = status
                 rows.append(row)
                 took = f"{row['wall_s']:.2f} s" if "wall_s" in row else ""
