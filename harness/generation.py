@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
+from harness.decode_graph import CapturedStep, DecodeGraphs
 from harness.kvcache import decode_attention, new_cache
 from harness.measure import (
     ForwardCost,
@@ -45,6 +46,7 @@ class Generation(ForwardCost):
     prompt_tokens: int
     cached_tokens_final: int
     last_logits: torch.Tensor  # (vocab,) the logits the last token was chosen from
+    capture_s: float = 0.0  # of decode_s, the time spent capturing a decoding step (new shapes)
 
 
 def _position(value: int, device: torch.device) -> torch.Tensor:
@@ -133,18 +135,23 @@ def greedy_generate(
     eos_token_ids: Sequence[int] = (),
     should_stop: Callable[[list[int]], bool] | None = None,
     chunking: Chunking | None = None,
+    graphs: DecodeGraphs | None = None,
 ) -> Generation:
     """Greedy decoding of ``input_ids`` (1, S) with up to ``max_new_tokens`` new tokens.
 
     Stops at an EOS id (kept in ``tokens``, like ``model.generate``) or when
     ``should_stop(tokens)`` is true. Decoding step t feeds position S + t - 1, whatever
     the cache holds after eviction. ``chunking``: the prefill in chunks (:func:`prefill`).
+    ``graphs``: the decoding steps run captured (:mod:`harness.decode_graph`; the same
+    tokens and measurements), else eagerly.
     """
     device = input_ids.device
     prompt_len = input_ids.shape[1]
+    reserve = max(max_new_tokens - 1, 0)
     # room for every decoding step (and for a chunked prefill's whole prompt from its start)
     chunked_prompt = prompt_len if chunking is not None else 0
-    cache = new_cache(model, reserve=max(max_new_tokens - 1, 0), prompt=chunked_prompt)
+    buffers = graphs.buffers_for(prompt_len, reserve) if graphs is not None else None
+    cache = new_cache(model, reserve=reserve, prompt=chunked_prompt, buffers=buffers)
     eos = set(eos_token_ids)
     start = synchronized_clock(device)
     with record_function("prefill"):  # named ranges for bench/profile_generate.py
@@ -152,37 +159,67 @@ def greedy_generate(
     prefill_end = synchronized_clock(device)
     kv_prefill, allocated_prefill = stored_kv_bytes(cache), allocated_kv_bytes(cache)
     tokens: list[int] = []
-    position = prompt_len
+    token = int(logits[0, -1].argmax())
+    last_logits = logits[0, -1]
+    captured: CapturedStep | None = None
+    seen, capture_s = 0, 0.0
     while True:
-        token = int(logits[0, -1].argmax())
         tokens.append(token)
         if token in eos or len(tokens) >= max_new_tokens:
             break
         if should_stop is not None and should_stop(tokens):
             break
+        position = prompt_len + len(tokens) - 1
         with record_function("decode"):
-            logits = model(
-                input_ids=torch.tensor([[token]], device=device),
-                position_ids=_position(position, device),
-                **cache_kwarg(model, cache),
-                use_cache=True,
-            ).logits
-        position += 1
+            if graphs is not None:
+                if captured is None:  # the prefilled cache moves into the captured step's
+                    captures, capture_start = graphs.captures, synchronized_clock(device)
+                    captured, seen = graphs.start(model, cache, token, position, reserve)
+                    if graphs.captures > captures:
+                        capture_s = synchronized_clock(device) - capture_start
+                captured.replay()
+                token, last_logits = int(captured.token), captured.logits
+            else:
+                last_logits = model(
+                    input_ids=torch.tensor([[token]], device=device),
+                    position_ids=_position(position, device),
+                    **cache_kwarg(model, cache),
+                    use_cache=True,
+                ).logits[0, -1]
+                token = int(last_logits.argmax())
     end = synchronized_clock(device)
+    steps = len(tokens) - 1
     return Generation(
         tokens=tokens,
         prompt_tokens=prompt_len,
         prefill_s=prefill_end - start,
         decode_s=end - prefill_end,
-        decode_steps=len(tokens) - 1,
+        decode_steps=steps,
         generated_tokens=len(tokens),
         kv_bytes_prefill=kv_prefill,
-        kv_bytes_final=stored_kv_bytes(cache),
-        cached_tokens_final=cache.get_seq_length(),
-        last_logits=logits[0, -1].float(),
+        last_logits=last_logits.float().clone(),
         kv_allocated_bytes_prefill=allocated_prefill,
-        kv_allocated_bytes_final=allocated_kv_bytes(cache),
+        capture_s=capture_s,
+        **_final_cache(cache, captured, seen, steps),
     )
+
+
+def _final_cache(
+    cache: Any, captured: CapturedStep | None, seen: int, steps: int
+) -> dict[str, int]:
+    """What the cache holds after ``steps`` decoding steps: the dynamic ``cache``'s, or (it
+    moved there) the captured step's, which holds what the dynamic cache would."""
+    if captured is None:
+        return {
+            "kv_bytes_final": stored_kv_bytes(cache),
+            "kv_allocated_bytes_final": allocated_kv_bytes(cache),
+            "cached_tokens_final": cache.get_seq_length(),
+        }
+    return {
+        "kv_bytes_final": captured.cache.stored_nbytes_after(steps),
+        "kv_allocated_bytes_final": captured.cache.allocated_nbytes(),
+        "cached_tokens_final": seen + steps,
+    }
 
 
 @dataclass(kw_only=True)
@@ -203,6 +240,7 @@ def score_continuation(
     *,
     stepwise: bool = False,
     chunking: Chunking | None = None,
+    graphs: DecodeGraphs | None = None,
 ) -> Scored:
     """Sum of log p(continuation | context) under the model.
 
@@ -210,34 +248,45 @@ def score_continuation(
     backend does). ``stepwise`` (with cache methods applied) prefills the context (which the
     methods compress), then feeds the continuation one token at a time at its true
     positions, so every layer sees exactly the keys the method kept. ``chunking``: the
-    prefill (the context, or the whole sequence) in chunks (:func:`prefill`).
+    prefill (the context, or the whole sequence) in chunks (:func:`prefill`). ``graphs``:
+    the stepwise continuation runs in captured decoding steps (:mod:`harness.decode_graph`).
     """
     device = next(model.parameters()).device
     ids = context_ids if stepwise else context_ids + continuation_ids[:-1]
     prompt = len(ids) if chunking is not None else 0
-    cache = new_cache(
-        model, reserve=max(len(continuation_ids) - 1, 0) if stepwise else 0, prompt=prompt
-    )
+    reserve = max(len(continuation_ids) - 1, 0) if stepwise else 0
+    buffers = graphs.buffers_for(len(ids), reserve) if graphs is not None and stepwise else None
+    cache = new_cache(model, reserve=reserve, prompt=prompt, buffers=buffers)
     cont = torch.tensor(continuation_ids, device=device)
     ids = torch.tensor([ids], device=device)
     start = synchronized_clock(device)
+    captured: CapturedStep | None = None
     if not stepwise:
         logits = prefill(model, ids, cache, chunking, logits_to_keep=len(continuation_ids))[0]
         prefill_end = synchronized_clock(device)
     else:
-        steps = [prefill(model, ids, cache, chunking)[0, -1]]
+        steps = [prefill(model, ids, cache, chunking)[0, -1].float()]
         prefill_end = synchronized_clock(device)
         for offset, token in enumerate(continuation_ids[:-1]):
+            position = len(context_ids) + offset
+            if graphs is not None:  # the step feeds the continuation's token, not its argmax
+                if captured is None:
+                    captured, _ = graphs.start(model, cache, token, position, reserve)
+                captured.token.fill_(token)
+                captured.replay()
+                steps.append(captured.logits.clone())
+                continue
             out = model(
                 input_ids=torch.tensor([[token]], device=device),
-                position_ids=_position(len(context_ids) + offset, device),
+                position_ids=_position(position, device),
                 **cache_kwarg(model, cache),
                 use_cache=True,
             )
-            steps.append(out.logits[0, -1])
+            steps.append(out.logits[0, -1].float())
         logits = torch.stack(steps)
     logprobs = F.log_softmax(logits.float(), dim=-1)
-    kv_bytes, allocated = stored_kv_bytes(cache), allocated_kv_bytes(cache)
+    final = _final_cache(cache, captured, 0, len(continuation_ids) - 1)
+    kv_bytes, allocated = final["kv_bytes_final"], final["kv_allocated_bytes_final"]
     return Scored(
         logprob=float(logprobs.gather(1, cont.unsqueeze(1)).sum()),
         is_greedy=bool((logprobs.argmax(-1) == cont).all()),

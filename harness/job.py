@@ -157,6 +157,7 @@ def check_method(model_spec: ModelSpec, method: Method, model_config: Any) -> No
         model_spec.device, model_spec.torch_dtype, model_spec.attn_implementation
     )
     check_prefill_chunk(method, model_spec.prefill_chunk, "model.prefill_chunk")
+    model_spec.decode_plan(method, model_config)
 
 
 @contextmanager
@@ -184,6 +185,7 @@ def load_session(
         add_bos_token=add_bos_token,
         check_runtime=False,
         prefill_chunk=model_spec.prefill_chunk,
+        decode_capture=model_spec.decode_plan(method, model_config),
     ) as session:
         yield session
 

@@ -63,12 +63,27 @@ class InPlaceLayer(DynamicLayer):
     chunks of a chunked prefill append without copying.
     """
 
-    def __init__(self, reserve: int | None = None, prompt: int = 0) -> None:
+    def __init__(
+        self,
+        reserve: int | None = None,
+        prompt: int = 0,
+        buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.reserve = reserve
         self.prompt_tokens = prompt
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
         super().__init__()
+        self._given = buffers  # a captured decoding step's, written into if the prompt fits
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        given, self._given = self._given, None
+        if given is not None and all(
+            b.shape[:2] == s.shape[:2] and b.shape[-1] == s.shape[-1] and b.dtype == s.dtype
+            for b, s in zip(given, (key_states, value_states), strict=True)
+        ):
+            self._key_buffer, self._value_buffer = given
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -133,15 +148,23 @@ class InPlaceLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
 
-def new_cache(model: nn.Module, reserve: int | None = None, prompt: int = 0) -> DynamicCache:
+def new_cache(
+    model: nn.Module,
+    reserve: int | None = None,
+    prompt: int = 0,
+    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+) -> DynamicCache:
     """A ``DynamicCache`` for ``model`` whose full-attention layers are :class:`InPlaceLayer`
     with ``reserve`` tokens of room (the tokens the caller may still append after the prompt)
     and, from the first chunk of a chunked prefill, room for its ``prompt`` tokens;
-    sliding-window layers keep transformers' own (bounded by their window)."""
+    sliding-window layers keep transformers' own (bounded by their window). ``buffers``:
+    per layer, (keys, values) buffers to fill first where they have the room (a captured
+    decoding step's, :mod:`harness.decode_graph`)."""
     cache = DynamicCache(config=model.config)
+    given = buffers or [None] * len(cache.layers)
     cache.layers = [
-        InPlaceLayer(reserve, prompt) if type(layer) is DynamicLayer else layer
-        for layer in cache.layers
+        InPlaceLayer(reserve, prompt, kv) if type(layer) is DynamicLayer else layer
+        for layer, kv in zip(cache.layers, given, strict=True)
     ]
     return cache
 

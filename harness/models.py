@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from harness import model_cache, sdpa
+from harness import decode_graph, model_cache, sdpa
 from harness.dtypes import AUTO, is_cuda, resolve_dtype
 from harness.generation import MIN_PREFILL_CHUNK
 from methods.storage import cache_root
@@ -50,6 +50,7 @@ class ModelSpec:
     named by ``path``), checked before anything loads and named in the install hint.
     ``prefill_chunk``: each request's prompt runs through the model that many tokens at a
     time (null: at once), for a prefill's activations that do not grow with the prompt.
+    ``decode_capture``: how decoding steps run (:func:`harness.decode_graph.plan`).
     """
 
     name: str
@@ -68,6 +69,7 @@ class ModelSpec:
     max_length: int | None = None
     threads: int | None = None
     prefill_chunk: int | None = None
+    decode_capture: str = "auto"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -106,6 +108,8 @@ class ModelSpec:
                 f"model.prefill_chunk={self.prefill_chunk} is below {MIN_PREFILL_CHUNK} tokens: "
                 "pass a larger chunk, or null (a one-pass prefill)"
             )
+        if self.decode_capture not in decode_graph.CHOICES:
+            raise ModelConfigError(decode_graph.unknown(self.decode_capture))
         if self.threads is not None and self.threads < 1:
             raise ModelConfigError(f"model.threads={self.threads} must be >= 1 (or null)")
         if self.device_map is not None:
@@ -208,6 +212,16 @@ class ModelSpec:
         try:
             return sdpa.resolve(self.sdpa_backend, str(self.device), self.resolved_dtype, config)
         except sdpa.SdpaBackendError as exc:
+            raise ModelConfigError(str(exc)) from None
+
+    def decode_plan(self, method: Any, config: Any) -> str:
+        """How ``method``'s requests decode here (:func:`harness.decode_graph.plan`); what
+        cannot be had is refused before the weights load."""
+        device = "device_map" if self.device_map is not None else str(self.device)
+        attn, backend = self.attn_implementation, self.sdpa_backend
+        try:
+            return decode_graph.plan(self.decode_capture, device, method, config, attn, backend)
+        except ValueError as exc:
             raise ModelConfigError(str(exc)) from None
 
     def resolved_path(self) -> str:

@@ -50,7 +50,12 @@ CONFIG_FILE = "config.yaml"
 BOOKKEEPING_FIELDS = ("results_dir", "overwrite", "report")
 # model fields added after records existed: hashed only when set away from their default, so
 # the runs made before them keep their ids (and resume)
-MODEL_DEFAULTS = {"sdpa_backend": "auto", "device_map": None, "prefill_chunk": None}
+MODEL_DEFAULTS = {
+    "sdpa_backend": "auto",
+    "device_map": None,
+    "prefill_chunk": None,
+    "decode_capture": "auto",
+}
 
 
 def config_hash(cfg: DictConfig | dict, data_hash: str | None = None) -> str:

@@ -228,6 +228,7 @@ def make_record(
             "device": str(session.device),
             "attn_implementation": model_spec.attn_implementation,
             "sdpa_backend": model_spec.resolved_sdpa_backend(model_config),
+            "decode_capture": model_spec.decode_plan(method, model_config),
             "max_length": session.max_length,
         },
         "method": {

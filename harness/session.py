@@ -29,6 +29,7 @@ from torch import nn
 
 from harness import session_checks as checks
 from harness.compressors import hand_over_compressors
+from harness.decode_graph import DecodeGraphs, decode_steps
 from harness.generation import Chunking, Generated, greedy_generate, score_continuation
 from harness.measure import (
     ForwardCost,
@@ -45,11 +46,10 @@ from methods.base import Method, PromptParts
 
 class Session:
     """A model with a method applied: generates, scores and measures one request at a time.
-
     Built by :func:`open_session`; ``model`` is the model the method returned (a model method's
     reduced model), ``kv_layout`` the full cache of the model *before* any model method (the
     denominator of every KV ratio), ``measurements`` one :class:`RequestMeasurement` per
-    request, in order; ``chunking`` how its prefills run (None: in one forward pass).
+    request, in order; ``chunking``, ``graphs``: how prefills and decoding steps run.
     """
 
     def __init__(
@@ -62,9 +62,11 @@ class Session:
         max_length: int,
         add_bos_token: bool | None = None,
         chunking: Chunking | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.chunking = chunking
+        self.graphs = graphs
         self.tokenizer = tokenizer
         self.method = method
         self.kv_layout = kv_layout
@@ -194,6 +196,7 @@ class Session:
             eos_token_ids=self.eos_token_ids,
             should_stop=stopped if (stops or should_stop) else None,
             chunking=self.chunking,
+            graphs=self.graphs,
         )
         # the reference answer is scored after the measurement read the peak memory and the
         # method's stats, so it changes neither
@@ -253,6 +256,7 @@ class Session:
             continuation,
             stepwise=self.stepwise_scoring,
             chunking=self.chunking,
+            graphs=self.graphs,
         )
         if measure:
             cut = len(context_ids) - len(context)
@@ -352,6 +356,7 @@ def open_session(
     add_bos_token: bool | None = None,
     check_runtime: bool = True,
     prefill_chunk: int | None = None,
+    decode_capture: str | DecodeGraphs | None = None,
 ) -> Iterator[Session]:
     """``with open_session(method, model, tokenizer) as session:`` run ``model`` under ``method``.
 
@@ -362,7 +367,8 @@ def open_session(
     Requests are refused after the block; a model in a block cannot be applied again
     (:mod:`harness.session_checks`). ``check_runtime=False``: the caller validated the runtime
     (:func:`harness.job.load_session`). ``prefill_chunk``: prefill in chunks of that many tokens
-    (None: one pass); cache methods keep what they keep in one pass.
+    (None: one pass); cache methods keep what they keep in one pass. ``decode_capture``:
+    :func:`harness.decode_graph.decode_steps` (default: eager decoding).
     """
     checks.check_apply_args(method, model, tokenizer, max_length)
     checks.check_prefill_chunk(method, prefill_chunk)
@@ -375,7 +381,7 @@ def open_session(
     kv_layout = KVLayout.from_config(config, weights.dtype)
     window = max_length or getattr(config, "max_position_embeddings", None) or 2048
     hand_over_compressors(method, model)
-    with method.applied(model, tokenizer) as applied_model:
+    with decode_steps(decode_capture) as graphs, method.applied(model, tokenizer) as applied_model:
         session = Session(
             applied_model,
             tokenizer,
@@ -384,6 +390,7 @@ def open_session(
             max_length=window,
             add_bos_token=add_bos_token,
             chunking=Chunking.of(prefill_chunk, method, config),
+            graphs=graphs,
         )
         checks.enter_block(method, model, applied_model)
         try:

@@ -176,6 +176,7 @@ class CacheMethod(Method):
 
     kind: ClassVar[str] = "cache"
     chunked_prefill: ClassVar[bool] = False
+    acts_while_decoding: ClassVar[bool] = False  # changes the cache as it decodes: not captured
     compress_sliding: bool = False
 
     def enter(self, stack: ExitStack, model: nn.Module, tokenizer: Any) -> nn.Module:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.gpu import check_wheels, methods_speed, op_counts, speed, speed_table
+from bench.gpu import check_wheels, methods_speed, op_counts, speed, speed_cells, speed_table
 from tests.conftest import REPO
 
 EVICTION = ("streamingllm", "h2o", "snapkv", "knorm", "pyramidkv")
@@ -55,6 +55,20 @@ def test_run_sh_dry_run_writes_the_logs_and_the_table(tmp_path):
     baseline = table[(table["method"] == "transformers") & (table["workload"] == "repeat")]
     assert (baseline["KV vs full"] == 1).all()  # the static cache holds every token
     assert baseline["same tokens"].all()  # model.generate decodes what kvbench's full cache does
+    # decoding steps: captured (the dry run's replay) unless the method changes the cache as it
+    # decodes; full_eager, the full cache's steps not captured, decodes the same tokens
+    decode = dict(zip(table["method"], table["decode"], strict=False))
+    assert {m for m, how in decode.items() if how == "eager"} == {
+        "transformers",
+        "full_eager",
+        "h2o",
+        "spindlekv",
+    }
+    assert {how for m, how in decode.items()} == {"eager", "replay"}
+    eager = table[(table["method"] == "full_eager") & (table["workload"] == "repeat")]
+    assert eager["same tokens"].all()
+    captured = table[table["decode"] == "replay"]
+    assert (captured["capture ms"] > 0).all()
     text = (out / "gpu_speed.md").read_text()
     assert "DRY RUN" in text and "model.sdpa_backend=auto" in text
     ops = pd.read_csv(out / "op_counts.csv")
@@ -101,7 +115,7 @@ def test_op_counts_name_the_operators_a_method_adds_per_step():
 
 
 def test_a_run_is_projected_from_the_methods_smaller_contexts():
-    plan = speed.Plan([1, 2], ["full"], 0.2, 2, 1, 1.0, cell_s=10, budget_s=100)
+    plan = speed_cells.Plan([1, 2], ["full"], 0.2, 2, 1, 1.0, cell_s=10, budget_s=100)
     assert plan.projected_s("full", 2048) is None
     plan.history["full"] = [(1024, 1.0)]
     assert plan.projected_s("full", 4096) == pytest.approx(8.0)  # exponent 1.5 at first
@@ -121,7 +135,7 @@ def test_the_table_skips_and_names_what_failed_or_would_not_fit(tiny_gqa, monkey
 
     monkeypatch.setattr(speed, "run_cell", fake_cell)
     methods = ["full", "h2o", "snapkv", "pyramidkv"]
-    plan = speed.Plan([64, 128], methods, 0.2, 2, 1, 1.0, cell_s=10, budget_s=100)
+    plan = speed_cells.Plan([64, 128], methods, 0.2, 2, 1, 1.0, cell_s=10, budget_s=100)
     rows = speed.measure(model, tokenizer, plan, time.perf_counter(), lambda rows: None)
     status = {(r["method"], r["workload"], r["context"]): r["status"] for r in rows}
     assert status[("full", "new_lengths", 128)] == "ok"
@@ -129,7 +143,7 @@ def test_the_table_skips_and_names_what_failed_or_would_not_fit(tiny_gqa, monkey
     assert status[("h2o", "new_lengths", 64)] == "skipped: out of memory at a smaller context"
     assert status[("snapkv", "repeat", 64)].startswith("failed: RuntimeError: boom")
     assert status[("pyramidkv", "repeat", 128)] == "skipped: projected 14 s > 10 s"
-    spent = speed.Plan([64], ["full"], 0.2, 2, 1, 1.0, cell_s=10, budget_s=-1)
+    spent = speed_cells.Plan([64], ["full"], 0.2, 2, 1, 1.0, cell_s=10, budget_s=-1)
     rows = speed.measure(model, tokenizer, spent, time.perf_counter(), lambda rows: None)
     assert all(r["status"].startswith("skipped: the table's") for r in rows)
 
@@ -139,13 +153,13 @@ def test_a_method_failing_its_warm_up_is_named_in_its_rows_and_the_rest_run(tiny
     model, tokenizer = tiny_gqa
     real = speed.request
 
-    def request(model, tokenizer, name, ids, plan):
+    def request(model, tokenizer, name, ids, plan, graphs):
         if name == "spindlekv":
             raise TypeError("can't convert cuda:0 device type tensor to numpy")
-        return real(model, tokenizer, name, ids, plan)
+        return real(model, tokenizer, name, ids, plan, graphs)
 
     monkeypatch.setattr(speed, "request", request)
-    plan = speed.Plan([16], ["full", "streamingllm", "spindlekv"], 0.25, 2, 1, 1.0, 60, 600)
+    plan = speed_cells.Plan([16], ["full", "streamingllm", "spindlekv"], 0.25, 2, 1, 1.0, 60, 600)
     speed.warm_up(model, tokenizer, plan)
     rows = speed.measure(model, tokenizer, plan, time.perf_counter(), lambda rows: None)
     status = {(r["method"], r["workload"]): r["status"] for r in rows}
@@ -155,10 +169,10 @@ def test_a_method_failing_its_warm_up_is_named_in_its_rows_and_the_rest_run(tiny
 
 
 def test_new_lengths_are_near_the_context_and_never_repeat():
-    lengths = [n for slot in range(len(speed.METHODS)) for n in speed.new_lengths(8192, slot)]
+    lengths = [n for slot in range(len(speed.METHODS)) for n in speed_cells.new_lengths(8192, slot)]
     assert len(set(lengths)) == len(lengths) == 8 * len(speed.METHODS)
     assert min(lengths) > 8192 and max(lengths) <= 1.1 * 8192
-    assert speed.new_lengths(64, 0) == list(range(65, 73))
+    assert speed_cells.new_lengths(64, 0) == list(range(65, 73))
 
 
 def fake_wheel(folder, name: str, version: str, requires: list[str]) -> None:

@@ -254,6 +254,8 @@ def test_kvbench_run_on_the_gpu_records_dtype_device_and_memory(tmp_path, monkey
     assert record["model"]["dtype"] == expected and record["model"]["dtype_requested"] == "auto"
     assert record["model"]["device"].startswith(DEVICE)
     assert record["model"]["sdpa_backend"] == ("flash" if DEVICE == "cuda" else "default")
+    captured = "graph" if DEVICE == "cuda" else "eager: CUDA graphs need CUDA (model.device=cpu)"
+    assert record["model"]["decode_capture"] == captured  # model.decode_capture=auto
     assert record["config"]["model"]["dtype"] == expected
     m = record["measurements"]
     assert m["kv_ratio"] == pytest.approx(0.25, abs=0.01)
@@ -276,3 +278,37 @@ def test_compose_of_prompt_and_cache_methods_on_the_gpu(gpu_model, caches):
     assert m.prompt_tokens < m.prompt_tokens_original
     assert stored_kv_bytes(caches[-1]) < 0.5 * m.kv_full_bytes_final
     assert {t.device.type for t in cache_tensors(caches[-1])} == {DEVICE}
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv", "pyramidkv", "streamingllm", "kvlatent_k"])
+def test_decoding_in_a_cuda_graph_generates_what_eager_decoding_does(name, tmp_path, monkeypatch):
+    """float32 (the same kernels either way): the tokens, bytes and last logits of eager
+    decoding, requests of two lengths sharing one captured step; bfloat16 (auto) runs too.
+    Rehearsed on the CPU with ``replay``, the graph's stand-in."""
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    mode = "graph" if DEVICE == "cuda" else "replay"
+    fields = {"full": {}, **CACHE_METHODS, **OTHER_METHODS}[name]
+    for dtype in ("float32", "auto"):
+        runs = []
+        for capture in (None, mode):
+            model, tokenizer = model_spec("tiny_llama_gqa", device=DEVICE, dtype=dtype).load()
+            model.generation_config.eos_token_id = []
+            method = build("method", name, **fields)
+            with open_session(method, model, tokenizer, decode_capture=capture) as session:
+                session.eos_token_ids = []
+                runs.append(
+                    [
+                        session.generate(prompt_ids(n, seed=n), max_new_tokens=20).generation
+                        for n in (300, 310)
+                    ]
+                )
+                if capture is not None:
+                    assert session.graphs.captures == 1
+        if dtype != "float32":
+            continue
+        for eager, captured in zip(*runs, strict=True):
+            assert captured.tokens == eager.tokens
+            assert captured.kv_bytes_final == eager.kv_bytes_final
+            torch.testing.assert_close(
+                captured.last_logits, eager.last_logits, rtol=1e-3, atol=1e-3
+            )

@@ -68,6 +68,8 @@ def test_run_writes_a_complete_record_and_skips_a_rerun(tmp_path):
     assert record["model"]["dtype"] == "float32" and record["model"]["dtype_requested"] == "auto"
     assert record["config"]["model"]["dtype"] == "float32"
     assert record["model"]["sdpa_backend"] == "default"  # auto on the CPU: torch's choice
+    # auto on the CPU: eager decoding, and why
+    assert record["model"]["decode_capture"] == "eager: CUDA graphs need CUDA (model.device=cpu)"
     # the id of the config as composed (auto) and of the task data it read
     assert records.run_id(cfg, record["task"]["data_hash"]) == folder.name
 

@@ -24,6 +24,14 @@ shows what a kernel that plans per input shape costs. Rows: the full cache, ever
 and ``transformers``: ``model.generate`` with the static cache (bench/gpu/baseline.py), the
 baseline a user would otherwise reach for.
 
+Decoding steps run as ``--decode-capture`` (``model.decode_capture``, harness/decode_graph.py)
+plans for each method: ``auto`` captures them in a CUDA graph where the method allows (the
+``decode`` column says ``graph``, or ``eager``: H2O and SpindleKV change the cache as they
+decode); the ``full_eager`` row is the full cache decoding eagerly, what the capture buys. The
+requests of a cell share their captured steps (as a run's requests do); the time a request
+spent capturing a new shape is in ``capture ms``, left out of ``decode ms/tok``. The dry run
+uses ``replay``, the CPU's stand-in for a CUDA graph.
+
 Ratios: ``vs full`` = method / full cache at the same context (lower is better);
 ``decode vs floor`` = measured / (weights + KV bytes) / copy bandwidth; ``prefill vs floor`` =
 measured / max(FLOPs / matrix rate, bytes / bandwidth) of a full-cache prefill (bench/gpu/
@@ -38,13 +46,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import math
 import os
-import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -52,11 +57,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.common import generate  # noqa: E402
 from bench.gpu import ceilings  # noqa: E402
-from bench.gpu.baseline import generate_static  # noqa: E402
+from bench.gpu.speed_cells import (  # noqa: E402
+    BASELINE,
+    EAGER_FULL,
+    NEW_LENGTHS,
+    WORKLOADS,
+    Plan,
+    decode_plans,
+    prompt,
+    request,
+    run_cell,
+)
 from bench.gpu.speed_table import MB, table, verdicts, with_op_counts  # noqa: E402
-from harness.api import build  # noqa: E402
+from harness.decode_graph import CHOICES, decode_steps  # noqa: E402
 from harness.models import ModelSpec  # noqa: E402
 from harness.provenance import device_description  # noqa: E402
 
@@ -65,6 +79,7 @@ from harness.provenance import device_description  # noqa: E402
 METHODS = (
     "full",
     "transformers",
+    "full_eager",
     "streamingllm",
     "knorm",
     "snapkv",
@@ -72,11 +87,6 @@ METHODS = (
     "h2o",
     "spindlekv",
 )
-BASELINE = "transformers"
-# repeat: one prompt per context, best of --repeats; new_lengths: NEW_LENGTHS requests of
-# lengths no other request had (each method its own), as real tasks bring
-WORKLOADS = ("repeat", "new_lengths")
-NEW_LENGTHS = 8
 LLAMA3_8B = dict(
     model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
     num_key_value_heads=8, head_dim=128, vocab_size=1024, rope_theta=500000.0,
@@ -87,41 +97,6 @@ TINY = dict(
     LLAMA3_8B, hidden_size=64, intermediate_size=128, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=4096,
 )  # fmt: skip
-
-
-@dataclass
-class Plan:
-    """What to run and the time it may take."""
-
-    contexts: list[int]
-    methods: list[str]
-    ratio: float
-    decode_tokens: int
-    repeats: int
-    repeat_below_s: float
-    cell_s: float
-    budget_s: float
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
-    new_lengths: int = NEW_LENGTHS
-    prefill_chunk: int | None = None
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-
-    def projected_s(self, method: str, context: int) -> float | None:
-        """A run's seconds at ``context``, from the method's runs at smaller contexts: the
-        growth between its last two (an exponent in [1, 2]), else an exponent of 1.5 (prefill
-        attention grows quadratically, the rest linearly; SpindleKV's codebook loop less).
-        ``method`` is a history key: a method, or ``method/workload``."""
-        runs = self.history.get(method, [])
-        if not runs:
-            return None
-        (c1, t1), exponent = runs[-1], 1.5
-        if len(runs) >= 2:
-            c0, t0 = runs[-2]
-            exponent = min(
-                2.0, max(1.0, math.log(max(t1, 1e-6) / max(t0, 1e-6)) / math.log(c1 / c0))
-            )
-        return t1 * (context / c1) ** exponent
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,6 +116,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-lengths", type=int, default=NEW_LENGTHS, help="requests per cell")
     parser.add_argument("--sdpa-backend", default="auto", help="model.sdpa_backend")
     parser.add_argument(
+        "--decode-capture", choices=CHOICES, help="model.decode_capture (auto; dry run: replay)"
+    )
+    parser.add_argument(
         "--prefill-chunk",
         type=int,
         help="model.prefill_chunk: prompt tokens per prefill pass (default 4096; dry run 32; "
@@ -153,6 +131,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         args.decode_tokens = min(args.decode_tokens, 4)
         args.repeats = 1
         args.new_lengths = min(args.new_lengths, 2)
+    if args.decode_capture is None:
+        args.decode_capture = "replay" if args.dry_run else "auto"
     if args.prefill_chunk is None:
         args.prefill_chunk = 32 if args.dry_run else 4096
         torch.set_num_threads(1)  # tiny shapes: one thread is fastest (and kind to CI)
@@ -171,85 +151,11 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, Model
         dtype="auto",
         attn_implementation="sdpa",
         sdpa_backend=args.sdpa_backend,
+        decode_capture=args.decode_capture,
     )
     model, tokenizer = spec.load()
     model.generation_config.eos_token_id = []  # decode every step, whatever the random model says
     return model, tokenizer, spec
-
-
-def prompt(context: int, vocab: int) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(context)
-    return torch.randint(0, vocab, (1, context), generator=generator, device="cpu")
-
-
-def request(model, tokenizer, name: str, ids: torch.Tensor, plan: Plan) -> dict:
-    """One request of ``name`` (a method, ``full`` or ``transformers``): its times, peak
-    memory, KV bytes and tokens."""
-    if name == BASELINE:
-        return generate_static(model, ids, plan.decode_tokens)
-    method = None if name == "full" else build("method", name, ratio=plan.ratio)
-    start = time.perf_counter()
-    out = generate(model, tokenizer, method, ids, plan.decode_tokens, plan.prefill_chunk)
-    wall = time.perf_counter() - start
-    gen, m = out.generation, out.measurement
-    return {
-        "prefill_s": gen.prefill_s,
-        "decode_total_s": gen.decode_s,
-        "decode_steps": gen.decode_steps,
-        "peak_bytes": m.peak_memory_bytes,
-        "kv_bytes": gen.kv_bytes_prefill,
-        "kv_bytes_final": gen.kv_bytes_final,
-        "kv_full_bytes": m.kv_full_bytes_prefill,
-        "tokens": gen.tokens,
-        "wall_s": wall,
-    }
-
-
-def new_lengths(context: int, slot: int, count: int = NEW_LENGTHS) -> list[int]:
-    """``count`` prompt lengths just above ``context`` that no other request has: slot
-    ``slot`` (a row's index) gets its own, so no method finds a shape another one warmed."""
-    step = max(1, context // 1024)
-    return [context + step * (1 + slot * count + i) for i in range(count)]
-
-
-def run_cell(model, tokenizer, name: str, workload: str, context: int, plan: Plan) -> dict:
-    """One (method, workload, context). ``repeat``: best of the repeats of one prompt.
-    ``new_lengths``: a request per new length, medians of its times, mean wall time."""
-    vocab = model.config.vocab_size
-    if workload == "new_lengths":
-        slot = list(dict.fromkeys(["full", *plan.methods])).index(name)
-        lengths = new_lengths(context, slot, plan.new_lengths)
-        runs = [request(model, tokenizer, name, prompt(n, vocab), plan) for n in lengths]
-        kv = ("kv_bytes", "kv_bytes_final", "kv_full_bytes")
-        return {
-            "prefill_s": statistics.median(r["prefill_s"] for r in runs),
-            "decode_s": statistics.median(per_token(r) for r in runs),
-            "peak_bytes": max(r["peak_bytes"] for r in runs),
-            **{k: statistics.mean(r[k] for r in runs) for k in kv},
-            "prompt_tokens": statistics.mean(lengths),
-            "tokens": [r["tokens"] for r in runs],
-            "wall_s": statistics.mean(r["wall_s"] for r in runs),
-            "repeats": len(runs),
-        }
-    ids, best = prompt(context, vocab), {}
-    for _ in range(plan.repeats):
-        r = request(model, tokenizer, name, ids, plan)
-        best = {
-            **r,
-            "prefill_s": min(best.get("prefill_s", math.inf), r["prefill_s"]),
-            "decode_s": min(best.get("decode_s", math.inf), per_token(r)),
-            "peak_bytes": max(best.get("peak_bytes", 0), r["peak_bytes"]),
-            "prompt_tokens": context,
-            "wall_s": min(best.get("wall_s", math.inf), r["wall_s"]),
-            "repeats": best.get("repeats", 0) + 1,
-        }
-        if r["wall_s"] > plan.repeat_below_s:
-            break
-    return best
-
-
-def per_token(run: dict) -> float:
-    return run["decode_total_s"] / max(run["decode_steps"], 1)
 
 
 def free(device: torch.device) -> None:
@@ -279,7 +185,8 @@ def warm_up(model, tokenizer, plan: Plan) -> None:
     brief = dataclasses.replace(plan, decode_tokens=2)
     for name in dict.fromkeys(["full", *plan.methods]):
         try:
-            request(model, tokenizer, name, warm, brief)
+            with decode_steps(plan.decode.get(name)) as graphs:  # a failed capture shows here
+                request(model, tokenizer, name, warm, brief, graphs)
         except Exception as exc:  # noqa: BLE001 - a failing method is a result
             plan.failed[name] = f"failed at warm-up: {type(exc).__name__}: {exc}"[:200]
             print(f"warm-up {name}: {plan.failed[name]}", flush=True)
@@ -358,6 +265,7 @@ def main() -> None:
         ),
     }
     weights = ceilings.weight_bytes(model)
+    plan.decode = decode_plans(spec, model.config, plan)
     warm_up(model, tokenizer, plan)
     import transformers
 
@@ -377,6 +285,8 @@ def main() -> None:
         "peak memory without the whole prompt's activations; cache methods keep what a one-pass "
         f"prefill keeps, so they hold the full KV until the last chunk); {BASELINE} in one pass",
         f"- {BASELINE} = model.generate with the static cache, not compiled (bench/gpu/baseline.py)",
+        f"- decoding steps: model.decode_capture={spec.decode_capture} (the decode column; "
+        f"{EAGER_FULL} = the full cache decoding eagerly); capture ms is out of decode ms/tok",
         f"- ceilings measured in this run: copy bandwidth {ceiling['bandwidth'] / 1e9:.0f} GB/s "
         f"(read + write), {next(model.parameters()).dtype} matrix rate "
         f"{ceiling['matmul'] / 1e12:.1f} TFLOP/s",

@@ -24,6 +24,7 @@ def table(rows: list[dict], weights: int, config, ceiling: dict) -> pd.DataFrame
     for r in rows:
         base = full.get(cell(r))
         row = {k: r[k] for k in ("context", "workload", "method", "status")}
+        row["decode"] = r.get("decode")
         if r["status"] == "ok":
             same_prompts = base is not None and r["workload"] == "repeat"
             flops = ceilings.prefill_flops(config, round(r["prompt_tokens"]))
@@ -47,6 +48,7 @@ def table(rows: list[dict], weights: int, config, ceiling: dict) -> pd.DataFrame
                 "KV vs full": r["kv_bytes"] / r["kv_full_bytes"],
                 "request ms": r["wall_s"] * 1e3,
                 "request vs full": r["wall_s"] / base["wall_s"] if base else None,
+                "capture ms": r.get("capture_s", 0.0) * 1e3,
                 "same tokens": r["tokens"] == base["tokens"] if same_prompts else None,
                 "requests": r["repeats"],
             }

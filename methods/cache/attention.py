@@ -251,7 +251,9 @@ def _dispatch(module: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, torch.T
 
 
 @contextmanager
-def attention_override(modules: list[nn.Module], attend: AttentionFunction) -> Iterator[None]:
+def attention_override(
+    modules: list[nn.Module], attend: AttentionFunction, replace: bool = False
+) -> Iterator[None]:
     """Inside the block, the attention modules in ``modules`` call ``attend(module, query,
     key, value, attention_mask, scaling=..., **kwargs) -> (output (B, q, H_q, D_v), None)``
     instead of the model's attention function (sdpa, eager, ...); restored on exit.
@@ -261,13 +263,18 @@ def attention_override(modules: list[nn.Module], attend: AttentionFunction) -> I
     dispatching entry there (nothing existing is replaced) and gives each of these modules a
     copy of its config naming it. The model's own config, masks and other layers are left
     as they are. A module that is already overridden keeps its function (the first wins: a
-    method's own attention over a generic one).
+    method's own attention over a generic one), unless ``replace`` (a captured decoding
+    step's own attention, :mod:`harness.decode_graph`): then it is restored on exit.
     """
     AttentionInterface.register(_OVERRIDE, _dispatch)
     saved = []
+    replaced = []
     try:
         for module in modules:
             if module in _overrides:
+                if replace:
+                    replaced.append((module, _overrides[module]))
+                    _overrides[module] = attend
                 continue
             config = copy.copy(module.config)
             config._attn_implementation_internal = _OVERRIDE
@@ -279,3 +286,5 @@ def attention_override(modules: list[nn.Module], attend: AttentionFunction) -> I
         for module, config in saved:
             module.config = config
             _overrides.pop(module, None)
+        for module, previous in replaced:
+            _overrides[module] = previous

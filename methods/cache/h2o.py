@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -60,6 +60,8 @@ class H2O(ScorerMethod):
     with ``triton``); :meth:`last_stats` records the path (``prefill_kernel``) and the
     reason (``prefill_fallback``). Both keep the same positions (tests/test_h2o_kernels.py).
     """
+
+    acts_while_decoding: ClassVar[bool] = True  # changes the cache as it decodes
 
     name: str = "h2o"
     window: int = 0

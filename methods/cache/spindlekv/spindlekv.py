@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -99,6 +99,8 @@ class SpindleKV(SnapKV):
     (the tokens it holds, no pyramid) to ``ratio`` of its bytes, and drops the tokens its
     window passes while decoding. Eager attention is refused (per-layer cache lengths).
     """
+
+    acts_while_decoding: ClassVar[bool] = True  # changes the cache as it decodes
 
     name: str = "spindlekv"
     beta: float = 0.05
