@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,13 @@ from methods.cache.attention import apply_rope
 from methods.cache.spindlekv import SpindleKV, codebook_attention, codebook_kernels
 from methods.cache.spindlekv.codebook import Codebook
 from methods.cache.spindlekv.codebook_layer import CodebookLayer, RopeTable
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rotate_half_rope(dim: int):
@@ -152,3 +164,58 @@ def test_a_kernel_that_cannot_be_built_names_the_setting_that_avoids_it(monkeypa
     monkeypatch.setattr(cpp_extension, "load", no_ninja)
     with pytest.raises(codebook_kernels.KernelBuildError, match="decode_attention=codebook"):
         codebook_kernels.extension.__wrapped__()
+
+
+LOAD = (
+    "from methods.cache.spindlekv import codebook_kernels as k\n"
+    "print('imported', flush=True)\n"
+    "k.extension()\n"
+    "print('loaded', flush=True)\n"
+)
+
+
+def load_in_a_child() -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", LOAD], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """torch's ``lock`` file, left when a build is killed (a CI step's timeout), made every
+    later load wait forever; kvbench's own lock, released by the kernel when its holder dies,
+    tells a dead build's ``lock`` from a live one's and removes it."""
+    build = codebook_kernels.build_directory()
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "lock").touch()  # what a killed build leaves
+    child = load_in_a_child()
+    try:
+        out, _ = child.communicate(timeout=300)  # a first build on this machine: 30-60 s
+    finally:
+        child.kill()
+        (build / "lock").unlink(missing_ok=True)
+    assert child.returncode == 0 and out.split() == ["imported", "loaded"]
+
+
+@pytest.mark.skipif(fcntl is None, reason="kvbench's build lock needs fcntl (POSIX)")
+def test_a_live_build_is_waited_for_not_broken():
+    """While another process builds (it holds kvbench's lock and torch's ``lock``), a load
+    waits for it instead of removing its ``lock``, and goes on once it is done."""
+    codebook_kernels.extension()  # built, so the child only waits and then loads
+    build = codebook_kernels.build_directory()
+    with open(build / "kvbench.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build / "lock").touch()
+        child = load_in_a_child()
+        try:
+            assert child.stdout.readline().strip() == "imported"
+            time.sleep(2)
+            assert child.poll() is None and (build / "lock").exists()
+        finally:
+            (build / "lock").unlink(missing_ok=True)  # the other build is done
+            fcntl.flock(guard, fcntl.LOCK_UN)
+    try:
+        out, _ = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out.split() == ["loaded"]

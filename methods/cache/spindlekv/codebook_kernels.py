@@ -10,11 +10,18 @@ entry and RoPE row once and writing nothing per slot (:func:`attend`), and joins
 new key and value to its codebook in place, one dot product per entry with its own group's
 new vector (:func:`append`; :func:`nearest` for several new vectors). It is built with
 ``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja; cached under
-``~/.cache/torch_extensions``) and checked against the PyTorch operations by the tests.
+``~/.cache/torch_extensions``, one build per CPU type, torch and environment) and checked
+against the PyTorch operations by the tests.
+
+torch guards a build with a ``lock`` file that a killed build leaves behind, and every later
+load then waits on it forever (a CI step's ``timeout`` killing the first build hung every
+test after it). kvbench builds under an ``flock`` of its own, which the kernel releases when
+its holder dies: a ``lock`` found while holding it was left by a dead build and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -22,10 +29,16 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: torch's own lock only
+    fcntl = None
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "codebook.cpp"
@@ -39,15 +52,16 @@ class KernelBuildError(RuntimeError):
 
 
 def _build_tag() -> str:
-    """A short tag of this CPU's model and instruction sets and of torch's version: a cache
-    shared by machines of several CPU types, or kept across a torch upgrade, holds a build
-    per combination (torch's own cache key covers only the sources and flags)."""
+    """A short tag of this CPU's model and instruction sets, torch's version and where torch
+    is installed: a cache shared by machines of several CPU types, kept across a torch
+    upgrade or shared by two environments holds a build per combination (torch's own key
+    covers the sources and flags, and two environments' include paths would rebuild in turn)."""
     try:
         with open("/proc/cpuinfo") as f:
             lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
     except OSError:
         lines = [platform.machine(), platform.processor()]
-    lines.append(torch.__version__)
+    lines += [torch.__version__, str(Path(torch.__file__).resolve().parent)]
     return hashlib.sha1("".join(lines).encode()).hexdigest()[:10]
 
 
@@ -55,6 +69,15 @@ def supported(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels take these tensors: float32 on the CPU (elsewhere, and for
     other dtypes, SpindleKV's PyTorch operations run instead)."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def build_directory() -> Path:
+    """Where the kernels are built and cached: one folder per CPU type, torch and environment,
+    under ``$TORCH_EXTENSIONS_DIR`` or torch's default root."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"kvbench_codebook_{_build_tag()}"
 
 
 @functools.cache
@@ -65,21 +88,43 @@ def extension() -> ModuleType:
     bin_dir = str(Path(sys.executable).parent)  # the environment's ninja, if pip installed it
     if shutil.which("ninja") is None and bin_dir not in os.environ.get("PATH", ""):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    build = build_directory()
     try:
-        log.info("loading SpindleKV's fused kernels (built on first use: about 30 s)")
-        return cpp_extension.load(
-            name=f"kvbench_codebook_{_build_tag()}",  # one build per CPU type and torch
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"] if X86_LINUX else [],
-            verbose=False,
-        )
+        build.mkdir(parents=True, exist_ok=True)
+        with _building(build):
+            log.info("loading SpindleKV's fused kernels (built on first use: about 30 s)")
+            return cpp_extension.load(
+                name=build.name,
+                sources=[str(SOURCE)],
+                extra_cflags=FLAGS,
+                extra_ldflags=["-fopenmp"] if X86_LINUX else [],
+                build_directory=str(build),
+                verbose=False,
+            )
     except (RuntimeError, OSError, ImportError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise KernelBuildError(
             f"SpindleKV's fused decode kernels could not be built ({reason}); install a C++ "
             "compiler and ninja, or set method.decode_attention=codebook"
         ) from error
+
+
+@contextlib.contextmanager
+def _building(build: Path) -> Iterator[None]:
+    """Hold kvbench's build lock on ``build``; a torch ``lock`` found under it is stale."""
+    if fcntl is None:
+        yield
+        return
+    with open(build / "kvbench.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # waits for a live build; a dead one's is released
+        try:
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def attend(
