@@ -46,7 +46,6 @@ class Generation(ForwardCost):
     prompt_tokens: int
     cached_tokens_final: int
     last_logits: torch.Tensor  # (vocab,) the logits the last token was chosen from
-    capture_s: float = 0.0  # of decode_s, the time spent capturing a decoding step (new shapes)
 
 
 def _position(value: int, device: torch.device) -> torch.Tensor:
@@ -173,10 +172,9 @@ def greedy_generate(
         with record_function("decode"):
             if graphs is not None:
                 if captured is None:  # the prefilled cache moves into the captured step's
-                    captures, capture_start = graphs.captures, synchronized_clock(device)
-                    captured, seen = graphs.start(model, cache, token, position, reserve)
-                    if graphs.captures > captures:
-                        capture_s = synchronized_clock(device) - capture_start
+                    captured, seen, capture_s = _start(
+                        graphs, model, cache, token, position, reserve
+                    )
                 captured.replay()
                 token, last_logits = int(captured.token), captured.logits
             else:
@@ -193,7 +191,7 @@ def greedy_generate(
         tokens=tokens,
         prompt_tokens=prompt_len,
         prefill_s=prefill_end - start,
-        decode_s=end - prefill_end,
+        decode_s=end - prefill_end - capture_s,
         decode_steps=steps,
         generated_tokens=len(tokens),
         kv_bytes_prefill=kv_prefill,
@@ -202,6 +200,18 @@ def greedy_generate(
         capture_s=capture_s,
         **_final_cache(cache, captured, seen, steps),
     )
+
+
+def _start(
+    graphs: DecodeGraphs, model: nn.Module, cache: Any, token: int, position: int, reserve: int
+) -> tuple[CapturedStep, int, float]:
+    """:meth:`DecodeGraphs.start` and the seconds it spent capturing a new shape's step
+    (0.0 when a captured step was reused): (captured step, tokens it holds, capture_s)."""
+    device = next(model.parameters()).device
+    captures, begin = graphs.captures, synchronized_clock(device)
+    captured, seen = graphs.start(model, cache, token, position, reserve)
+    captured_s = synchronized_clock(device) - begin if graphs.captures > captures else 0.0
+    return captured, seen, captured_s
 
 
 def _final_cache(
@@ -261,6 +271,7 @@ def score_continuation(
     ids = torch.tensor([ids], device=device)
     start = synchronized_clock(device)
     captured: CapturedStep | None = None
+    capture_s = 0.0
     if not stepwise:
         logits = prefill(model, ids, cache, chunking, logits_to_keep=len(continuation_ids))[0]
         prefill_end = synchronized_clock(device)
@@ -271,7 +282,7 @@ def score_continuation(
             position = len(context_ids) + offset
             if graphs is not None:  # the step feeds the continuation's token, not its argmax
                 if captured is None:
-                    captured, _ = graphs.start(model, cache, token, position, reserve)
+                    captured, _, capture_s = _start(graphs, model, cache, token, position, reserve)
                 captured.token.fill_(token)
                 captured.replay()
                 steps.append(captured.logits.clone())
@@ -295,6 +306,7 @@ def score_continuation(
         kv_bytes_final=kv_bytes,
         kv_allocated_bytes_prefill=allocated,
         kv_allocated_bytes_final=allocated,
+        capture_s=capture_s,
     )
 
 

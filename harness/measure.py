@@ -136,8 +136,11 @@ class ForwardCost:
     (:class:`harness.generation.Scored`) measure themselves. Byte counts are of the KV cache."""
 
     prefill_s: float
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # the decoding steps, capture_s left out
     decode_steps: int = 0
+    # time spent capturing a decoding step for a new shape (harness.decode_graph): paid once
+    # per shape, on the first request that needs it, and kept out of decode_s
+    capture_s: float = 0.0
     generated_tokens: int = 0
     kv_bytes_prefill: int
     kv_bytes_final: int

@@ -19,7 +19,8 @@ measurements into the sections below (:func:`make_record`, :func:`provenance_sec
     score           {metric, value}: the task's primary metric
     measurements    per-request values aggregated: {field: {n, mean, p50, p95, min, max, total}}
                     plus totals: kv_ratio (measured), kv_ratio_requested,
-                    kv_ratio_reachable, decode_tok_per_s, prefill_tok_per_s
+                    kv_ratio_reachable, decode_tok_per_s (``capture_s``, the time spent
+                    capturing decoding steps for new shapes, left out), prefill_tok_per_s
     samples         per-sample outputs with lm-eval's per-sample metrics and the request's
                     own measurements
     provenance      git commit, package versions, device, threads, seed, times, and

@@ -6,6 +6,8 @@ layers; a step that reads Python state per token, or a device value on the host,
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -91,6 +93,26 @@ def test_captured_steps_generate_what_eager_steps_do(arch, name):
     assert logprob[0] == pytest.approx(want_logprob[0], abs=1e-3)
     assert logprob[1] == want_logprob[1]
     assert scored.kv_bytes_final == want_scored.kv_bytes_final
+
+
+def test_capturing_a_new_shape_is_timed_apart_from_decoding(monkeypatch):
+    """A capture (slowed here by a second) is the first request's ``capture_s``, not part of
+    its ``decode_s``; a request whose shapes were captured before pays none."""
+    from harness import decode_graph
+
+    capture = decode_graph.Replay.__init__
+
+    def slow_capture(self, *args, **kwargs):
+        time.sleep(1.0)
+        capture(self, *args, **kwargs)
+
+    monkeypatch.setattr(decode_graph.Replay, "__init__", slow_capture)
+    got, captures, (_, scored) = generations("llama", FullCache(), "replay", lengths=(150, 157))
+    assert captures == 1  # 150 and 157 tokens (+ 24) share one capacity: one capture
+    assert got[0].capture_s >= 1.0 and got[0].decode_s < 1.0
+    assert got[1].capture_s == 0.0
+    # the stepwise score of 150 + 12 tokens needs the same capacity: the same step
+    assert scored.capture_s == 0.0
 
 
 def test_a_step_that_bakes_in_a_python_value_decodes_wrong_tokens(monkeypatch):
@@ -243,3 +265,10 @@ def test_a_run_records_how_it_decoded_and_replay_changes_no_output(tmp_path):
     assert [s["output"] for s in replay["samples"]] == [s["output"] for s in off["samples"]]
     for field in ("kv_bytes_final", "generated_tokens"):
         assert replay["measurements"][field] == off["measurements"][field]
+    # capturing the step is measured apart from decoding, and only where a step is captured
+    assert replay["measurements"]["capture_s"]["total"] > 0
+    assert off["measurements"]["capture_s"]["total"] == 0
+    from harness.report.tables import run_row
+
+    assert run_row(replay, "replay")["capture_ms"] > 0
+    assert run_row(off, "off")["capture_ms"] == 0

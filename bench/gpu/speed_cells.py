@@ -3,7 +3,7 @@ through kvbench's own request path (``bench.common.generate``), and the plan of 
 
 A cell's requests share their captured decoding steps (``harness.decode_graph``: what a run's
 requests share), freed after the cell; a request's time capturing a new shape is its
-``capture_s``, left out of the decode time per token.
+``capture_s``, which its ``decode_s`` (and so the decode time per token) leaves out.
 """
 
 from __future__ import annotations
@@ -181,5 +181,5 @@ def _run_cell(model, tokenizer, name, workload, context, plan, graphs) -> dict:
 
 
 def per_token(run: dict) -> float:
-    """Decoding seconds per token, less the time a request spent capturing its step."""
-    return (run["decode_total_s"] - run.get("capture_s", 0.0)) / max(run["decode_steps"], 1)
+    """Decoding seconds per token (a request's ``decode_s`` leaves its capture time out)."""
+    return run["decode_total_s"] / max(run["decode_steps"], 1)
